@@ -1,0 +1,27 @@
+"""The Mixture-of-Experts layer. Plain tensor code: no torch.distributed, no Lightning."""
+
+from lightning_moe.moe.dispatch import DispatchPlan, compute_capacity, plan_dispatch
+from lightning_moe.moe.experts import (
+    GroupedFFNExperts,
+    GroupedGLUExperts,
+    ReplicatedExperts,
+    grouped_mm,
+    local_tensor,
+)
+from lightning_moe.moe.layer import MoE, MoEOutput, MoEStats
+from lightning_moe.moe.router import TopKRouter
+
+__all__ = [
+    "MoE",
+    "MoEOutput",
+    "MoEStats",
+    "TopKRouter",
+    "GroupedFFNExperts",
+    "GroupedGLUExperts",
+    "ReplicatedExperts",
+    "grouped_mm",
+    "local_tensor",
+    "DispatchPlan",
+    "compute_capacity",
+    "plan_dispatch",
+]

@@ -1,0 +1,119 @@
+"""From router choices to expert-sorted token rows and back, by index (no one-hot dispatch tensors).
+
+A *dispatch plan* lists the kept (token, expert) assignments grouped by expert. Permuting is one
+``index_select`` of token rows, un-permuting one ``index_add_`` of weighted expert outputs: O(T k d)
+memory traffic whatever the number of experts, and only the rows actually routed are computed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["compute_capacity", "DispatchPlan", "plan_dispatch", "permute_tokens", "unpermute_tokens"]
+
+
+def compute_capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: float, min_capacity: int) -> int:
+    """Assignments one expert may take: ``max(min_capacity, ceil(k * num_tokens * capacity_factor / E))``."""
+    return max(int(min_capacity), math.ceil(k * num_tokens * capacity_factor / num_experts))
+
+
+@dataclass
+class DispatchPlan:
+    """Kept assignments, grouped by expert.
+
+    Attributes:
+        token_index: ``[M]`` long, the source token of each kept assignment (rows of expert 0 first).
+        combine_weight: ``[M]`` the router weight of each kept assignment (differentiable).
+        tokens_per_expert: ``[E]`` long, kept assignments per expert (sums to ``M``).
+        routed_per_expert: ``[E]`` long, assignments per expert before capacity (padding excluded).
+        num_assignments: routed assignments before capacity (``k`` x non-padding tokens).
+    """
+
+    token_index: Tensor
+    combine_weight: Tensor
+    tokens_per_expert: Tensor
+    routed_per_expert: Tensor
+    num_assignments: int
+
+
+def plan_dispatch(
+    expert_index: Tensor,
+    expert_weight: Tensor,
+    num_experts: int,
+    capacity: Optional[int],
+    valid: Optional[Tensor] = None,
+    random_priority: bool = False,
+) -> DispatchPlan:
+    """Group the ``[T, k]`` router choices by expert, keeping at most ``capacity`` per expert.
+
+    Priority for capacity: every token's first choice before any second choice (and so on); within one
+    choice rank, token order, or a random order when ``random_priority`` (Random Token Selection), so
+    that capacity does not always favour the start of the batch.
+
+    Args:
+        expert_index: ``[T, k]`` chosen experts.
+        expert_weight: ``[T, k]`` their combine weights.
+        num_experts: E.
+        capacity: the per-expert limit, or None for dropless routing.
+        valid: ``[T]`` bool, False for padding tokens (never routed); None when all are real.
+        random_priority: Random Token Selection.
+    """
+    num_tokens, k = expert_index.shape
+    device = expert_index.device
+    num_slots = num_tokens * k
+    # Assignment a = c * T + t is choice c of token t ("choice-major"), so first choices come first.
+    flat_expert = expert_index.t().reshape(-1)  # [k*T]
+    flat_weight = expert_weight.t().reshape(-1)  # [k*T]
+    if valid is not None:
+        # Padding gets the sentinel expert id E: it sorts after every real expert and is never kept.
+        flat_expert = torch.where(valid.repeat(k), flat_expert, torch.full_like(flat_expert, num_experts))
+
+    if random_priority:
+        token_order = torch.randperm(num_tokens, device=device)  # [T]
+        choice_offset = torch.arange(k, device=device).unsqueeze(1) * num_tokens  # [k, 1]
+        priority = (choice_offset + token_order.unsqueeze(0)).reshape(-1)  # [k*T] assignment ids by priority
+        expert_by_priority = flat_expert[priority]
+    else:
+        priority = None
+        expert_by_priority = flat_expert
+
+    # A stable sort groups assignments by expert and keeps the priority order inside each group.
+    sorted_expert, sort_order = torch.sort(expert_by_priority, stable=True)  # [k*T]
+    assignment = sort_order if priority is None else priority[sort_order]  # [k*T] assignment ids
+
+    routed = torch.bincount(sorted_expert, minlength=num_experts + 1)[:num_experts]  # [E]
+    num_assignments = num_slots if valid is None else int(routed.sum())
+    if capacity is None:
+        kept_per_expert = routed
+        # Real assignments form a prefix of the sorted list (padding sorts last).
+        kept = assignment[:num_assignments]
+    else:
+        kept_per_expert = routed.clamp(max=capacity)
+        group_start = torch.cumsum(routed, dim=0) - routed  # [E]
+        sorted_expert_real = sorted_expert[:num_assignments]
+        position = torch.arange(num_assignments, device=device) - group_start[sorted_expert_real]
+        kept = assignment[:num_assignments][position < capacity]
+    return DispatchPlan(
+        token_index=kept % num_tokens,
+        combine_weight=flat_weight[kept],
+        tokens_per_expert=kept_per_expert,
+        routed_per_expert=routed,
+        num_assignments=num_assignments,
+    )
+
+
+def permute_tokens(x: Tensor, plan: DispatchPlan) -> Tensor:
+    """``x [T, d]`` -> expert-sorted rows ``[M, d]``."""
+    return x.index_select(0, plan.token_index)
+
+
+def unpermute_tokens(expert_out: Tensor, plan: DispatchPlan, num_tokens: int) -> Tensor:
+    """Weighted sum of each token's expert outputs: ``[M, d]`` -> ``[T, d]`` (dropped tokens get 0)."""
+    weighted = expert_out * plan.combine_weight.to(expert_out.dtype).unsqueeze(-1)  # [M, d]
+    out = expert_out.new_zeros(num_tokens, expert_out.shape[-1])  # [T, d]
+    return out.index_add_(0, plan.token_index, weighted)

@@ -1,0 +1,229 @@
+"""The MoE layer: router -> dispatch plan -> grouped experts -> weighted combine (+ residual MoE)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from lightning_moe.moe.dispatch import compute_capacity, permute_tokens, plan_dispatch, unpermute_tokens
+from lightning_moe.moe.experts import ACTIVATIONS, build_experts
+from lightning_moe.moe.router import TopKRouter, normalize_noisy_gate_policy, router_losses
+
+__all__ = ["MoE", "MoEOutput", "MoEStats"]
+
+
+class MoEOutput(NamedTuple):
+    """What :class:`MoE` returns; unpacks like DeepSpeed's ``output, l_aux, exp_counts``.
+
+    Attributes:
+        output: ``[..., hidden_size]`` in the input's dtype.
+        aux_loss: fp32 scalar, ``aux_loss_coef * balance + z_loss_coef * z_loss``, to add to the loss.
+        expert_counts: ``[E]`` long, tokens routed to each expert before capacity (padding excluded).
+    """
+
+    output: Tensor
+    aux_loss: Tensor
+    expert_counts: Tensor
+
+
+@dataclass
+class MoEStats:
+    """Detached statistics of one forward pass, for logging.
+
+    Attributes:
+        tokens_per_expert: ``[E]`` assignments kept by each expert (after capacity).
+        dropped_fraction: fraction of routed assignments dropped by capacity.
+        router_entropy: mean entropy of the router distribution (nats; ``log E`` is uniform).
+        balance_loss: the unweighted load-balancing loss (1.0 when perfectly balanced).
+        z_loss: the unweighted router z-loss.
+    """
+
+    tokens_per_expert: Tensor
+    dropped_fraction: Tensor
+    router_entropy: Tensor
+    balance_loss: Tensor
+    z_loss: Tensor
+
+
+class _DenseFFN(nn.Module):
+    """``fc2(act(fc1(x)))``: the dense branch of a residual MoE."""
+
+    def __init__(self, hidden_size: int, ffn_hidden_size: int, activation: str) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(hidden_size, ffn_hidden_size)
+        self.fc2 = nn.Linear(ffn_hidden_size, hidden_size)
+        self.activation = activation
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(ACTIVATIONS[self.activation](self.fc1(x)))
+
+
+class MoE(nn.Module):
+    """A Mixture-of-Experts feed-forward layer (argument names follow ``deepspeed.moe.layer.MoE``).
+
+    Args:
+        hidden_size: model width d.
+        num_experts: E, the number of experts.
+        ffn_hidden_size: inner width of each expert (and of the residual dense FFN).
+        k: experts per token (top-k routing; 1 = Switch, 2 = GShard).
+        expert: ``"ffn"`` (two linear layers), ``"glu"`` (SwiGLU), or an ``nn.Module`` mapping
+            ``[n, d] -> [n, d]`` to replicate ``E`` times (slower path).
+        activation: activation of the experts (default gelu for ``"ffn"``, silu for ``"glu"``).
+        capacity_factor: capacity in training, as a multiple of the even share ``k*T/E``.
+        eval_capacity_factor: the same in evaluation.
+        min_capacity: the smallest capacity of an expert.
+        drop_tokens: drop assignments over capacity; False routes every token (dropless).
+        noisy_gate_policy: ``None``, ``"jitter"`` or ``"rsample"`` (see :class:`TopKRouter`).
+        use_rts: Random Token Selection: random priority for capacity in training.
+        use_residual: residual MoE: a dense FFN beside the experts, mixed by a learned coefficient.
+        aux_loss_coef: weight of the load-balancing loss in ``aux_loss``.
+        z_loss_coef: weight of the router z-loss in ``aux_loss``.
+        normalize_weights: rescale the top-k weights to sum to 1 (default: when ``k > 1``).
+
+    ``forward(x, padding_mask=None)``: ``x`` is ``[..., hidden_size]``; ``padding_mask`` has ``x``'s
+    leading shape, True marks padding, which is not routed, takes no capacity and counts in no loss
+    (its output row is zero, or the residual FFN's output with ``use_residual``).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_experts: int,
+        ffn_hidden_size: int,
+        k: int = 1,
+        expert: Union[str, nn.Module] = "ffn",
+        activation: Optional[str] = None,
+        capacity_factor: float = 1.0,
+        eval_capacity_factor: float = 1.0,
+        min_capacity: int = 4,
+        drop_tokens: bool = True,
+        noisy_gate_policy: Optional[str] = None,
+        use_rts: bool = True,
+        use_residual: bool = False,
+        aux_loss_coef: float = 0.01,
+        z_loss_coef: float = 0.001,
+        normalize_weights: Optional[bool] = None,
+    ) -> None:
+        super().__init__()
+        _validate_arguments(
+            hidden_size, num_experts, ffn_hidden_size, k, activation, capacity_factor, eval_capacity_factor,
+            min_capacity, aux_loss_coef, z_loss_coef,
+        )
+        self.hidden_size = hidden_size
+        self.num_experts = num_experts
+        self.ffn_hidden_size = ffn_hidden_size
+        self.k = k
+        self.capacity_factor = float(capacity_factor)
+        self.eval_capacity_factor = float(eval_capacity_factor)
+        self.min_capacity = int(min_capacity)
+        self.drop_tokens = bool(drop_tokens)
+        self.use_rts = bool(use_rts)
+        self.use_residual = bool(use_residual)
+        self.aux_loss_coef = float(aux_loss_coef)
+        self.z_loss_coef = float(z_loss_coef)
+        self.gate = TopKRouter(
+            hidden_size, num_experts, k, normalize_noisy_gate_policy(noisy_gate_policy),
+            normalize_weights=normalize_weights,
+        )
+        self.experts = build_experts(expert, num_experts, hidden_size, ffn_hidden_size, activation)
+        if self.use_residual:
+            self.residual_mlp = _DenseFFN(hidden_size, ffn_hidden_size, activation or "gelu")
+            self.residual_coef = nn.Linear(hidden_size, 2)
+        self.last_stats: Optional[MoEStats] = None
+
+    def capacity(self, num_tokens: int) -> Optional[int]:
+        """Per-expert capacity for ``num_tokens`` real tokens in the current mode (None if dropless)."""
+        if not self.drop_tokens:
+            return None
+        factor = self.capacity_factor if self.training else self.eval_capacity_factor
+        return compute_capacity(num_tokens, self.num_experts, self.k, factor, self.min_capacity)
+
+    def forward(self, x: Tensor, padding_mask: Optional[Tensor] = None) -> MoEOutput:
+        if x.shape[-1] != self.hidden_size:
+            raise ValueError(f"MoE expects inputs [..., {self.hidden_size}], got {tuple(x.shape)}")
+        leading_shape = x.shape[:-1]
+        tokens = x.reshape(-1, self.hidden_size)  # [T, d]
+        num_tokens = tokens.shape[0]
+        valid = None
+        if padding_mask is not None:
+            if padding_mask.shape != leading_shape:
+                raise ValueError(
+                    f"padding_mask must have the input's leading shape {tuple(leading_shape)}, "
+                    f"got {tuple(padding_mask.shape)}"
+                )
+            valid = ~padding_mask.reshape(-1).to(torch.bool)  # [T]
+
+        routing = self.gate(tokens)
+        num_real = num_tokens if valid is None else int(valid.sum())
+        plan = plan_dispatch(
+            routing.expert_index,
+            routing.expert_weight,
+            self.num_experts,
+            self.capacity(num_real),
+            valid=valid,
+            random_priority=self.use_rts and self.training and self.drop_tokens,
+        )
+        expert_in = permute_tokens(tokens, plan)  # [M, d]
+        expert_out = self.experts(expert_in, plan.tokens_per_expert)  # [M, d]
+        output = unpermute_tokens(expert_out, plan, num_tokens)  # [T, d]
+
+        if self.use_residual:
+            coef = torch.softmax(self.residual_coef(tokens), dim=-1)  # [T, 2]
+            output = output * coef[:, :1] + self.residual_mlp(tokens) * coef[:, 1:]
+
+        balance, z_loss, entropy = router_losses(routing, plan.routed_per_expert, valid, self.k)
+        aux_loss = self.aux_loss_coef * balance + self.z_loss_coef * z_loss
+        kept = plan.tokens_per_expert.sum()
+        dropped = 1.0 - kept.float() / max(plan.num_assignments, 1)
+        self.last_stats = MoEStats(
+            tokens_per_expert=plan.tokens_per_expert.detach(),
+            dropped_fraction=dropped.detach(),
+            router_entropy=entropy,
+            balance_loss=balance.detach(),
+            z_loss=z_loss.detach(),
+        )
+        return MoEOutput(output.reshape(x.shape), aux_loss, plan.routed_per_expert.detach())
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_experts={self.num_experts}, k={self.k}, capacity_factor={self.capacity_factor}, "
+            f"eval_capacity_factor={self.eval_capacity_factor}, min_capacity={self.min_capacity}, "
+            f"drop_tokens={self.drop_tokens}, use_rts={self.use_rts}, use_residual={self.use_residual}"
+        )
+
+
+def _validate_arguments(
+    hidden_size: int,
+    num_experts: int,
+    ffn_hidden_size: int,
+    k: int,
+    activation: Optional[str],
+    capacity_factor: float,
+    eval_capacity_factor: float,
+    min_capacity: int,
+    aux_loss_coef: float,
+    z_loss_coef: float,
+) -> None:
+    def positive_int(name: str, value: int) -> None:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name}={value!r} must be a positive integer")
+
+    positive_int("hidden_size", hidden_size)
+    positive_int("num_experts", num_experts)
+    positive_int("ffn_hidden_size", ffn_hidden_size)
+    positive_int("k", k)
+    if k > num_experts:
+        raise ValueError(f"k={k} must be at most num_experts={num_experts}; use k in 1..{num_experts}")
+    if activation is not None and activation not in ACTIVATIONS:
+        raise ValueError(f"activation={activation!r} is not supported; use one of {sorted(ACTIVATIONS)}")
+    for name, value in (("capacity_factor", capacity_factor), ("eval_capacity_factor", eval_capacity_factor)):
+        if not value > 0:
+            raise ValueError(f"{name}={value!r} must be > 0 (1.0 = each expert takes its even share k*T/E)")
+    if not isinstance(min_capacity, int) or min_capacity < 0:
+        raise ValueError(f"min_capacity={min_capacity!r} must be an integer >= 0")
+    for name, value in (("aux_loss_coef", aux_loss_coef), ("z_loss_coef", z_loss_coef)):
+        if not value >= 0:
+            raise ValueError(f"{name}={value!r} must be >= 0 (0 disables that loss)")
