@@ -134,6 +134,20 @@ class MoE(nn.Module):
             self.residual_coef = nn.Linear(hidden_size, 2)
         self.last_stats: Optional[MoEStats] = None
 
+    def reset_parameters(self) -> None:
+        """Re-initialise every parameter (e.g. after building on the meta device and ``to_empty``)."""
+        self.gate.reset_parameters()
+        reset = getattr(self.experts, "reset_parameters", None)
+        if callable(reset):
+            reset()
+        else:  # user-module experts: re-initialise each stacked copy like its template would
+            for p in self.experts.parameters():
+                nn.init.normal_(p, std=0.02)
+        if self.use_residual:
+            self.residual_mlp.fc1.reset_parameters()
+            self.residual_mlp.fc2.reset_parameters()
+            self.residual_coef.reset_parameters()
+
     def capacity(self, num_tokens: int) -> Optional[int]:
         """Per-expert capacity for ``num_tokens`` real tokens in the current mode (None if dropless)."""
         if not self.drop_tokens:

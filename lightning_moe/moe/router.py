@@ -74,7 +74,10 @@ class TopKRouter(nn.Module):
         self.noise_eps = noise_eps
         self.normalize_weights = (k > 1) if normalize_weights is None else normalize_weights
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))  # [E, d]
-        nn.init.normal_(self.weight, std=hidden_size**-0.5)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, std=self.weight.shape[1] ** -0.5)
 
     def forward(self, x: Tensor) -> RouterOutput:
         """``x [T, d]`` -> :class:`RouterOutput`."""

@@ -1,0 +1,239 @@
+"""MoE layer speed and memory against a dense FFN doing the same useful FLOPs, measured side by side.
+
+For each (E, k): forward+backward time of ``lightning_moe.MoE`` (T tokens, capacity factor 1.25) and
+of one dense FFN ``d -> h -> d`` run on ``T*k`` tokens (the same useful FLOPs), alternating the two,
+so machine noise hits both alike. Efficiency = dense time / MoE time (1.0 = no MoE overhead).
+Optional peers (``--peers``) implement other libraries' *techniques* in a few lines, for context:
+``per_expert_loop`` (Switch-style: a mask and an ``nn.Linear`` pair per expert) and ``onehot_einsum``
+(GShard-style: one-hot ``[T, E, C]`` dispatch and combine einsums over capacity buffers).
+
+Peak memory is the allocator's peak during forward+backward above what was allocated before it
+(read from the profiler's allocation events), minus the bytes of the parameter gradients: what is
+left is activations and workspace. Gradients are as large as the parameters (E times the dense
+FFN's for E experts) and are reported by the strategy's memory benchmark instead.
+
+    python benchmarks/moe_layer.py                      # the README table (CPU, fp32, 2 threads)
+    python benchmarks/moe_layer.py --device cuda --dtype bf16 --large   # the GPU check
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from lightning_moe.moe import MoE  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+class DenseFFN(nn.Module):
+    def __init__(self, d: int, h: int) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d, h), nn.Linear(h, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class PerExpertLoopMoE(nn.Module):
+    """Switch-style peer: top-k, capacity, then a Python loop over experts with boolean masks."""
+
+    def __init__(self, d: int, h: int, num_experts: int, k: int, capacity_factor: float) -> None:
+        super().__init__()
+        self.gate = nn.Linear(d, num_experts, bias=False)
+        self.experts = nn.ModuleList(DenseFFN(d, h) for _ in range(num_experts))
+        self.k, self.capacity_factor = k, capacity_factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(self.gate(x).float(), -1)
+        weight, index = probs.topk(self.k, -1)  # [T, k]
+        capacity = math.ceil(self.k * x.shape[0] * self.capacity_factor / len(self.experts))
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            token, slot = (index == e).nonzero(as_tuple=True)
+            token, slot = token[:capacity], slot[:capacity]
+            if token.numel():
+                out = out.index_add(0, token, expert(x[token]) * weight[token, slot].unsqueeze(-1).to(x.dtype))
+        return out
+
+
+class OneHotEinsumMoE(nn.Module):
+    """GShard-style peer: one-hot dispatch/combine tensors [T, E, C] and batched experts on capacity buffers."""
+
+    def __init__(self, d: int, h: int, num_experts: int, k: int, capacity_factor: float) -> None:
+        super().__init__()
+        self.gate = nn.Linear(d, num_experts, bias=False)
+        self.w1 = nn.Parameter(torch.randn(num_experts, d, h) * d**-0.5)
+        self.w2 = nn.Parameter(torch.randn(num_experts, h, d) * h**-0.5)
+        self.k, self.capacity_factor, self.num_experts = k, capacity_factor, num_experts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        num_tokens, num_experts = x.shape[0], self.num_experts
+        capacity = math.ceil(self.k * num_tokens * self.capacity_factor / num_experts)
+        probs = torch.softmax(self.gate(x).float(), -1)
+        weight, index = probs.topk(self.k, -1)  # [T, k]
+        combine = x.new_zeros(num_tokens, num_experts, capacity, dtype=torch.float32)
+        filled = torch.zeros(num_experts, dtype=torch.long, device=x.device)
+        for j in range(self.k):
+            mask = F.one_hot(index[:, j], num_experts)  # [T, E]
+            position = torch.cumsum(mask, 0) - 1 + filled  # [T, E]
+            filled = filled + mask.sum(0)
+            keep = mask * (position < capacity)
+            slot = F.one_hot(position.clamp(0, capacity - 1), capacity)  # [T, E, C]
+            combine = combine + (weight[:, j, None, None] * keep.unsqueeze(-1) * slot)
+        dispatch = (combine > 0).to(x.dtype)
+        buffers = torch.einsum("tec,td->ecd", dispatch, x)  # [E, C, d]
+        hidden = F.gelu(torch.bmm(buffers, self.w1))
+        expert_out = torch.bmm(hidden, self.w2)  # [E, C, d]
+        return torch.einsum("tec,ecd->td", combine.to(x.dtype), expert_out)
+
+
+def step(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> None:
+    module.zero_grad(set_to_none=True)
+    out = module(x)
+    if isinstance(out, tuple):
+        out = out[0] + 0.0 * out[1]
+    out.backward(grad)
+
+
+def timed(fn: Callable[[], None], device: str) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def peak_memory_bytes(fn: Callable[[], None], device: str) -> int:
+    """Peak allocated bytes during ``fn`` above the bytes allocated when it starts."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    # Each op's own allocations minus frees, in start order: an op-granular allocation timeline.
+    events = sorted(
+        (e for e in prof.events() if e.self_cpu_memory_usage != 0), key=lambda e: e.time_range.start
+    )
+    current = peak = 0
+    for e in events:
+        current += e.self_cpu_memory_usage
+        peak = max(peak, current)
+    return peak
+
+
+def measure(
+    num_experts: int, k: int, args: argparse.Namespace, tokens: int, d: int, h: int
+) -> dict[str, float]:
+    device, dtype = args.device, DTYPES[args.dtype]
+    torch.manual_seed(0)
+    contenders: dict[str, tuple[nn.Module, torch.Tensor]] = {}
+    x = torch.randn(tokens, d, device=device, dtype=dtype, requires_grad=True)
+    moe = MoE(d, num_experts, h, k=k, capacity_factor=args.capacity_factor, eval_capacity_factor=args.capacity_factor)
+    contenders["moe"] = (moe.to(device, dtype), x)
+    x_dense = torch.randn(tokens * k, d, device=device, dtype=dtype, requires_grad=True)
+    contenders["dense"] = (DenseFFN(d, h).to(device, dtype), x_dense)
+    if args.peers:
+        contenders["per_expert_loop"] = (PerExpertLoopMoE(d, h, num_experts, k, args.capacity_factor).to(device, dtype), x)
+        if num_experts * tokens * math.ceil(k * tokens * args.capacity_factor / num_experts) * 4 < 2**31:
+            contenders["onehot_einsum"] = (OneHotEinsumMoE(d, h, num_experts, k, args.capacity_factor).to(device, dtype), x)
+    grads = {name: torch.randn(inp.shape, device=device, dtype=dtype) for name, (_, inp) in contenders.items()}
+    runs = {name: (lambda m=m, i=i, g=grads[name]: step(m, i, g)) for name, (m, i) in contenders.items()}
+
+    for fn in runs.values():  # warm-up
+        for _ in range(args.warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(args.repeats):
+        for name, fn in runs.items():  # interleaved: noise hits every contender alike
+            times[name].append(timed(fn, device))
+    result: dict[str, float] = {"E": num_experts, "k": k, "T": tokens, "d": d, "h": h}
+    dense_s = statistics.median(times["dense"])
+    for name, samples in times.items():
+        med = statistics.median(samples)
+        result[f"{name}_ms"] = med * 1e3
+        if name != "dense":
+            result[f"{name}_efficiency"] = dense_s / med
+    moe_s = statistics.median(times["moe"])
+    useful_flops = 3 * 2 * 2 * tokens * k * d * h  # fwd + bwd (2x) of two matmuls, T*k rows
+    result["moe_tokens_per_s"] = tokens / moe_s
+    result["moe_tflops"] = useful_flops / moe_s / 1e12
+    if not args.no_memory:
+        for name in ("moe", "dense"):
+            module = contenders[name][0]
+            grad_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+            module.zero_grad(set_to_none=True)  # freed before measuring: the step allocates them anew
+            result[f"{name}_peak_mib"] = (peak_memory_bytes(runs[name], device) - grad_bytes) / 2**20
+        result["memory_ratio"] = result["moe_peak_mib"] / result["dense_peak_mib"]
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--ffn", type=int, default=2048)
+    parser.add_argument("--experts", type=int, nargs="+", default=[8, 32, 64])
+    parser.add_argument("--k", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--capacity-factor", type=float, default=1.25)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--peers", action="store_true", help="also time the peer techniques")
+    parser.add_argument("--large", action="store_true", help="add T=16384, d=2048, h=8192, E in {8, 64} (GPU)")
+    parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--json", type=Path, help="write the rows to this file")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    shapes = [(e, k, args.tokens, args.hidden, args.ffn) for e in args.experts for k in args.k]
+    if args.large:
+        shapes += [(e, k, 16384, 2048, 8192) for e in (8, 64) for k in (1, 2)]
+    rows = []
+    print(f"# torch {torch.__version__}, device={args.device}, dtype={args.dtype}, threads={args.threads}, "
+          f"capacity_factor={args.capacity_factor}, median of {args.repeats}")
+    header = f"{'T':>6} {'d':>5} {'h':>5} {'E':>3} {'k':>2} {'moe ms':>8} {'dense ms':>9} {'eff':>5} {'tok/s':>8} {'TFLOP/s':>8}"
+    if not args.no_memory:
+        header += f" {'moe MiB':>8} {'dense MiB':>9} {'mem x':>6}"
+    if args.peers:
+        header += f" {'loop eff':>8} {'einsum eff':>10}"
+    print(header)
+    for e, k, t, d, h in shapes:
+        row = measure(e, k, args, t, d, h)
+        rows.append(row)
+        line = (f"{t:>6} {d:>5} {h:>5} {e:>3} {k:>2} {row['moe_ms']:>8.1f} {row['dense_ms']:>9.1f} "
+                f"{row['moe_efficiency']:>5.2f} {row['moe_tokens_per_s']:>8.0f} {row['moe_tflops']:>8.3f}")
+        if not args.no_memory:
+            line += f" {row['moe_peak_mib']:>8.1f} {row['dense_peak_mib']:>9.1f} {row['memory_ratio']:>6.2f}"
+        if args.peers:
+            loop = row.get("per_expert_loop_efficiency", float("nan"))
+            einsum = row.get("onehot_einsum_efficiency", float("nan"))
+            line += f" {loop:>8.2f} {einsum:>10.2f}"
+        print(line, flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

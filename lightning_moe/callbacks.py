@@ -1,0 +1,181 @@
+"""Callbacks that work with any LightningModule containing :class:`lightning_moe.MoE` layers."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+
+from lightning_moe.moe import MoE
+
+__all__ = ["ExpertLoadMonitor", "NonFiniteGuard", "NonFiniteLossError", "find_moe_layers", "expert_load_heatmap"]
+
+log = logging.getLogger(__name__)
+
+
+def find_moe_layers(module: nn.Module) -> list[tuple[str, MoE]]:
+    """``(qualified name, layer)`` of every MoE layer in ``module``, in registration order."""
+    return [(name, m) for name, m in module.named_modules() if isinstance(m, MoE)]
+
+
+def expert_load_heatmap(load: Tensor, layer_names: list[str], path: Optional[Path] = None):
+    """A matplotlib figure of the expert load fractions ``load [layers, experts]`` (rows sum to 1)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers, experts = load.shape
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * experts + 2.5), max(2.5, 0.35 * layers + 1.5)))
+    image = ax.imshow(load.numpy(), aspect="auto", cmap="viridis", vmin=0.0)
+    ax.set_xlabel("expert")
+    ax.set_ylabel("MoE layer")
+    ax.set_yticks(range(layers), [_short(n) for n in layer_names], fontsize=7)
+    ax.set_xticks(range(experts), [str(e) for e in range(experts)], fontsize=7)
+    ax.set_title(f"fraction of tokens per expert (uniform = {1 / experts:.3f})", fontsize=9)
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120)
+    return fig
+
+
+def _short(name: str) -> str:
+    return name.replace("model.", "").replace("_layers", "").replace(".ffn", "")
+
+
+class ExpertLoadMonitor(pl.Callback):
+    """Logs, per MoE layer, the kept tokens per expert, the dropped fraction and the router entropy.
+
+    Every training batch adds each layer's ``last_stats.tokens_per_expert`` to a running ``[L, E]``
+    table; at each logging step the dropped fraction and entropy of every layer are logged (and their
+    means across layers); at the end of every validation the table is summed over ranks, logged as
+    an expert-load heatmap (TensorBoard image, or ``expert_load_step<N>.png`` in the log folder for
+    other loggers), and reset. Layers with different expert counts each get their own row width.
+
+    Arguments:
+        heatmap: draw the heatmap at validation end.
+    """
+
+    def __init__(self, heatmap: bool = True) -> None:
+        self.heatmap = heatmap
+        self._load: Optional[Tensor] = None
+        self.last_load: Optional[Tensor] = None  # [L, E] fractions of the last heatmap
+        self.layer_names: list[str] = []
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        layers = find_moe_layers(pl_module)
+        stats = [(name, layer.last_stats) for name, layer in layers if layer.last_stats is not None]
+        if not stats:
+            return
+        width = max(s.tokens_per_expert.numel() for _, s in stats)
+        if self._load is None or self._load.shape != (len(stats), width):
+            self._load = torch.zeros(len(stats), width, dtype=torch.float64)
+            self.layer_names = [name for name, _ in stats]
+        for row, (_, s) in enumerate(stats):
+            counts = s.tokens_per_expert.detach().to("cpu", torch.float64)
+            self._load[row, : counts.numel()] += counts
+        if (trainer.global_step + 1) % max(trainer.log_every_n_steps, 1) == 0:
+            dropped = torch.stack([s.dropped_fraction.float().cpu() for _, s in stats])
+            entropy = torch.stack([s.router_entropy.float().cpu() for _, s in stats])
+            pl_module.log("moe/dropped_fraction", dropped.mean(), on_step=True, on_epoch=False)
+            pl_module.log("moe/router_entropy", entropy.mean(), on_step=True, on_epoch=False)
+            for (name, _), d, h in zip(stats, dropped, entropy):
+                short = _short(name)
+                pl_module.log(f"moe/{short}/dropped_fraction", d, on_step=True, on_epoch=False)
+                pl_module.log(f"moe/{short}/router_entropy", h, on_step=True, on_epoch=False)
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._load is None or trainer.sanity_checking:
+            return
+        load = self._load.to(pl_module.device if pl_module.device.type != "meta" else "cpu")
+        if trainer.world_size > 1:
+            load = trainer.strategy.reduce(load.float(), reduce_op="sum").double()
+        load = load.cpu()
+        fractions = load / load.sum(dim=1, keepdim=True).clamp_min(1.0)  # [L, E]
+        self.last_load = fractions
+        balance = fractions.max(dim=1).values.mean() * fractions.shape[1]
+        pl_module.log("moe/max_load_over_uniform", float(balance), rank_zero_only=True)
+        if self.heatmap and trainer.is_global_zero:
+            self._draw(trainer, fractions)
+        self._load = None
+
+    def _draw(self, trainer: pl.Trainer, fractions: Tensor) -> None:
+        logger = trainer.logger
+        folder = Path(logger.log_dir) if logger is not None and getattr(logger, "log_dir", None) else Path(trainer.default_root_dir)
+        path = folder / f"expert_load_step{trainer.global_step}.png"
+        fig = expert_load_heatmap(fractions, self.layer_names, path)
+        experiment = getattr(logger, "experiment", None)
+        if experiment is not None and hasattr(experiment, "add_figure"):
+            experiment.add_figure("moe/expert_load", fig, global_step=trainer.global_step)
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training stopped because of non-finite losses or gradients (see :class:`NonFiniteGuard`)."""
+
+
+class NonFiniteGuard(pl.Callback):
+    """Never applies an optimizer step whose gradients are not all finite.
+
+    Before each optimizer step every rank checks its (local shard of the) gradients; the ranks agree
+    with one all-reduce, so all skip or none does. A skipped step clears the gradients, so the
+    optimizer leaves every parameter and its state untouched (AdamW skips parameters without a
+    gradient). Policies: ``"skip"`` warns and goes on; ``"stop_after"`` raises after ``max_skips``
+    skipped steps; ``"stop"`` raises at the first one.
+
+    Arguments:
+        policy: ``"skip"``, ``"stop_after"`` or ``"stop"``.
+        max_skips: the K of ``"stop_after"``.
+    """
+
+    POLICIES = ("skip", "stop_after", "stop")
+
+    def __init__(self, policy: str = "skip", max_skips: int = 10) -> None:
+        if policy not in self.POLICIES:
+            raise ValueError(f"policy={policy!r} is not supported; use one of {list(self.POLICIES)}")
+        if max_skips < 1:
+            raise ValueError(f"max_skips={max_skips!r} must be >= 1")
+        self.policy = policy
+        self.max_skips = max_skips
+        self.skipped = 0
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        local_bad = any(not bool(torch.isfinite(_local(g)).all()) for g in grads)
+        flag = torch.tensor(float(local_bad), device=pl_module.device if pl_module.device.type != "meta" else "cpu")
+        if trainer.world_size > 1:
+            flag = trainer.strategy.reduce(flag, reduce_op="max")
+        if float(flag) == 0.0:
+            return
+        self.skipped += 1
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                p.grad = None
+        message = (
+            f"non-finite loss or gradient at step {trainer.global_step}: optimizer step skipped "
+            f"({self.skipped} so far)"
+        )
+        if self.policy == "stop" or (self.policy == "stop_after" and self.skipped >= self.max_skips):
+            raise NonFiniteLossError(message + f"; stopping (trainer.nonfinite={self.policy!r})")
+        log.warning(message)
+        pl_module.log("train/skipped_steps", float(self.skipped), on_step=True, on_epoch=False, rank_zero_only=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"skipped": self.skipped}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.skipped = int(state_dict.get("skipped", 0))
+
+
+def _local(t: Tensor) -> Tensor:
+    to_local = getattr(t, "to_local", None)
+    return to_local() if to_local is not None else t
+

@@ -1,0 +1,182 @@
+"""``python -m lightning_moe.train``: train the multitask MoE translator (Hydra command line).
+
+With no arguments it trains the tiny MoE model on the Multi30k sample embedded in the package, on one
+CPU process. Every config group can be overridden, e.g.::
+
+    python -m lightning_moe.train moe.num_experts=16 moe.k=2 tasks=multitask \\
+        strategy=moe_zero trainer.devices=2 data=multi30k data.root=PATH
+    python -m lightning_moe.train -m moe.num_experts=4,8          # a multirun sweep
+    python -m lightning_moe.train experiment=finetune init_from=runs/default/checkpoints/step=000300.ckpt
+    python -m lightning_moe.train --help                          # the groups and their options
+
+A re-run of the same command resumes from the newest complete checkpoint (``checkpoint.resume=auto``).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+import hydra
+import lightning.pytorch as pl
+from omegaconf import DictConfig
+
+import lightning_moe  # noqa: F401  (registers the moe_zero strategies)
+from lightning_moe.callbacks import ExpertLoadMonitor, NonFiniteGuard
+from lightning_moe.config import TrainConfig, register_configs, to_train_config
+from lightning_moe.data.datamodule import MultitaskDataModule
+from lightning_moe.module import MultitaskTranslationModule
+from lightning_moe.resume import AtomicCheckpointIO, resolve_resume
+
+__all__ = ["main", "run", "build_strategy", "build_trainer", "build_module"]
+
+log = logging.getLogger(__name__)
+
+register_configs()
+
+
+def build_strategy(cfg: TrainConfig) -> Any:
+    """The ``Trainer(strategy=...)`` argument for ``cfg.strategy``."""
+    s = cfg.strategy
+    if s.is_moe_zero:
+        from lightning_moe.strategy import STRATEGY_PRESETS, MoEZeroStrategy
+
+        kwargs = dict(STRATEGY_PRESETS.get(s.name, {}))
+        kwargs["expert_parallel_size"] = s.expert_parallel_size
+        if s.zero_stage is not None:
+            kwargs["zero_stage"] = s.zero_stage
+        if s.offload is not None:
+            kwargs["offload"] = s.offload
+        kwargs["activation_checkpointing"] = s.activation_checkpointing
+        kwargs["save_distributed_checkpoint"] = s.save_distributed_checkpoint
+        return MoEZeroStrategy(**kwargs)
+    if s.name == "ddp":
+        from lightning.pytorch.strategies import DDPStrategy
+
+        return DDPStrategy(checkpoint_io=AtomicCheckpointIO())
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+
+    accelerator = cfg.trainer.accelerator
+    device = "cuda" if accelerator in ("gpu", "cuda") else "cpu"
+    if accelerator == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return SingleDeviceStrategy(device=device, checkpoint_io=AtomicCheckpointIO())
+
+
+def checkpoint_dir(cfg: TrainConfig) -> Path:
+    return Path(cfg.checkpoint.dirpath) if cfg.checkpoint.dirpath else Path(cfg.output_dir) / "checkpoints"
+
+
+def build_trainer(cfg: TrainConfig, extra_callbacks: Optional[list] = None) -> pl.Trainer:
+    """A ``lightning.Trainer`` for ``cfg`` with checkpointing, expert-load logging and the non-finite guard."""
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    t = cfg.trainer
+    callbacks: list = [
+        ModelCheckpoint(
+            dirpath=str(checkpoint_dir(cfg)),
+            filename="step={step:06d}",
+            auto_insert_metric_name=False,
+            every_n_train_steps=cfg.checkpoint.every_n_train_steps,
+            save_top_k=cfg.checkpoint.keep_last,
+            monitor="step",
+            mode="max",
+            save_last=False,
+            save_on_train_epoch_end=True,
+        ),
+        ExpertLoadMonitor(),
+        NonFiniteGuard(policy=t.nonfinite, max_skips=t.nonfinite_max),
+    ]
+    if t.logger == "tensorboard":
+        logger: Any = TensorBoardLogger(save_dir=cfg.output_dir, name="logs", default_hp_metric=False)
+    elif t.logger == "csv":
+        logger = CSVLogger(save_dir=cfg.output_dir, name="logs")
+    else:
+        logger = False
+    if logger:
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
+    callbacks.extend(extra_callbacks or [])
+    return pl.Trainer(
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=build_strategy(cfg),
+        precision=t.precision,
+        max_steps=t.max_steps,
+        max_epochs=-1,
+        val_check_interval=t.val_check_interval,
+        check_val_every_n_epoch=None,
+        limit_val_batches=t.limit_val_batches,
+        accumulate_grad_batches=t.accumulate_grad_batches,
+        gradient_clip_val=t.gradient_clip_val,
+        gradient_clip_algorithm=t.gradient_clip_algorithm,
+        log_every_n_steps=t.log_every_n_steps,
+        logger=logger,
+        callbacks=callbacks,
+        enable_progress_bar=t.enable_progress_bar,
+        deterministic=t.deterministic,
+        default_root_dir=cfg.output_dir,
+        use_distributed_sampler=False,  # the datamodule shards its token-bucket batches itself
+        num_sanity_val_steps=0,
+    )
+
+
+def build_module(cfg: TrainConfig, datamodule: MultitaskDataModule) -> MultitaskTranslationModule:
+    """The LightningModule for ``cfg``, with the datamodule's tokenizer and validation directions."""
+    tokenizer = datamodule.tokenizer
+    module = MultitaskTranslationModule(
+        model=cfg.model,
+        optim=cfg.optim,
+        generation=cfg.generation,
+        special_ids={"pad": tokenizer.pad_id, "bos": tokenizer.bos_id, "eos": tokenizer.eos_id},
+        val_directions=datamodule.val_names,
+        max_steps=cfg.trainer.max_steps,
+        tokenizer_model=tokenizer.model_proto,
+    )
+    if cfg.init_from:
+        from lightning_moe.checkpoint import load_model_weights
+
+        load_model_weights(module, cfg.init_from)
+        log.info("initialised the model from %s", cfg.init_from)
+    return module
+
+
+def run(cfg: TrainConfig) -> dict[str, float]:
+    """Train (and test) as ``cfg`` says; returns the final logged metrics."""
+    pl.seed_everything(cfg.seed, workers=True)
+    datamodule = MultitaskDataModule(cfg.data, cfg.tasks)
+    datamodule.prepare_data()  # cached and written atomically: safe on every rank
+    datamodule.setup("fit")
+    for split, report in datamodule.reports.items():
+        if report.num_dropped:
+            log.warning("%s: %s", split, report.summary())
+    module = build_module(cfg, datamodule)
+    trainer = build_trainer(cfg)
+    ckpt_path = resolve_resume(cfg.checkpoint.resume, checkpoint_dir(cfg)) if not cfg.init_from else None
+    if cfg.init_from and cfg.checkpoint.resume == "auto":
+        # A fine-tuning run that was interrupted resumes its own checkpoints, not init_from.
+        ckpt_path = resolve_resume("auto", checkpoint_dir(cfg))
+    if ckpt_path:
+        log.info("resuming from %s", ckpt_path)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
+    return metrics
+
+
+@hydra.main(version_base=None, config_path="pkg://lightning_moe.conf", config_name="config")
+def main(cfg: DictConfig) -> Optional[float]:
+    """Hydra entry point: validate the composed config, then :func:`run`."""
+    typed = to_train_config(cfg)
+    metrics = run(typed)
+    for key in sorted(metrics):
+        if key.startswith("val/"):
+            print(f"{key}: {metrics[key]:.4f}")
+    return metrics.get("val/nll")
+
+
+if __name__ == "__main__":
+    main()
