@@ -61,7 +61,7 @@ def test_cached_greedy_equals_naive_greedy(num_experts):
         for tokens, limit in zip(out, limits):
             assert len(tokens) <= limit
             assert all(t not in (BOS, EOS, PAD) for t in tokens)
-            stopped_early |= 0 < len(tokens) < limit
+            stopped_early |= len(tokens) < limit  # EOS (possibly as the first token) before the limit
             reached_limit |= len(tokens) == limit
     assert stopped_early and reached_limit  # both ways of finishing (and batch shrinking) were exercised
 
