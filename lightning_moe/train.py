@@ -138,7 +138,7 @@ def build_module(cfg: TrainConfig, datamodule: MultitaskDataModule) -> Multitask
         tokenizer_model=tokenizer.model_proto,
     )
     if cfg.init_from:
-        from lightning_moe.checkpoint import load_model_weights
+        from lightning_moe.inference import load_model_weights
 
         load_model_weights(module, cfg.init_from)
         log.info("initialised the model from %s", cfg.init_from)
@@ -164,7 +164,35 @@ def run(cfg: TrainConfig) -> dict[str, float]:
         log.info("resuming from %s", ckpt_path)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
+    final = checkpoint_dir(cfg) / f"step={trainer.global_step:06d}.ckpt"
+    if not final.exists():
+        trainer.save_checkpoint(final)  # collective under moe_zero: every rank calls it
+    if cfg.test_after_fit and trainer.is_global_zero:
+        metrics.update(_test(cfg, final, datamodule))
     return metrics
+
+
+def _test(cfg: TrainConfig, checkpoint: Path, datamodule: MultitaskDataModule) -> dict[str, float]:
+    """BLEU/chrF of the final checkpoint on the test splits (one process, after training)."""
+    from lightning_moe.evaluate import EvaluateConfig, evaluate
+
+    limit = cfg.generation.val_max_sentences
+    rows = evaluate(
+        EvaluateConfig(
+            checkpoint=str(checkpoint),
+            root=str(datamodule._resolve_root()),
+            splits=list(cfg.data.test_splits),
+            beam_size=cfg.generation.beam_size,
+            batch_size=cfg.generation.batch_size,
+            max_sentences=None if limit < 0 else (limit or None),
+        )
+    )
+    result = {}
+    for r in rows:
+        print(f"test {r['split']} {r['direction']}: BLEU {r['bleu']:.2f} chrF {r['chrf']:.2f} ({r['sentences']} sentences)")
+        result[f"test/{r['split']}/{r['direction']}/bleu"] = r["bleu"]
+        result[f"test/{r['split']}/{r['direction']}/chrf"] = r["chrf"]
+    return result
 
 
 @hydra.main(version_base=None, config_path="pkg://lightning_moe.conf", config_name="config")

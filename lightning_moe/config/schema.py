@@ -9,19 +9,19 @@ dataclasses' ``__post_init__`` (see :func:`to_train_config`), all before any pro
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
-from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_moe.config.run import CheckpointConfig, GenerationConfig, OptimConfig, StrategyConfig, TrainerConfig
 from lightning_moe.data.datamodule import DataConfig
+from lightning_moe.data.download import SAMPLE_DIR
 from lightning_moe.models.config import MoEConfig, TransformerConfig
 from lightning_moe.tasks.multitask import MultitaskConfig
 
 __all__ = ["TrainConfig", "to_train_config", "register_configs", "SAMPLE_DATA_DIR", "ConfigError"]
 
-SAMPLE_DATA_DIR = Path(__file__).resolve().parents[1] / "data" / "sample"
+SAMPLE_DATA_DIR = SAMPLE_DIR
 """The embedded Multi30k sample (``data=sample``)."""
 
 

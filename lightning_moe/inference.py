@@ -1,0 +1,136 @@
+"""Loading a trained translator from any checkpoint, and translating sentences with it (one process).
+
+Checkpoints of every layout load here: a Lightning file, a full file of ``moe_zero``, a consolidated
+file, or a sharded DCP folder (consolidated on the fly, no process group needed), all with
+``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Optional, Union
+
+import torch
+from torch import Tensor
+
+from lightning_moe.data.batching import pad_sequences
+from lightning_moe.data.tokenizer import SubwordTokenizer
+from lightning_moe.module import MultitaskTranslationModule
+
+__all__ = ["read_checkpoint", "load_model_weights", "load_translator", "translation_source", "translate_sentences"]
+
+PathLike = Union[str, os.PathLike]
+
+
+def read_checkpoint(path: PathLike) -> dict[str, Any]:
+    """Every part of a checkpoint as one dict of plain types (``state_dict``, ``hyper_parameters``, ...)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    if path.is_dir():
+        from lightning_moe.checkpoint import consolidate
+
+        with tempfile.TemporaryDirectory() as tmp:
+            target = Path(tmp) / "consolidated.pt"
+            consolidate(path, target)
+            checkpoint = torch.load(target, map_location="cpu", weights_only=True)
+    else:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    meta = checkpoint.pop("meta", None)
+    if isinstance(meta, dict):  # consolidated layout: {"state_dict", "optimizer_states", "meta"}
+        for key, value in meta.items():
+            checkpoint.setdefault(key, value)
+    if "state_dict" not in checkpoint:
+        raise ValueError(f"{str(path)!r} holds no 'state_dict': not a lightning_moe checkpoint (keys: {sorted(checkpoint)})")
+    return checkpoint
+
+
+def load_model_weights(module: torch.nn.Module, path: PathLike) -> None:
+    """Load the weights of checkpoint ``path`` (any layout) into an unsharded ``module``.
+
+    Raises:
+        ValueError: listing missing, unexpected and differently shaped keys when the checkpoint comes
+            from another model shape.
+    """
+    state = read_checkpoint(path)["state_dict"]
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in set(own) & set(state)
+        if isinstance(state[k], Tensor) and state[k].shape != own[k].shape
+    )
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing[:20]}{' ...' if len(missing) > 20 else ''}")
+        if unexpected:
+            parts.append(f"unexpected keys {unexpected[:20]}{' ...' if len(unexpected) > 20 else ''}")
+        if shapes:
+            parts.append(f"shape mismatches {shapes[:20]}{' ...' if len(shapes) > 20 else ''}")
+        raise ValueError(
+            f"checkpoint {str(path)!r} does not fit this model (another model shape?): " + "; ".join(parts)
+        )
+    module.load_state_dict(state)
+
+
+def load_translator(path: PathLike, device: Union[str, torch.device] = "cpu", **overrides: Any) -> MultitaskTranslationModule:
+    """The :class:`MultitaskTranslationModule` of a checkpoint, in eval mode, with its tokenizer.
+
+    ``overrides`` replace hyper-parameters (e.g. ``generation={"beam_size": 4}``).
+    """
+    checkpoint = read_checkpoint(path)
+    hparams = dict(checkpoint.get("hyper_parameters") or {})
+    if "model" not in hparams:
+        raise ValueError(f"checkpoint {str(path)!r} has no model hyper-parameters: not saved by lightning_moe.train")
+    tokenizer_model = checkpoint.get("tokenizer_model")
+    if tokenizer_model is None:
+        raise ValueError(f"checkpoint {str(path)!r} has no tokenizer: it cannot translate text")
+    hparams.update(overrides)
+    module = MultitaskTranslationModule(
+        model=hparams["model"],
+        optim=hparams.get("optim"),
+        generation=hparams.get("generation"),
+        special_ids=hparams.get("special_ids"),
+        val_directions=hparams.get("val_directions"),
+        max_steps=hparams.get("max_steps", 1),
+        tokenizer_model=bytes(tokenizer_model.numpy().tobytes()) if isinstance(tokenizer_model, Tensor) else bytes(tokenizer_model),
+    )
+    state = {k: v for k, v in checkpoint["state_dict"].items() if k in module.state_dict()}
+    module.load_state_dict(state)
+    return module.to(device).eval()
+
+
+def translation_source(tokenizer: SubwordTokenizer, text: str, target_lang: str, max_len: Optional[int] = None) -> list[int]:
+    """Encoder input of a sentence to translate into ``target_lang``: ``[<2tgt>] + tokens + [</s>]``
+    (the layout of ``lightning_moe.tasks.translation``), cut to ``max_len`` tokens."""
+    tokens = tokenizer.encode(text)
+    if max_len is not None and len(tokens) + 2 > max_len:
+        tokens = tokens[: max(max_len - 2, 0)]
+    return [tokenizer.lang_tag_id(target_lang), *tokens, tokenizer.eos_id]
+
+
+@torch.no_grad()
+def translate_sentences(
+    module: MultitaskTranslationModule, sentences: Iterable[str], target_lang: str, batch_size: Optional[int] = None
+) -> list[str]:
+    """Translate ``sentences`` into ``target_lang``, in batches of similar length, keeping their order."""
+    sentences = list(sentences)
+    tokenizer = module.tokenizer
+    if target_lang not in tokenizer.langs:
+        raise ValueError(f"target_lang={target_lang!r} is not a language of this model; use one of {list(tokenizer.langs)}")
+    max_len = module.model_config.max_positions - 1
+    sources = [translation_source(tokenizer, s, target_lang, max_len) for s in sentences]
+    order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
+    batch_size = batch_size or module.generation_config.batch_size
+    outputs: list[Optional[str]] = [None] * len(sources)
+    device = next(module.parameters()).device
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        src, mask = pad_sequences([sources[i] for i in rows], module.special_ids["pad"])
+        for row, text in zip(rows, module.translate_batch(src.to(device), mask.to(device))):
+            outputs[row] = text
+    return [o if o is not None else "" for o in outputs]
