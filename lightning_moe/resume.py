@@ -1,6 +1,6 @@
 """Atomic single-file checkpoints and finding the checkpoint a (re)started run resumes from.
 
-Checkpoints are named ``step=<N>.ckpt`` (a file, or a DCP folder written by ``moe_zero``). A file is
+Checkpoints are named ``step-<N>.ckpt`` (a file, or a DCP folder written by ``moe_zero``). A file is
 written to a temporary name and renamed into place; a folder carries a completion marker written
 last (see ``lightning_moe.checkpoint``). So a run killed while writing leaves the previous
 checkpoint as the newest complete one, and ``resume=auto`` picks it.
@@ -22,7 +22,7 @@ __all__ = ["AtomicCheckpointIO", "find_latest_checkpoint", "resolve_resume", "ch
 COMPLETE_MARKER = ".complete"
 """File written last into a checkpoint folder; a folder without it is incomplete."""
 
-_STEP = re.compile(r"step=(\d+)\.ckpt$")
+_STEP = re.compile(r"step-(\d+)\.ckpt$")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -46,7 +46,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def checkpoint_step(path: Path) -> Optional[int]:
-    """The step in a ``step=<N>.ckpt`` name, or None."""
+    """The step in a ``step-<N>.ckpt`` name, or None."""
     match = _STEP.search(path.name)
     return int(match.group(1)) if match else None
 
@@ -59,7 +59,7 @@ def is_complete(path: Path) -> bool:
 
 
 def find_latest_checkpoint(folder: Union[str, os.PathLike]) -> Optional[Path]:
-    """The complete ``step=<N>.ckpt`` with the largest N in ``folder`` (None if there is none)."""
+    """The complete ``step-<N>.ckpt`` with the largest N in ``folder`` (None if there is none)."""
     folder = Path(folder)
     if not folder.is_dir():
         return None

@@ -6,7 +6,7 @@ CPU process. Every config group can be overridden, e.g.::
     python -m lightning_moe.train moe.num_experts=16 moe.k=2 tasks=multitask \\
         strategy=moe_zero trainer.devices=2 data=multi30k data.root=PATH
     python -m lightning_moe.train -m moe.num_experts=4,8          # a multirun sweep
-    python -m lightning_moe.train experiment=finetune init_from=runs/default/checkpoints/step=000300.ckpt
+    python -m lightning_moe.train experiment=finetune init_from=runs/default/checkpoints/step-000300.ckpt
     python -m lightning_moe.train --help                          # the groups and their options
 
 A re-run of the same command resumes from the newest complete checkpoint (``checkpoint.resume=auto``).
@@ -79,7 +79,7 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: Optional[list] = None) -> p
     callbacks: list = [
         ModelCheckpoint(
             dirpath=str(checkpoint_dir(cfg)),
-            filename="step={step:06d}",
+            filename="step-{step:06d}",
             auto_insert_metric_name=False,
             every_n_train_steps=cfg.checkpoint.every_n_train_steps,
             save_top_k=cfg.checkpoint.keep_last,
@@ -164,7 +164,7 @@ def run(cfg: TrainConfig) -> dict[str, float]:
         log.info("resuming from %s", ckpt_path)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
-    final = checkpoint_dir(cfg) / f"step={trainer.global_step:06d}.ckpt"
+    final = checkpoint_dir(cfg) / f"step-{trainer.global_step:06d}.ckpt"
     if not final.exists():
         trainer.save_checkpoint(final)  # collective under moe_zero: every rank calls it
     if cfg.test_after_fit and trainer.is_global_zero:
@@ -180,7 +180,7 @@ def _test(cfg: TrainConfig, checkpoint: Path, datamodule: MultitaskDataModule) -
     rows = evaluate(
         EvaluateConfig(
             checkpoint=str(checkpoint),
-            root=str(datamodule._resolve_root()),
+            root=str(datamodule.data_root),
             splits=list(cfg.data.test_splits),
             beam_size=cfg.generation.beam_size,
             batch_size=cfg.generation.batch_size,

@@ -143,11 +143,17 @@ def to_train_config(cfg: Any) -> TrainConfig:
         generation=_build(GenerationConfig, cfg.generation, "generation"),
         checkpoint=_build(CheckpointConfig, cfg.checkpoint, "checkpoint"),
         name=str(cfg.name),
-        output_dir=str(cfg.output_dir),
+        output_dir=_output_dir(cfg),
         seed=seed,
         init_from=cfg.init_from,
         test_after_fit=bool(cfg.test_after_fit),
     )
+
+
+def _output_dir(cfg: DictConfig) -> str:
+    """Hydra's run folder when Hydra runs the job, else ``runs/<name>`` (e.g. under the compose API)."""
+    value = OmegaConf.select(cfg, "output_dir", throw_on_resolution_failure=False)
+    return str(value) if value else f"runs/{cfg.name}"
 
 
 def _resolve_sample_data() -> str:

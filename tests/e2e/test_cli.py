@@ -1,0 +1,99 @@
+"""Tiny end-to-end runs of the command lines: train, checkpoint, resume, translate, evaluate, fine-tune."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+TINY = [
+    "model.d_model=32",
+    "model.num_heads=2",
+    "model.ffn_hidden_size=32",
+    "model.encoder_layers=2",
+    "model.decoder_layers=2",
+    "moe.num_experts=4",
+    "data.vocab_size=300",
+    "data.max_train_sentences=300",
+    "data.max_eval_sentences=24",
+    "data.max_tokens=512",
+    "trainer.val_check_interval=4",
+    "trainer.limit_val_batches=1",
+    "trainer.logger=csv",
+    "trainer.enable_progress_bar=false",
+    "checkpoint.every_n_train_steps=4",
+    "generation.val_max_sentences=8",
+]
+
+
+def _run(args: list[str], cwd: Path, stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", LIGHTNING_MOE_CACHE=str(cwd / "cache"))
+    result = subprocess.run(
+        [sys.executable, "-m", *args], cwd=cwd, env=env, input=stdin, capture_output=True, text=True, timeout=600
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"{args[0]} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+def _steps(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.glob("step-*.ckpt"))
+
+
+def test_train_resume_translate_evaluate_finetune(tmp_path: Path):
+    run_dir = tmp_path / "run"
+    train = ["lightning_moe.train", *TINY, f"hydra.run.dir={run_dir}", "test_after_fit=false"]
+    _run([*train, "trainer.max_steps=8"], tmp_path)
+    ckpts = run_dir / "checkpoints"
+    assert _steps(ckpts) == ["step-000004.ckpt", "step-000008.ckpt"]
+    first = torch.load(ckpts / "step-000008.ckpt", weights_only=True)
+    assert first["global_step"] == 8 and "tokenizer_model" in first
+
+    # the same command with a longer budget resumes from step 8
+    resumed = _run([*train, "trainer.max_steps=12"], tmp_path)
+    assert "resuming from" in resumed.stderr + resumed.stdout
+    assert "step-000012.ckpt" in _steps(ckpts)
+    last = torch.load(ckpts / "step-000012.ckpt", weights_only=True)
+    assert last["global_step"] == 12
+
+    # translate: stdin -> stdout, one line per line
+    out = _run(
+        ["lightning_moe.translate", f"checkpoint={ckpts / 'step-000012.ckpt'}", "source_lang=en", "target_lang=de"],
+        tmp_path,
+        stdin="A dog runs on the grass.\nTwo men are talking.\n",
+    )
+    assert len(out.stdout.splitlines()) == 2
+
+    # evaluate prints BLEU and chrF per direction with sacrebleu's signature
+    ev = _run(["lightning_moe.evaluate", f"checkpoint={ckpts / 'step-000012.ckpt'}", "max_sentences=8", "directions=[en-de]"], tmp_path)
+    assert "en-de" in ev.stdout and "BLEU signature: nrefs:1" in ev.stdout and "chrF signature" in ev.stdout
+
+    # multitask fine-tuning on one direction from the checkpoint: fresh step counter, weights carried over
+    ft_dir = tmp_path / "finetune"
+    _run(
+        [
+            "lightning_moe.train", *TINY, f"hydra.run.dir={ft_dir}", "experiment=finetune",
+            f"init_from={ckpts / 'step-000012.ckpt'}", "trainer.max_steps=4", "test_after_fit=false",
+        ],
+        tmp_path,
+    )
+    ft = torch.load(ft_dir / "checkpoints" / "step-000004.ckpt", weights_only=True)
+    assert ft["global_step"] == 4
+    assert ft["hyper_parameters"]["val_directions"] == ["translate:en-de", "translate:de-en"]
+
+
+def test_translate_rejects_unknown_key_and_bad_language(tmp_path: Path):
+    bad = _run(["lightning_moe.translate", "checkpoint=x", "target_lang=de", "beam=4"], tmp_path, check=False)
+    assert bad.returncode != 0 and "beam" in bad.stderr
+
+
+def test_train_rejects_misspelled_key_before_starting(tmp_path: Path):
+    bad = _run(["lightning_moe.train", "moe.num_expert=4", f"hydra.run.dir={tmp_path / 'x'}"], tmp_path, check=False)
+    assert bad.returncode != 0 and "num_expert" in bad.stderr
+    assert not (tmp_path / "x" / "checkpoints").exists()
