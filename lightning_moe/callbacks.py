@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from lightning_moe.moe import MoE
 
-__all__ = ["ExpertLoadMonitor", "NonFiniteGuard", "NonFiniteLossError", "find_moe_layers", "expert_load_heatmap"]
+__all__ = ["ExpertLoadMonitor", "NonFiniteGuard", "RNGStateCheckpoint", "NonFiniteLossError", "find_moe_layers", "expert_load_heatmap"]
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +116,54 @@ class ExpertLoadMonitor(pl.Callback):
         import matplotlib.pyplot as plt
 
         plt.close(fig)
+
+
+class RNGStateCheckpoint(pl.Callback):
+    """Saves every rank's random-number generator states in checkpoints and restores them on resume.
+
+    Dropout, Random Token Selection and noisy gating draw from torch's generators; with their states
+    restored, a resumed run continues with the same random numbers as an uninterrupted one. Every rank
+    contributes its states (one all-gather while the checkpoint is assembled, which every rank does)
+    and, on resume with the same number of ranks, takes its own back; with another number of ranks
+    the generators are left as seeded.
+    """
+
+    def __init__(self) -> None:
+        self._pending: Optional[dict[str, Any]] = None
+
+    @staticmethod
+    def _local_states() -> dict[str, Any]:
+        states: dict[str, Any] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            states["cuda"] = torch.cuda.get_rng_state()
+        return states
+
+    def state_dict(self) -> dict[str, Any]:
+        import torch.distributed as dist
+
+        local = self._local_states()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            gathered: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, local)
+            return {"ranks": gathered}
+        return {"ranks": [local]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending = state_dict
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Restored here, after everything that draws random numbers while setting up has run.
+        if self._pending is None:
+            return
+        ranks = self._pending.get("ranks", [])
+        if len(ranks) == trainer.world_size:
+            mine = ranks[trainer.global_rank]
+            torch.set_rng_state(mine["torch"])
+            if "cuda" in mine and torch.cuda.is_available():
+                torch.cuda.set_rng_state(mine["cuda"])
+        else:
+            log.warning("checkpoint holds RNG states of %d ranks, this run has %d: keeping the seeded generators", len(ranks), trainer.world_size)
+        self._pending = None
 
 
 class NonFiniteLossError(RuntimeError):

@@ -23,7 +23,7 @@ import lightning.pytorch as pl
 from omegaconf import DictConfig
 
 import lightning_moe  # noqa: F401  (registers the moe_zero strategies)
-from lightning_moe.callbacks import ExpertLoadMonitor, NonFiniteGuard
+from lightning_moe.callbacks import ExpertLoadMonitor, NonFiniteGuard, RNGStateCheckpoint
 from lightning_moe.config import TrainConfig, register_configs, to_train_config
 from lightning_moe.data.datamodule import MultitaskDataModule
 from lightning_moe.module import MultitaskTranslationModule
@@ -90,6 +90,7 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: Optional[list] = None) -> p
         ),
         ExpertLoadMonitor(),
         NonFiniteGuard(policy=t.nonfinite, max_skips=t.nonfinite_max),
+        RNGStateCheckpoint(),
     ]
     if t.logger == "tensorboard":
         logger: Any = TensorBoardLogger(save_dir=cfg.output_dir, name="logs", default_hp_metric=False)

@@ -21,6 +21,7 @@ from typing import Any, Optional, Union
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
 from lightning_moe.data.examples import Example
 from lightning_moe.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
@@ -172,10 +173,19 @@ class TokenBucketBatchSampler:
         self._cache = (epoch, mine, mine_repeat)
         return mine, mine_repeat
 
+    def resume_at(self, epoch: int, start_batch: int) -> None:
+        """Make the next iteration over ``epoch`` skip its first ``start_batch`` batches (mid-epoch resume)."""
+        self._resume = (_check_int("epoch", epoch, 0), _check_int("start_batch", start_batch, 0))
+
     def __iter__(self) -> Iterator[list[SampleIndex]]:
         epoch = self.epoch
         batches, repeats = self._plan(epoch)
-        for batch, repeat in zip(batches, repeats):
+        start = 0
+        resume = getattr(self, "_resume", None)
+        if resume is not None and resume[0] == epoch:
+            start = resume[1]
+        self._resume = None
+        for batch, repeat in zip(batches[start:], repeats[start:]):
             yield [SampleIndex(int(i), epoch, repeat) for i in batch]
 
     def __len__(self) -> int:
@@ -249,3 +259,31 @@ class Collator:
             batch["src_text"] = [e.src_text for e in examples]
             batch["ref_text"] = [e.ref_text for e in examples]
         return batch
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader over a :class:`TokenBucketBatchSampler` whose position survives a restart.
+
+    Lightning saves the ``state_dict`` of a stateful train loader into each checkpoint and hands it back
+    to ``load_state_dict`` on resume, before iterating. The state is the epoch and the number of batches
+    training has consumed in it (read from ``progress``, not from the iterator, which runs ahead by the
+    batches Lightning prefetches); on resume the sampler skips those batches, so a restarted run sees
+    exactly the batches an uninterrupted one would.
+
+    Arguments:
+        progress: returns ``(epoch, batches consumed in it)``.
+        *args, **kwargs: DataLoader arguments; ``batch_sampler`` must be a :class:`TokenBucketBatchSampler`.
+    """
+
+    def __init__(self, *args: Any, progress: Callable[[], tuple[int, int]], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.batch_sampler, TokenBucketBatchSampler):
+            raise ValueError("ResumableDataLoader needs batch_sampler=TokenBucketBatchSampler(...)")
+        self._progress = progress
+
+    def state_dict(self) -> dict[str, int]:
+        epoch, consumed = self._progress()
+        return {"epoch": int(epoch), "batches_consumed": int(consumed)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.batch_sampler.resume_at(int(state["epoch"]), int(state["batches_consumed"]))

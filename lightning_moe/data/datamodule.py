@@ -35,7 +35,7 @@ from typing import Any, Dict, List, Optional, Union
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader
 
-from lightning_moe.data.batching import Collator, TokenBucketBatchSampler
+from lightning_moe.data.batching import ResumableDataLoader, Collator, TokenBucketBatchSampler
 from lightning_moe.data.corpus import (
     ON_ERROR,
     CorpusReport,
@@ -311,7 +311,15 @@ class MultitaskDataModule(pl.LightningDataModule):
             rank=rank,
             drop_last=self.data_config.drop_last,
         )
-        return self._loader(dataset, sampler)
+        return self._loader(dataset, sampler, resumable=True)
+
+    def _train_progress(self) -> tuple[int, int]:
+        """``(epoch, batches processed in it)`` of the attached trainer, for mid-epoch resumes."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0, 0
+        progress = trainer.fit_loop.epoch_loop.batch_progress.current
+        return trainer.current_epoch, progress.processed
 
     def val_dataloader(self) -> List[DataLoader]:
         """One loader per validation direction, in :attr:`val_names` order."""
@@ -456,11 +464,13 @@ class MultitaskDataModule(pl.LightningDataModule):
         )
         return self._loader(dataset, sampler)
 
-    def _loader(self, dataset: Any, sampler: TokenBucketBatchSampler) -> DataLoader:
+    def _loader(self, dataset: Any, sampler: TokenBucketBatchSampler, resumable: bool = False) -> DataLoader:
         assert self.tokenizer is not None
         workers = self.data_config.num_workers
-        return DataLoader(
+        extra: dict[str, Any] = {"progress": self._train_progress} if resumable else {}
+        return (ResumableDataLoader if resumable else DataLoader)(
             dataset,
+            **extra,
             batch_sampler=sampler,
             collate_fn=Collator(self.tokenizer.pad_id, self.tokenizer.bos_id, self.tokenizer.eos_id),
             num_workers=workers,
