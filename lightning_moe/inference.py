@@ -19,7 +19,7 @@ from lightning_moe.data.batching import pad_sequences
 from lightning_moe.data.tokenizer import SubwordTokenizer
 from lightning_moe.module import MultitaskTranslationModule
 
-__all__ = ["read_checkpoint", "load_model_weights", "load_translator", "translation_source", "translate_sentences"]
+__all__ = ["read_checkpoint", "load_model_weights", "tokenizer_bytes", "load_translator", "translation_source", "translate_sentences"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -47,14 +47,16 @@ def read_checkpoint(path: PathLike) -> dict[str, Any]:
     return checkpoint
 
 
-def load_model_weights(module: torch.nn.Module, path: PathLike) -> None:
+def load_model_weights(module: torch.nn.Module, path: PathLike, checkpoint: Optional[dict[str, Any]] = None) -> None:
     """Load the weights of checkpoint ``path`` (any layout) into an unsharded ``module``.
+
+    ``checkpoint``: the already read checkpoint (:func:`read_checkpoint`), to avoid reading it twice.
 
     Raises:
         ValueError: listing missing, unexpected and differently shaped keys when the checkpoint comes
             from another model shape.
     """
-    state = read_checkpoint(path)["state_dict"]
+    state = (checkpoint if checkpoint is not None else read_checkpoint(path))["state_dict"]
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -97,11 +99,16 @@ def load_translator(path: PathLike, device: Union[str, torch.device] = "cpu", **
         special_ids=hparams.get("special_ids"),
         val_directions=hparams.get("val_directions"),
         max_steps=hparams.get("max_steps", 1),
-        tokenizer_model=bytes(tokenizer_model.numpy().tobytes()) if isinstance(tokenizer_model, Tensor) else bytes(tokenizer_model),
+        tokenizer_model=tokenizer_bytes(tokenizer_model),
     )
     state = {k: v for k, v in checkpoint["state_dict"].items() if k in module.state_dict()}
     module.load_state_dict(state)
     return module.to(device).eval()
+
+
+def tokenizer_bytes(stored: Any) -> bytes:
+    """The serialized tokenizer as kept in a checkpoint (a uint8 tensor, or bytes)."""
+    return bytes(stored.numpy().tobytes()) if isinstance(stored, Tensor) else bytes(stored)
 
 
 def translation_source(tokenizer: SubwordTokenizer, text: str, target_lang: str, max_len: Optional[int] = None) -> list[int]:

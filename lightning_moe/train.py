@@ -15,6 +15,7 @@ A re-run of the same command resumes from the newest complete checkpoint (``chec
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -126,11 +127,15 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: Optional[list] = None) -> p
     )
 
 
-def build_module(cfg: TrainConfig, datamodule: MultitaskDataModule) -> MultitaskTranslationModule:
-    """The LightningModule for ``cfg``, with the datamodule's tokenizer and validation directions."""
+def build_module(
+    cfg: TrainConfig, datamodule: MultitaskDataModule, init_checkpoint: Optional[dict[str, Any]] = None
+) -> MultitaskTranslationModule:
+    """The LightningModule for ``cfg``, with the datamodule's tokenizer and validation directions;
+    initialised from ``init_checkpoint`` (read from ``cfg.init_from``) when fine-tuning."""
     tokenizer = datamodule.tokenizer
+    model_config = replace(cfg.model, vocab_size=tokenizer.vocab_size)
     module = MultitaskTranslationModule(
-        model=cfg.model,
+        model=model_config,
         optim=cfg.optim,
         generation=cfg.generation,
         special_ids={"pad": tokenizer.pad_id, "bos": tokenizer.bos_id, "eos": tokenizer.eos_id},
@@ -138,10 +143,10 @@ def build_module(cfg: TrainConfig, datamodule: MultitaskDataModule) -> Multitask
         max_steps=cfg.trainer.max_steps,
         tokenizer_model=tokenizer.model_proto,
     )
-    if cfg.init_from:
+    if init_checkpoint is not None:
         from lightning_moe.inference import load_model_weights
 
-        load_model_weights(module, cfg.init_from)
+        load_model_weights(module, cfg.init_from, init_checkpoint)
         log.info("initialised the model from %s", cfg.init_from)
     return module
 
@@ -150,12 +155,23 @@ def run(cfg: TrainConfig) -> dict[str, float]:
     """Train (and test) as ``cfg`` says; returns the final logged metrics."""
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = MultitaskDataModule(cfg.data, cfg.tasks)
-    datamodule.prepare_data()  # cached and written atomically: safe on every rank
+    init_checkpoint = None
+    if cfg.init_from:
+        # Fine-tuning keeps the tokenizer the checkpoint was trained with (its embeddings depend on it).
+        from lightning_moe.data.tokenizer import SubwordTokenizer
+        from lightning_moe.inference import read_checkpoint, tokenizer_bytes
+
+        init_checkpoint = read_checkpoint(cfg.init_from)
+        if init_checkpoint.get("tokenizer_model") is None:
+            raise ValueError(f"init_from={cfg.init_from!r} has no tokenizer: it was not written by lightning_moe.train")
+        datamodule.tokenizer = SubwordTokenizer(tokenizer_bytes(init_checkpoint["tokenizer_model"]))
+    else:
+        datamodule.prepare_data()  # cached and written atomically: safe on every rank
     datamodule.setup("fit")
     for split, report in datamodule.reports.items():
         if report.num_dropped:
             log.warning("%s: %s", split, report.summary())
-    module = build_module(cfg, datamodule)
+    module = build_module(cfg, datamodule, init_checkpoint)
     trainer = build_trainer(cfg)
     ckpt_path = resolve_resume(cfg.checkpoint.resume, checkpoint_dir(cfg)) if not cfg.init_from else None
     if cfg.init_from and cfg.checkpoint.resume == "auto":

@@ -74,18 +74,24 @@ def test_train_resume_translate_evaluate_finetune(tmp_path: Path):
     ev = _run(["lightning_moe.evaluate", f"checkpoint={ckpts / 'step-000012.ckpt'}", "max_sentences=8", "directions=[en-de]"], tmp_path)
     assert "en-de" in ev.stdout and "BLEU signature: nrefs:1" in ev.stdout and "chrF signature" in ev.stdout
 
-    # multitask fine-tuning on one direction from the checkpoint: fresh step counter, weights carried over
+    # multitask fine-tuning on a new pair of the corpus (de-fr) from the checkpoint: fresh step counter,
+    # the checkpoint's tokenizer (this data config alone would train another one: fewer sentences)
     ft_dir = tmp_path / "finetune"
     _run(
         [
             "lightning_moe.train", *TINY, f"hydra.run.dir={ft_dir}", "experiment=finetune",
             f"init_from={ckpts / 'step-000012.ckpt'}", "trainer.max_steps=4", "test_after_fit=false",
+            "tasks.tasks=[{name:translation,src_lang:de,tgt_lang:fr}]", "data.max_train_sentences=200",
         ],
         tmp_path,
     )
     ft = torch.load(ft_dir / "checkpoints" / "step-000004.ckpt", weights_only=True)
     assert ft["global_step"] == 4
-    assert ft["hyper_parameters"]["val_directions"] == ["translate:en-de", "translate:de-en"]
+    assert ft["hyper_parameters"]["val_directions"] == ["translate:de-fr", "translate:fr-de"]
+    assert torch.equal(ft["tokenizer_model"], last["tokenizer_model"])
+    # the fine-tuned weights started from the checkpoint: after 4 small steps they are still close to it
+    start, tuned = last["state_dict"]["model.src_embed.weight"], ft["state_dict"]["model.src_embed.weight"]
+    assert (tuned - start).norm() < 0.5 * start.norm()
 
 
 def test_translate_rejects_unknown_key_and_bad_language(tmp_path: Path):
