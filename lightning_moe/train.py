@@ -28,7 +28,7 @@ from lightning_moe.callbacks import ExpertLoadMonitor, NonFiniteGuard, RNGStateC
 from lightning_moe.config import TrainConfig, register_configs, to_train_config
 from lightning_moe.data.datamodule import MultitaskDataModule
 from lightning_moe.module import MultitaskTranslationModule
-from lightning_moe.resume import AtomicCheckpointIO, resolve_resume
+from lightning_moe.resume import AtomicCheckpointIO, RetainingModelCheckpoint, prune_checkpoints, resolve_resume
 
 __all__ = ["main", "run", "build_strategy", "build_trainer", "build_module"]
 
@@ -73,21 +73,18 @@ def checkpoint_dir(cfg: TrainConfig) -> Path:
 
 def build_trainer(cfg: TrainConfig, extra_callbacks: Optional[list] = None) -> pl.Trainer:
     """A ``lightning.Trainer`` for ``cfg`` with checkpointing, expert-load logging and the non-finite guard."""
-    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+    from lightning.pytorch.callbacks import LearningRateMonitor
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
     t = cfg.trainer
     callbacks: list = [
-        ModelCheckpoint(
+        RetainingModelCheckpoint(
+            keep_last=cfg.checkpoint.keep_last,
             dirpath=str(checkpoint_dir(cfg)),
             filename="step-{step:06d}",
             auto_insert_metric_name=False,
             every_n_train_steps=cfg.checkpoint.every_n_train_steps,
-            save_top_k=cfg.checkpoint.keep_last,
-            monitor="step",
-            mode="max",
             save_last=False,
-            save_on_train_epoch_end=True,
         ),
         ExpertLoadMonitor(),
         NonFiniteGuard(policy=t.nonfinite, max_skips=t.nonfinite_max),
@@ -184,6 +181,9 @@ def run(cfg: TrainConfig) -> dict[str, float]:
     final = checkpoint_dir(cfg) / f"step-{trainer.global_step:06d}.ckpt"
     if not final.exists():
         trainer.save_checkpoint(final)  # collective under moe_zero: every rank calls it
+        trainer.strategy.barrier("final-checkpoint")
+        if trainer.is_global_zero:
+            prune_checkpoints(final.parent, cfg.checkpoint.keep_last)
     if cfg.test_after_fit and trainer.is_global_zero:
         metrics.update(_test(cfg, final, datamodule))
     return metrics

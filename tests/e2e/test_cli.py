@@ -56,9 +56,9 @@ def test_train_resume_translate_evaluate_finetune(tmp_path: Path):
     assert first["global_step"] == 8 and "tokenizer_model" in first
 
     # the same command with a longer budget resumes from step 8
-    resumed = _run([*train, "trainer.max_steps=12"], tmp_path)
+    resumed = _run([*train, "trainer.max_steps=12", "checkpoint.keep_last=2"], tmp_path)
     assert "resuming from" in resumed.stderr + resumed.stdout
-    assert "step-000012.ckpt" in _steps(ckpts)
+    assert _steps(ckpts) == ["step-000008.ckpt", "step-000012.ckpt"]  # retention: the newest 2
     last = torch.load(ckpts / "step-000012.ckpt", weights_only=True)
     assert last["global_step"] == 12
 

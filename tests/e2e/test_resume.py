@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_moe.resume import COMPLETE_MARKER, find_latest_checkpoint, resolve_resume
+from lightning_moe.resume import COMPLETE_MARKER, find_latest_checkpoint, prune_checkpoints, resolve_resume
 from tests.e2e.test_cli import TINY
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
@@ -77,3 +77,13 @@ def test_incomplete_checkpoints_are_never_the_latest(tmp_path: Path):
     assert resolve_resume("never", folder) is None
     with pytest.raises(FileNotFoundError, match="does not exist"):
         resolve_resume(str(folder / "nope.ckpt"), folder)
+
+
+def test_pruning_keeps_the_newest_complete_and_removes_stale_partials(tmp_path: Path):
+    for step in (4, 8, 12, 16):
+        torch.save({"step": step}, tmp_path / f"step-{step:06d}.ckpt")
+    (tmp_path / "step-000010.ckpt").mkdir()  # an incomplete folder older than the newest complete one
+    (tmp_path / "step-000020.ckpt").mkdir()  # an incomplete folder newer: maybe being written, keep it
+    deleted = prune_checkpoints(tmp_path, keep_last=2)
+    assert sorted(p.name for p in deleted) == ["step-000004.ckpt", "step-000008.ckpt", "step-000010.ckpt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000012.ckpt", "step-000016.ckpt", "step-000020.ckpt"]

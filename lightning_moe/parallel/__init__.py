@@ -1,0 +1,34 @@
+"""Parallel engine: mesh dims, expert parallelism, ZeRO via FSDP2, CPU offload, clipping.
+
+``torch.distributed`` lives here and nowhere in the model code; no Lightning imports.
+See docs/INTERFACES.md ("Parallel code") for the contract.
+"""
+
+from lightning_moe.parallel.clip import clip_grad_norm_, clip_grad_value_, grad_norm
+from lightning_moe.parallel.dims import MESH_DIM_NAMES, ParallelDims, submesh
+from lightning_moe.parallel.discovery import expert_counts, find_blocks, find_moe_layers
+from lightning_moe.parallel.expert_parallel import apply_expert_parallel, is_expert_parallel
+from lightning_moe.parallel.fsdp import apply_fsdp, mixed_precision_policy, no_gradient_sync
+from lightning_moe.parallel.offload import CPUOffloadAdamW, offload_optimizer
+from lightning_moe.parallel.parallelize import apply_activation_checkpointing, parallelize
+
+__all__ = [
+    "ParallelDims",
+    "MESH_DIM_NAMES",
+    "submesh",
+    "parallelize",
+    "apply_expert_parallel",
+    "apply_activation_checkpointing",
+    "apply_fsdp",
+    "is_expert_parallel",
+    "mixed_precision_policy",
+    "no_gradient_sync",
+    "clip_grad_norm_",
+    "clip_grad_value_",
+    "grad_norm",
+    "CPUOffloadAdamW",
+    "offload_optimizer",
+    "expert_counts",
+    "find_blocks",
+    "find_moe_layers",
+]

@@ -1,0 +1,202 @@
+"""Parallel dimensions: how the ranks are split between data, expert and tensor parallelism.
+
+Mesh layout (outermost first)::
+
+    ("efsdp", "ep", "tp")      and the flattened  "dp" = ("efsdp", "ep")
+
+* ``tp`` (tensor parallel) is innermost, then ``ep``: an expert-parallel group is a run of
+  contiguous data-parallel ranks (ranks 0..ep-1 hold all experts between them, then ep..2ep-1, ...).
+* ``efsdp = dp / ep``: the ranks holding the *same* experts; expert weights are ZeRO-sharded over it.
+* ``dp = efsdp * ep``: every data-parallel rank; dense weights are ZeRO-sharded over it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Literal, Union
+
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+__all__ = ["ParallelDims", "submesh", "ZERO_STAGES", "OFFLOAD_CHOICES", "MESH_DIM_NAMES"]
+
+ZERO_STAGES = (0, 1, 2, 3)
+OFFLOAD_CHOICES = ("none", "optimizer", "params")
+MESH_DIM_NAMES = ("efsdp", "ep", "tp")
+"""The dims of the mesh built by :meth:`ParallelDims.build_mesh`; ``"dp"`` is ``efsdp x ep`` flattened."""
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _is_positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+@dataclass
+class ParallelDims:
+    """How ``world_size`` ranks are split, and how much ZeRO sharding / offloading to apply.
+
+    Validated on construction (``ValueError`` naming the field and a valid choice).
+    """
+
+    world_size: int
+    """Total number of ranks (``torch.distributed.get_world_size()``)."""
+
+    expert_parallel_size: Union[int, Literal["auto"]] = 1
+    """Ranks that split one copy of every MoE layer's experts between them (EP). Must divide the
+    data-parallel size and every MoE layer's expert count. ``"auto"``: the largest size that does,
+    fixed by :meth:`resolve`."""
+
+    tensor_parallel_size: int = 1
+    """Ranks splitting each dense weight (TP). Only 1 is supported for now; the mesh keeps the axis."""
+
+    zero_stage: int = 3
+    """ZeRO stage: 0 = replicated parameters, gradients all-reduced (DDP-like); 1 = optimizer state
+    sharded, gradient reduction deferred to the optimizer step; 2 = + gradients reduce-scattered every
+    micro-batch; 3 = + parameters sharded between uses (resharded after forward)."""
+
+    offload: str = "none"
+    """``"none"``; ``"optimizer"`` (ZeRO-Offload: parameters stay on the device, the optimizer state and
+    step live on the CPU; needs ``zero_stage >= 1`` so that each rank offloads only its shard);
+    ``"params"`` (sharded parameters, gradients and the optimizer step on the CPU, copied to the device
+    for each use; needs ``zero_stage == 3``, the only stage that does not keep unsharded parameters on
+    the device between forward and backward)."""
+
+    def __post_init__(self) -> None:
+        if not _is_positive_int(self.world_size):
+            raise ValueError(f"world_size={self.world_size!r} must be a positive integer (the number of ranks)")
+        if not _is_positive_int(self.tensor_parallel_size):
+            raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size!r} must be a positive integer")
+        if self.tensor_parallel_size != 1:
+            raise ValueError(
+                f"tensor_parallel_size={self.tensor_parallel_size} is not supported yet; use tensor_parallel_size=1"
+            )
+        if self.world_size % self.tensor_parallel_size != 0:
+            raise ValueError(
+                f"tensor_parallel_size={self.tensor_parallel_size} does not divide world_size={self.world_size}; "
+                f"use one of {_divisors(self.world_size)}"
+            )
+        ep = self.expert_parallel_size
+        if ep != "auto":
+            if not _is_positive_int(ep):
+                raise ValueError(f"expert_parallel_size={ep!r} must be a positive integer or 'auto'")
+            self._check_ep_divides_dp(ep)
+        if self.zero_stage not in ZERO_STAGES or isinstance(self.zero_stage, bool):
+            raise ValueError(f"zero_stage={self.zero_stage!r} is not a ZeRO stage; use one of {list(ZERO_STAGES)}")
+        if self.offload not in OFFLOAD_CHOICES:
+            raise ValueError(f"offload={self.offload!r} is not supported; use one of {list(OFFLOAD_CHOICES)}")
+        if self.offload == "optimizer" and self.zero_stage < 1:
+            raise ValueError(
+                "offload='optimizer' needs zero_stage >= 1 (each rank offloads its shard of the optimizer "
+                "state); set zero_stage to 1, 2 or 3, or offload='none'"
+            )
+        if self.offload == "params" and self.zero_stage != 3:
+            raise ValueError(
+                f"offload='params' needs zero_stage=3 (stages 1-2 keep unsharded parameters on the device "
+                f"between forward and backward), got zero_stage={self.zero_stage}; set zero_stage=3, "
+                f"or use offload='optimizer'"
+            )
+
+    # ----------------------------------------------------------------------------------------------
+    @property
+    def data_parallel_size(self) -> int:
+        """Ranks that see different data: ``world_size / tensor_parallel_size``."""
+        return self.world_size // self.tensor_parallel_size
+
+    @property
+    def is_resolved(self) -> bool:
+        """Whether ``expert_parallel_size`` is a number (not ``"auto"``)."""
+        return self.expert_parallel_size != "auto"
+
+    @property
+    def ep(self) -> int:
+        """The expert-parallel size; raises if still ``"auto"``."""
+        self._require_resolved("ep")
+        return int(self.expert_parallel_size)  # type: ignore[arg-type]
+
+    @property
+    def efsdp(self) -> int:
+        """Ranks sharing the same experts (expert weights are ZeRO-sharded over them): ``dp / ep``."""
+        return self.data_parallel_size // self.ep
+
+    @property
+    def tp(self) -> int:
+        """The tensor-parallel size."""
+        return self.tensor_parallel_size
+
+    def _require_resolved(self, what: str) -> None:
+        if not self.is_resolved:
+            raise ValueError(
+                f"expert_parallel_size='auto' is not resolved yet ({what} needs a number); "
+                "call dims.resolve(num_experts=[...]) with every MoE layer's expert count first"
+            )
+
+    def _check_ep_divides_dp(self, ep: int) -> None:
+        dp = self.data_parallel_size
+        if dp % ep != 0:
+            raise ValueError(
+                f"expert_parallel_size={ep} does not divide the data-parallel size {dp}; use one of {_divisors(dp)}"
+            )
+
+    def resolve(self, num_experts: Union[int, Iterable[int]]) -> "ParallelDims":
+        """Fix ``"auto"`` and check that the expert-parallel size divides every MoE layer's expert count.
+
+        Args:
+            num_experts: the expert count of every MoE layer (or one count). Empty: no MoE layer, so
+                ``"auto"`` resolves to 1.
+
+        Returns:
+            ``self`` (updated in place), for chaining.
+        """
+        counts = [num_experts] if isinstance(num_experts, int) else list(num_experts)
+        for i, count in enumerate(counts):
+            if not _is_positive_int(count):
+                raise ValueError(f"num_experts[{i}]={count!r} must be a positive integer")
+        dp = self.data_parallel_size
+        if self.expert_parallel_size == "auto":
+            candidates = [d for d in _divisors(dp) if all(c % d == 0 for c in counts)]
+            self.expert_parallel_size = max(candidates) if counts else 1
+            return self
+        ep = self.ep
+        for i, count in enumerate(counts):
+            if count % ep != 0:
+                valid = [d for d in _divisors(dp) if all(c % d == 0 for c in counts)]
+                raise ValueError(
+                    f"expert_parallel_size={ep} does not divide num_experts={count} of MoE layer {i}; "
+                    f"use one of {valid} (sizes dividing the data-parallel size {dp} and every expert count)"
+                )
+        return self
+
+    def build_mesh(self, device_type: str = "cpu") -> DeviceMesh:
+        """The ``("efsdp", "ep", "tp")`` device mesh, plus a flattened ``"dp"`` = ``("efsdp", "ep")``
+        (get the 1-D meshes with :func:`submesh`).
+
+        Needs an initialised default process group of ``world_size`` ranks. Every rank must call it.
+        """
+        self._require_resolved("build_mesh")
+        if not dist.is_available() or not dist.is_initialized():
+            raise ValueError("build_mesh needs an initialised process group; call torch.distributed.init_process_group")
+        if dist.get_world_size() != self.world_size:
+            raise ValueError(
+                f"world_size={self.world_size} but the process group has {dist.get_world_size()} ranks; "
+                f"use world_size={dist.get_world_size()}"
+            )
+        mesh = init_device_mesh(device_type, (self.efsdp, self.ep, self.tp), mesh_dim_names=MESH_DIM_NAMES)
+        mesh["efsdp", "ep"]._flatten("dp")
+        return mesh
+
+
+def submesh(mesh: DeviceMesh, name: str) -> DeviceMesh:
+    """The 1-D sub-mesh ``name`` of a mesh built by :meth:`ParallelDims.build_mesh`.
+
+    ``name`` is one of ``"efsdp"``, ``"ep"``, ``"tp"`` or ``"dp"`` (``efsdp x ep`` flattened). Use this
+    instead of ``mesh["dp"]``: slicing a flattened dim out of the root mesh is deprecated from torch 2.11;
+    re-flattening returns the cached flattened mesh (no new process group).
+    """
+    if name == "dp":
+        return mesh["efsdp", "ep"]._flatten("dp")
+    if name not in MESH_DIM_NAMES:
+        raise ValueError(f"mesh dim {name!r} does not exist; use one of {[*MESH_DIM_NAMES, 'dp']}")
+    return mesh[name]

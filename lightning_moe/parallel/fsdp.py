@@ -1,0 +1,214 @@
+"""ZeRO stages on FSDP2: one FSDP unit per expert module, per block (and free MoE layer), root last.
+
+=====  ===========================================================  ==================================
+stage  FSDP2 setting                                                communication per optimizer step
+=====  ===========================================================  ==================================
+0      ``replicate`` (FSDP2's DDP mode): full parameters,           all-reduce of gradients
+       gradients all-reduced
+1      ``fully_shard(reshard_after_forward=False)``; gradient       all-gather of parameters, one
+       sync deferred on accumulation micro-batches (unsharded       reduce-scatter of the accumulated
+       gradients accumulate locally), see :func:`no_gradient_sync`  gradients
+2      ``fully_shard(reshard_after_forward=False)``; gradients      all-gather, a reduce-scatter per
+       reduce-scattered every micro-batch                           micro-batch
+3      ``fully_shard(reshard_after_forward=True)``: parameters      all-gather in forward and in
+       sharded again after each unit's forward                      backward, a reduce-scatter per
+                                                                    micro-batch
+=====  ===========================================================  ==================================
+
+Experts are sharded over ``efsdp`` (the ranks that hold the same experts), dense weights over ``dp``.
+Expert gradients are divided by the full data-parallel size: the all-to-all already summed the
+contributions of the whole ``ep`` group, so dividing by ``efsdp`` alone would scale them by ``ep``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import (
+    CPUOffloadPolicy,
+    FSDPModule,
+    MixedPrecisionPolicy,
+    OffloadPolicy,
+    fully_shard,
+    register_fsdp_forward_method,
+)
+from torch.distributed.tensor import Shard
+
+from lightning_moe.parallel.dims import ParallelDims, submesh
+from lightning_moe.parallel.discovery import find_blocks, find_moe_layers
+
+__all__ = ["apply_fsdp", "mixed_precision_policy", "no_gradient_sync", "PRECISIONS"]
+
+PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true")
+
+
+def mixed_precision_policy(precision: Optional[str]) -> Optional[MixedPrecisionPolicy]:
+    """The FSDP2 mixed-precision policy for a Lightning precision string.
+
+    ``"bf16-mixed"`` / ``"16-mixed"``: compute in bf16 / fp16 from fp32 sharded parameters, reduce
+    gradients in fp32. ``"32-true"``, ``"bf16-true"`` (the model itself is bf16) or None: no policy.
+    """
+    if precision is None or precision in ("32-true", "32", "bf16-true"):
+        return None
+    if precision == "bf16-mixed":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if precision == "16-mixed":
+        return MixedPrecisionPolicy(param_dtype=torch.float16, reduce_dtype=torch.float32)
+    raise ValueError(f"precision={precision!r} is not supported by the ZeRO engine; use one of {list(PRECISIONS)}")
+
+
+def _accelerator_available() -> bool:
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None and hasattr(accelerator, "is_available"):
+        return bool(accelerator.is_available())
+    return torch.cuda.is_available()
+
+
+def _supports_premul_sum(mesh: DeviceMesh) -> bool:
+    return dist.get_backend(mesh.get_group()) == "nccl"
+
+
+def _replicate_fn():
+    try:
+        from torch.distributed._composable.replicate_with_fsdp import replicate
+    except ImportError as err:  # pragma: no cover - torch >= 2.11 has it
+        raise ValueError(
+            "zero_stage=0 needs torch.distributed._composable.replicate_with_fsdp (torch >= 2.11); "
+            "upgrade torch or use zero_stage >= 1"
+        ) from err
+    return replicate
+
+
+def _expert_shard_placement(efsdp: int):
+    """Shard expert weights on dim 0 (experts) when the local experts split evenly over ``efsdp``,
+    else on dim 1 (e.g. 2 local experts over 4 ranks), else dim 0 with FSDP's padding."""
+
+    def placement(param: nn.Parameter) -> Shard:
+        local = param.to_local() if hasattr(param, "to_local") else param
+        if local.shape[0] % efsdp == 0:
+            return Shard(0)
+        if local.ndim > 1 and local.shape[1] % efsdp == 0:
+            return Shard(1)
+        return Shard(0)
+
+    return placement
+
+
+def apply_fsdp(
+    model: nn.Module,
+    mesh: DeviceMesh,
+    dims: ParallelDims,
+    *,
+    mp_policy: Optional[MixedPrecisionPolicy] = None,
+) -> nn.Module:
+    """Apply the ZeRO stage of ``dims`` with FSDP2, bottom-up, in place.
+
+    Units: every MoE layer's ``experts`` (over ``efsdp``, gradient divide factor = dp size), every
+    block (direct child of an ``nn.ModuleList``) and every MoE layer outside a block (over ``dp``),
+    then the root (over ``dp``) with the remaining parameters (embeddings, head, ...).
+
+    Args:
+        model: the model, after :func:`apply_expert_parallel` if ``ep > 1``.
+        mesh: the mesh from :meth:`ParallelDims.build_mesh`.
+        dims: zero stage and offload choice.
+        mp_policy: FSDP2 mixed precision (see :func:`mixed_precision_policy`); None = full precision.
+    """
+    if isinstance(model, FSDPModule):
+        raise ValueError("model already has FSDP applied; call apply_fsdp once")
+    dp_mesh, efsdp_mesh = submesh(mesh, "dp"), submesh(mesh, "efsdp")
+    stage = dims.zero_stage
+    mp = mp_policy if mp_policy is not None else MixedPrecisionPolicy()
+
+    if stage == 0:
+        replicate = _replicate_fn()
+
+        def wrap(module: nn.Module, unit_mesh: DeviceMesh, *, experts: bool, root: bool) -> None:
+            replicate(module, mesh=unit_mesh, mp_policy=mp)
+
+    else:
+        offload: OffloadPolicy = (
+            CPUOffloadPolicy(pin_memory=_accelerator_available()) if dims.offload == "params" else OffloadPolicy()
+        )
+
+        def wrap(module: nn.Module, unit_mesh: DeviceMesh, *, experts: bool, root: bool) -> None:
+            # Stage 3 reshards every unit after forward except the root, whose parameters backward
+            # needs first (FSDP's own recommendation); stages 1-2 keep them until after backward.
+            fully_shard(
+                module,
+                mesh=unit_mesh,
+                reshard_after_forward=(stage == 3 and not root),
+                shard_placement_fn=_expert_shard_placement(unit_mesh.size()) if experts else None,
+                mp_policy=mp,
+                offload_policy=offload,
+            )
+
+    experts_modules = {id(layer.experts) for _, layer in find_moe_layers(model)}
+    blocks = [block for _, block in find_blocks(model)]
+    block_ids = {id(b) for b in blocks}
+    inside_block = {id(m) for b in blocks for m in b.modules()}
+    units = set(block_ids)
+    units |= {id(layer) for _, layer in find_moe_layers(model) if id(layer) not in inside_block}
+    # A module that is called through methods other than forward (``forward_methods``, e.g. the
+    # transformer's ``encode``/``decode_step`` for generation) is its own unit, so those calls can
+    # gather its parameters too.
+    with_methods = [m for m in model.modules() if getattr(m, "forward_methods", None)]
+    units |= {id(m) for m in with_methods}
+    units.discard(id(model))
+
+    # Reversed pre-order visits every module after all of its descendants: bottom-up, as FSDP needs.
+    for _, module in reversed(list(model.named_modules())):
+        if module is model:
+            continue
+        if id(module) in experts_modules:
+            wrap(module, efsdp_mesh, experts=True, root=False)
+            module.set_gradient_divide_factor(float(dims.data_parallel_size))  # type: ignore[operator]
+            if stage > 0 and efsdp_mesh.size() > 1 and not _supports_premul_sum(efsdp_mesh):
+                # A divide factor other than the group size makes the reduce-scatter a PREMUL_SUM,
+                # which only NCCL has: elsewhere reduce with SUM and divide after. (Not with one rank
+                # or replicate: FSDP then divides while copying, and forcing SUM would divide twice.)
+                module.set_force_sum_reduction_for_comms(True)  # type: ignore[operator]
+        elif id(module) in units:
+            wrap(module, dp_mesh, experts=False, root=False)
+    wrap(model, dp_mesh, experts=False, root=True)
+    for module in with_methods:
+        for name in module.forward_methods:
+            register_fsdp_forward_method(module, name)
+    model._zero_stage = stage  # type: ignore[attr-defined]  # read by no_gradient_sync
+    return model
+
+
+@contextlib.contextmanager
+def no_gradient_sync(model: nn.Module, zero_stage: Optional[int] = None) -> Iterator[None]:
+    """Context for the forward/backward of a gradient-accumulation micro-batch that is not the last.
+
+    * stages 0-1: gradients accumulate unsharded on each rank, with no communication; the last
+      micro-batch (outside this context) reduces them once: ZeRO-1's pattern.
+    * stage 2: gradients are still reduce-scattered, but parameters stay unsharded between
+      micro-batches (no all-gather per micro-batch).
+    * stage 3: no change (gradients reduce-scattered, parameters resharded, every micro-batch).
+
+    Args:
+        model: the model after :func:`apply_fsdp`.
+        zero_stage: defaults to the stage :func:`apply_fsdp` used.
+    """
+    stage = getattr(model, "_zero_stage", None) if zero_stage is None else zero_stage
+    if not isinstance(model, FSDPModule) or stage is None:
+        raise ValueError("no_gradient_sync needs a model returned by apply_fsdp (or parallelize)")
+    defer_reduction = stage <= 1
+    keep_unsharded = stage <= 2
+    try:
+        if defer_reduction:
+            model.set_requires_gradient_sync(False, recurse=True)
+        if keep_unsharded:
+            model.set_reshard_after_backward(False, recurse=True)
+        yield
+    finally:
+        if defer_reduction:
+            model.set_requires_gradient_sync(True, recurse=True)
+        if keep_unsharded:
+            model.set_reshard_after_backward(True, recurse=True)

@@ -1,0 +1,73 @@
+"""The one ordered place where a model becomes parallel.
+
+Order matters: expert parallelism turns the expert weights into ``ep``-sharded DTensors, activation
+checkpointing wraps blocks (FQNs unchanged), and FSDP then shards whatever is there, bottom-up.
+Tensor parallelism will come first of all, in a later change (``ParallelDims`` rejects ``tp > 1``).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy
+
+from lightning_moe.parallel.dims import ParallelDims, submesh
+from lightning_moe.parallel.discovery import expert_counts, find_blocks
+from lightning_moe.parallel.expert_parallel import apply_expert_parallel
+from lightning_moe.parallel.fsdp import apply_fsdp
+
+__all__ = ["parallelize", "apply_activation_checkpointing"]
+
+
+def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
+    """Recompute every block's activations in backward (non-reentrant ``torch.utils.checkpoint``).
+
+    Uses the composable ``checkpoint`` (hooks on the block), so parameter names do not change.
+    Blocks are the direct children of the model's ``nn.ModuleList`` s; nested blocks inside a
+    checkpointed block are not checkpointed again.
+    """
+    from torch.distributed._composable import checkpoint
+
+    covered: set[int] = set()  # modules inside an already checkpointed block
+    for _, block in find_blocks(model):  # parents come before the blocks nested in them
+        if id(block) in covered:
+            continue
+        checkpoint(block)
+        covered |= {id(m) for m in block.modules()}
+    return model
+
+
+def parallelize(
+    model: nn.Module,
+    mesh: DeviceMesh,
+    dims: ParallelDims,
+    *,
+    mp_policy: Optional[MixedPrecisionPolicy] = None,
+    activation_checkpointing: bool = False,
+) -> nn.Module:
+    """Make ``model`` parallel in place: expert parallelism, activation checkpointing, ZeRO (FSDP2).
+
+    Args:
+        model: a model containing :class:`lightning_moe.moe.MoE` layers (or none).
+        mesh: from ``dims.build_mesh(device_type)``.
+        dims: resolved parallel dims (``dims.resolve(expert_counts(model))``; done here if still
+            ``"auto"``, which is only correct if ``mesh`` was built for the resolved size).
+        mp_policy: FSDP2 mixed precision (see :func:`lightning_moe.parallel.fsdp.mixed_precision_policy`).
+        activation_checkpointing: recompute each block in backward.
+
+    Returns:
+        ``model``.
+    """
+    dims.resolve(expert_counts(model))
+    if tuple(mesh.mesh_dim_names or ()) != ("efsdp", "ep", "tp") or tuple(mesh.shape) != (dims.efsdp, dims.ep, dims.tp):
+        raise ValueError(
+            f"mesh {tuple(mesh.mesh_dim_names or ())} of shape {tuple(mesh.shape)} does not match dims "
+            f"(efsdp={dims.efsdp}, ep={dims.ep}, tp={dims.tp}); build it with dims.build_mesh(device_type)"
+        )
+    apply_expert_parallel(model, submesh(mesh, "ep"))
+    if activation_checkpointing:
+        apply_activation_checkpointing(model)
+    apply_fsdp(model, mesh, dims, mp_policy=mp_policy)
+    return model

@@ -1,0 +1,817 @@
+"""``MoEZeroStrategy``: the Lightning face of :mod:`lightning_moe.parallel`.
+
+Expert parallelism (EP) for the MoE layers plus ZeRO stages 0-3 mapped onto FSDP2, optional CPU offload,
+and checkpoints that reshard (:mod:`lightning_moe.checkpoint`). ``import lightning_moe`` registers it as
+``Trainer(strategy="moe_zero")`` together with the presets ``moe_zero_stage1``, ``moe_zero_stage2``,
+``moe_zero_stage3`` and ``moe_zero_offload``.
+
+Hook order (as Lightning's ``ModelParallelStrategy``)::
+
+    setup_environment   process group -> ParallelDims -> device mesh (also ``LightningModule.device_mesh``)
+    configure_model     the user's hook, inside the strategy's / precision's init contexts
+    setup               parallelize(model, mesh, dims, mp_policy, activation_checkpointing)
+                        -> materialise meta weights -> optimizers (offload wrapper) -> precision
+    (resume)            load_checkpoint: DCP folder or full file, resharded onto this layout
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+from collections.abc import Generator, Mapping
+from contextlib import contextmanager, nullcontext
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Optional, Union
+
+import torch
+import torch.distributed as dist
+from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.strategies.registry import _StrategyRegistry
+from lightning.fabric.utilities.distributed import (
+    _distributed_is_initialized,
+    _get_default_process_group_backend_for_device,
+    _init_dist_connection,
+    _sync_ddp_if_available,
+)
+from lightning.fabric.utilities.distributed import group as _group
+from lightning.fabric.utilities.init import _materialize_distributed_module
+from lightning.fabric.utilities.optimizer import _optimizers_to_device
+from lightning.fabric.utilities.seed import reset_seed
+from lightning.fabric.utilities.types import _PATH, ReduceOp
+from lightning.pytorch import Trainer
+from lightning.pytorch.accelerators import Accelerator
+from lightning.pytorch.core.optimizer import LightningOptimizer
+from lightning.pytorch.plugins.precision import HalfPrecision, MixedPrecision, Precision
+from lightning.pytorch.strategies import StrategyRegistry
+from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+from lightning.pytorch.strategies.parallel import ParallelStrategy
+from lightning.pytorch.strategies.strategy import TBroadcast
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from lightning_moe.parallel import (
+    ParallelDims,
+    clip_grad_norm_,
+    clip_grad_value_,
+    expert_counts,
+    mixed_precision_policy,
+    no_gradient_sync,
+    offload_optimizer,
+    parallelize,
+    submesh,
+)
+from lightning_moe.parallel.dims import OFFLOAD_CHOICES, ZERO_STAGES
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+__all__ = ["MoEZeroStrategy", "SUPPORTED_PRECISIONS", "STRATEGY_PRESETS", "register_strategies"]
+
+# Set on a model once parallelized: the layout it was parallelized for (a second setup of the same Trainer,
+# e.g. fit -> test, must not parallelize it again).
+_LAYOUT_ATTR = "_moe_zero_layout"
+
+SUPPORTED_PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed")
+"""Precisions ``MoEZeroStrategy`` accepts. ``16-mixed`` needs CUDA (fp16 autocast + gradient scaler)."""
+
+STRATEGY_PRESETS: dict[str, dict[str, Any]] = {
+    "moe_zero": {"zero_stage": 2, "expert_parallel_size": "auto"},
+    "moe_zero_stage1": {"zero_stage": 1, "expert_parallel_size": "auto"},
+    "moe_zero_stage2": {"zero_stage": 2, "expert_parallel_size": "auto"},
+    "moe_zero_stage3": {"zero_stage": 3, "expert_parallel_size": "auto"},
+    "moe_zero_offload": {"zero_stage": 3, "expert_parallel_size": "auto", "offload": "optimizer"},
+}
+"""Names registered by :func:`register_strategies` and the arguments each one passes."""
+
+
+class MoEZeroStrategy(ParallelStrategy):
+    """Expert parallelism + ZeRO (FSDP2) + CPU offload for LightningModules with MoE layers.
+
+    The strategy parallelises the model itself (``lightning_moe.parallel.parallelize``): the LightningModule
+    only builds it, either in ``__init__`` or in ``configure_model`` (which may use ``self.device_mesh``,
+    unless ``expert_parallel_size="auto"`` and the MoE layers are created there: the mesh then depends on
+    their expert counts and is built right after ``configure_model``).
+
+    MoE auxiliary losses are part of the user's loss: the model returns them (``MoEOutput.aux_loss``) and
+    ``training_step`` adds them. With expert parallelism each rank computes its layers' aux losses from its
+    *local* tokens (routing is local; only the expert computation crosses ranks), just as each data-parallel
+    rank computes its own task loss. Gradients are averaged over the data-parallel ranks (expert gradients
+    too: their divide factor is the full data-parallel size), so training equals one process that computes
+    the loss of each rank's batch separately and averages them; the aux loss keeps the same scale whatever
+    the number of ranks. (The balance loss is a product of batch means, so this is the mean of per-rank
+    balance losses, not the balance loss of the concatenated batch.)
+
+    Gradient clipping (``Trainer(gradient_clip_val=..., gradient_clip_algorithm=...)``) goes through
+    ``lightning_moe.parallel.clip_grad_norm_`` (one norm over the dense and the expert meshes) or
+    ``clip_grad_value_``; ``self.log(..., sync_dist=True)`` and the ``DistributedSampler`` work as with DDP
+    (every rank is a data-parallel rank: ``tensor_parallel_size`` is 1).
+
+    Arguments:
+        expert_parallel_size: ranks that split one copy of each MoE layer's experts between them. Must divide
+            the world size and every MoE layer's expert count. ``"auto"``: the largest size that does.
+        zero_stage: 0 = parameters replicated, gradients all-reduced (DDP-like); 1 = optimizer state sharded,
+            gradients reduced once per optimizer step (not on gradient-accumulation micro-batches); 2 = also
+            gradients reduce-scattered every micro-batch; 3 = also parameters sharded between uses.
+        offload: ``"none"``; ``"optimizer"`` (optimizer state and step on the CPU, needs ``zero_stage >= 1``);
+            ``"params"`` (sharded parameters and gradients on the CPU too, needs ``zero_stage == 3``).
+        activation_checkpointing: recompute each block's activations in the backward pass.
+        save_distributed_checkpoint: ``True``: a checkpoint is a folder with each rank's shards (loads on any
+            other layout). ``False``: rank 0 gathers the full state into one file.
+        process_group_backend: ``None`` picks ``"gloo"`` on CPU, ``"nccl"`` on CUDA and
+            ``"cuda:nccl,cpu:gloo"`` on CUDA with offload.
+        timeout: how long collectives may wait before the process group gives up.
+        accelerator, parallel_devices, cluster_environment, checkpoint_io, precision_plugin: passed to
+            ``ParallelStrategy`` (the ``Trainer`` fills them in when left ``None``).
+    """
+
+    strategy_name = "moe_zero"
+
+    def __init__(
+        self,
+        expert_parallel_size: Union[int, Literal["auto"]] = "auto",
+        zero_stage: int = 2,
+        offload: str = "none",
+        activation_checkpointing: bool = False,
+        save_distributed_checkpoint: bool = True,
+        process_group_backend: Optional[str] = None,
+        timeout: Optional[timedelta] = default_pg_timeout,
+        accelerator: Optional[Accelerator] = None,
+        parallel_devices: Optional[list[torch.device]] = None,
+        cluster_environment: Optional[ClusterEnvironment] = None,
+        checkpoint_io: Optional[CheckpointIO] = None,
+        precision_plugin: Optional[Precision] = None,
+    ) -> None:
+        _validate_arguments(
+            expert_parallel_size=expert_parallel_size,
+            zero_stage=zero_stage,
+            offload=offload,
+            activation_checkpointing=activation_checkpointing,
+            save_distributed_checkpoint=save_distributed_checkpoint,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+        )
+        self._expert_parallel_size = expert_parallel_size
+        self._zero_stage = zero_stage
+        self._offload = offload
+        self._activation_checkpointing = activation_checkpointing
+        self._save_distributed_checkpoint = save_distributed_checkpoint
+        self._process_group_backend: Optional[str] = process_group_backend
+        self._timeout: Optional[timedelta] = timeout
+        self._num_nodes = 1
+        self._dims: Optional[ParallelDims] = None
+        self._device_mesh: Optional[DeviceMesh] = None
+        super().__init__(
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+        )
+
+    # ----------------------------------------------------------------------------------------------
+    # settings
+    # ----------------------------------------------------------------------------------------------
+    @property
+    def zero_stage(self) -> int:
+        """The ZeRO stage (0-3)."""
+        return self._zero_stage
+
+    @property
+    def offload(self) -> str:
+        """``"none"``, ``"optimizer"`` or ``"params"``."""
+        return self._offload
+
+    @property
+    def expert_parallel_size(self) -> Union[int, Literal["auto"]]:
+        """The expert-parallel size: the resolved number once the mesh exists, else the argument."""
+        if self._dims is not None and self._dims.is_resolved:
+            return self._dims.ep
+        return self._expert_parallel_size
+
+    @property
+    def activation_checkpointing(self) -> bool:
+        """Whether blocks recompute their activations in the backward pass."""
+        return self._activation_checkpointing
+
+    @property
+    def save_distributed_checkpoint(self) -> bool:
+        """``True``: checkpoints are DCP folders; ``False``: one full file from rank 0."""
+        return self._save_distributed_checkpoint
+
+    @property
+    def parallel_dims(self) -> ParallelDims:
+        """The :class:`ParallelDims` of this run (exists once the world size is known)."""
+        if self._dims is None:
+            raise RuntimeError("The parallel dims are known only once the Trainer has set up the world size.")
+        return self._dims
+
+    @property
+    def device_mesh(self) -> "DeviceMesh":
+        """The ``("efsdp", "ep", "tp")`` mesh (``mesh["dp"]`` flattened); exists after ``setup_environment``."""
+        if self._device_mesh is None:
+            raise RuntimeError("Accessing the device mesh before processes have initialized is not allowed.")
+        return self._device_mesh
+
+    @property
+    @override
+    def root_device(self) -> torch.device:
+        assert self.parallel_devices is not None
+        return self.parallel_devices[self.local_rank]
+
+    @property
+    def num_nodes(self) -> int:
+        """Number of nodes (set by the Trainer's ``num_nodes``)."""
+        return self._num_nodes
+
+    @num_nodes.setter
+    def num_nodes(self, num_nodes: int) -> None:
+        self._num_nodes = num_nodes
+
+    @property
+    def num_processes(self) -> int:
+        """Processes per node."""
+        return len(self.parallel_devices) if self.parallel_devices is not None else 0
+
+    @property
+    @override
+    def is_distributed(self) -> bool:
+        # Lightning only adds the DistributedSampler and syncs `self.log(sync_dist=True)` when this is True.
+        return True
+
+    @property
+    @override
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        if self._device_mesh is not None:
+            dp_mesh = submesh(self._device_mesh, "dp")
+            return {"num_replicas": dp_mesh.size(), "rank": dp_mesh.get_local_rank()}
+        return {"num_replicas": self.num_nodes * self.num_processes, "rank": self.global_rank}
+
+    @property
+    def process_group_backend(self) -> Optional[str]:
+        """The backend of the default process group (known after ``setup_environment``)."""
+        return self._process_group_backend
+
+    @property
+    @override
+    def restore_checkpoint_after_setup(self) -> bool:
+        return True
+
+    @property
+    @override
+    def lightning_restore_optimizer(self) -> bool:
+        return False
+
+    # ----------------------------------------------------------------------------------------------
+    # precision
+    # ----------------------------------------------------------------------------------------------
+    @property  # type: ignore[override]
+    def precision_plugin(self) -> Precision:
+        return self._precision_plugin if self._precision_plugin is not None else Precision()
+
+    @precision_plugin.setter
+    def precision_plugin(self, precision_plugin: Optional[Precision]) -> None:
+        if precision_plugin is not None:
+            _check_precision_plugin(precision_plugin, _requested_precision_flag())
+            _route_gradient_clipping(precision_plugin)
+        self._precision_plugin = precision_plugin
+
+    def _mixed_precision_policy(self) -> Optional["MixedPrecisionPolicy"]:
+        """FSDP2's policy for the precision: bf16/fp16 compute from fp32 sharded parameters, fp32 reductions."""
+        return mixed_precision_policy(self.precision_plugin.precision)
+
+    # ----------------------------------------------------------------------------------------------
+    # processes, mesh
+    # ----------------------------------------------------------------------------------------------
+    @override
+    def _configure_launcher(self) -> None:
+        assert self.cluster_environment is not None
+        if not self.cluster_environment.creates_processes_externally:
+            self._launcher = _SubprocessScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
+
+    def set_world_ranks(self) -> None:
+        """Set rank and world size on the cluster environment and validate the layout against the world size.
+
+        Called by the Trainer while it is built, before any process starts, so a bad ``expert_parallel_size``
+        fails there.
+        """
+        if self.cluster_environment is not None:
+            self.cluster_environment.set_global_rank(self.node_rank * self.num_processes + self.local_rank)
+            self.cluster_environment.set_world_size(self.num_nodes * self.num_processes)
+        rank_zero_only.rank = utils_rank_zero_only.rank = self.global_rank
+        if self.parallel_devices is not None and (self._dims is None or self._dims.world_size != self.world_size):
+            self._dims = self._new_dims(self.world_size)
+
+    def _new_dims(self, world_size: int) -> ParallelDims:
+        return ParallelDims(
+            world_size=world_size,
+            expert_parallel_size=self._expert_parallel_size,
+            tensor_parallel_size=1,
+            zero_stage=self._zero_stage,
+            offload=self._offload,
+        )
+
+    @override
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        self._setup_distributed()
+        model = self.lightning_module
+        assert model is not None
+        if self._device_mesh is not None and self._dims is not None and self._dims.world_size == dist.get_world_size():
+            model._device_mesh = self._device_mesh  # a later stage of the same Trainer (fit -> test)
+            return
+        self._dims = self._new_dims(dist.get_world_size())
+        counts = _expert_counts(model)
+        if counts or self._expert_parallel_size != "auto" or not is_overridden("configure_model", model):
+            self._dims.resolve(counts)
+            self._build_mesh()
+        # else: "auto" with the MoE layers created in `configure_model`: the mesh is built in `setup()`
+
+    def _setup_distributed(self) -> None:
+        reset_seed()
+        self.set_world_ranks()
+        self._process_group_backend = self._get_process_group_backend()
+        assert self.cluster_environment is not None
+        kwargs: dict[str, Any] = {"timeout": self._timeout}
+        kwargs["device_id"] = self.root_device if self.root_device.type != "cpu" else None
+        _init_dist_connection(self.cluster_environment, self._process_group_backend, **kwargs)
+
+    def _get_process_group_backend(self) -> str:
+        if self._process_group_backend is not None:
+            return self._process_group_backend
+        if self.root_device.type == "cuda" and self._offload != "none":
+            return "cuda:nccl,cpu:gloo"  # offloaded tensors (clipping norms, optimizer) meet gloo collectives
+        return _get_default_process_group_backend_for_device(self.root_device)
+
+    def _build_mesh(self) -> None:
+        assert self._dims is not None
+        self._device_mesh = self._dims.build_mesh(self.root_device.type)
+        assert self.lightning_module is not None
+        self.lightning_module._device_mesh = self._device_mesh
+
+    # ----------------------------------------------------------------------------------------------
+    # setup
+    # ----------------------------------------------------------------------------------------------
+    @override
+    def setup(self, trainer: "Trainer") -> None:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        assert self.model is not None
+        assert self.accelerator is not None
+        assert self._dims is not None
+        self.accelerator.setup(trainer)
+
+        if any(isinstance(m, FullyShardedDataParallel) for m in self.model.modules()):
+            raise TypeError(
+                f"Found modules wrapped in FSDP1 (`FullyShardedDataParallel`); `{type(self).__name__}` shards the"
+                " model itself with FSDP2. Build the plain model in `__init__` or `configure_model`."
+            )
+        self._check_device_precision()
+        self._dims.resolve(_expert_counts(self.model))  # checks ep against every layer's expert count
+        if self._device_mesh is None:  # "auto" with the MoE layers created in `configure_model`
+            self._build_mesh()
+
+        layout = self._layout()
+        done = getattr(self.model, _LAYOUT_ATTR, None)
+        if done is None:
+            if _is_parallelized(self.model):
+                raise TypeError(
+                    f"The model is already sharded (`fully_shard` or DTensor parameters found)."
+                    f" `{type(self).__name__}` applies expert parallelism and ZeRO itself: only build the model"
+                    " in `__init__` or `configure_model`."
+                )
+            self._parallelize_model(layout)
+        elif done != layout:
+            raise TypeError(
+                f"The model was already parallelized for another layout ({done}); this run needs {layout}."
+                " Build a fresh LightningModule (or load a checkpoint into one) for the new layout."
+            )
+        # else: a second stage of the same Trainer (fit -> validate/test/predict): already parallelized
+        self.barrier()
+
+        if trainer.state.fn == TrainerFn.FITTING:
+            self.setup_optimizers(trainer)
+        self.setup_precision_plugin()
+        if trainer.state.fn == TrainerFn.FITTING and self._offload == "none":
+            _optimizers_to_device(self.optimizers, self.root_device)
+
+    def _layout(self) -> tuple[Any, ...]:
+        assert self._dims is not None
+        return (
+            ("world_size", self._dims.world_size),
+            ("expert_parallel_size", self._dims.ep),
+            ("zero_stage", self._zero_stage),
+            ("offload", self._offload),
+            ("precision", self.precision_plugin.precision),
+            ("activation_checkpointing", self._activation_checkpointing),
+        )
+
+    def _parallelize_model(self, layout: tuple[Any, ...]) -> None:
+        """Precision conversion -> device -> ``parallelize`` -> materialise meta weights (once per model)."""
+        assert self.model is not None and self._dims is not None
+        self.model = self.precision_plugin.convert_module(self.model)  # bf16-true: weights in bf16
+        if self._offload != "params" and not _has_meta_tensors(self.model):
+            self.model_to_device()
+        parallelize(
+            self.model,
+            self.device_mesh,
+            self._dims,
+            mp_policy=self._mixed_precision_policy(),
+            activation_checkpointing=self._activation_checkpointing,
+        )
+        init_device = torch.device("cpu") if self._offload == "params" else self.root_device
+        _materialize_distributed_module(self.model, init_device)
+        setattr(self.model, _LAYOUT_ATTR, layout)
+
+    def _check_device_precision(self) -> None:
+        precision = self.precision_plugin.precision
+        if precision == "16-mixed" and self.root_device.type != "cuda":
+            raise ValueError(
+                f"precision='16-mixed' needs CUDA devices (fp16 autocast + gradient scaler), got"
+                f" {self.root_device.type!r}. On CPU use precision='bf16-mixed' or '32-true'."
+            )
+
+    @override
+    def setup_optimizers(self, trainer: "Trainer") -> None:
+        # after a re-setup (fit -> validate) the model was re-wrapped: drop optimizers pointing to old params
+        self._reset_optimizers_and_schedulers()
+        super().setup_optimizers(trainer)
+        if self._offload == "optimizer":
+            self.optimizers = [offload_optimizer(opt) for opt in self.optimizers]
+        for optimizer in self.optimizers:
+            _prefer_foreach_for_dtensors(_unwrap_optimizer(optimizer))
+
+    @override
+    def model_to_device(self) -> None:
+        assert self.model is not None
+        self.model.to(self.root_device)
+
+    @contextmanager
+    @override
+    def tensor_init_context(self, empty_init: Optional[bool] = None) -> Generator[None, None, None]:
+        # `empty_init=True` (Trainer.init_module(empty_init=True)): meta tensors, materialised in `setup()`
+        empty_init_context = torch.device("meta") if empty_init else nullcontext()
+        with empty_init_context, self.precision_plugin.tensor_init_context():
+            yield
+
+    # ----------------------------------------------------------------------------------------------
+    # training loop integration
+    # ----------------------------------------------------------------------------------------------
+    @contextmanager
+    @override
+    def block_backward_sync(self) -> Generator[None, None, None]:
+        """Context for a gradient-accumulation micro-batch that is not the last one of an optimizer step.
+
+        Stages 0-1 skip the gradient reduction (stage 1 reduces once per optimizer step by definition;
+        stage 0 behaves like DDP's ``no_sync``); stage 2 still reduce-scatters but keeps the parameters
+        unsharded between micro-batches; stage 3 is unchanged. See ``lightning_moe.parallel.fsdp.no_gradient_sync``.
+        """
+        if not _is_fsdp_module(self.model):
+            yield None
+            return
+        with no_gradient_sync(self.model, self._zero_stage):
+            yield None
+
+    def _run_step(self, name: str, context: Any, *args: Any, **kwargs: Any) -> Any:
+        assert self.lightning_module is not None
+        assert self.model is not None
+        with context:
+            if _is_fsdp_module(self.model):
+                # The LightningModule is itself an FSDP module: call the step through its `forward` so the
+                # root FSDP hooks (all-gather of root-level parameters, input casting) run.
+                return self._forward_redirection(self.model, self.lightning_module, name, *args, **kwargs)
+            return getattr(self.lightning_module, name)(*args, **kwargs)
+
+    @override
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        return self._run_step("training_step", self.precision_plugin.train_step_context(), *args, **kwargs)
+
+    @override
+    def validation_step(self, *args: Any, **kwargs: Any) -> Any:
+        with _no_inference_mode():
+            return self._run_step("validation_step", self.precision_plugin.val_step_context(), *args, **kwargs)
+
+    @override
+    def test_step(self, *args: Any, **kwargs: Any) -> Any:
+        with _no_inference_mode():
+            return self._run_step("test_step", self.precision_plugin.test_step_context(), *args, **kwargs)
+
+    @override
+    def predict_step(self, *args: Any, **kwargs: Any) -> Any:
+        with _no_inference_mode():
+            return self._run_step("predict_step", self.precision_plugin.predict_step_context(), *args, **kwargs)
+
+    # ----------------------------------------------------------------------------------------------
+    # collectives
+    # ----------------------------------------------------------------------------------------------
+    @override
+    def barrier(self, name: Optional[str] = None) -> None:
+        if not _distributed_is_initialized():
+            return
+        if dist.get_backend() == "nccl":
+            dist.barrier(device_ids=[self.root_device.index])
+        else:
+            dist.barrier()
+
+    @override
+    def broadcast(self, obj: TBroadcast, src: int = 0) -> TBroadcast:
+        if not _distributed_is_initialized():
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src, group=_group.WORLD)
+        return box[0]
+
+    @override
+    def reduce(
+        self,
+        tensor: Union[Tensor, Any],
+        group: Optional[Any] = None,
+        reduce_op: Optional[Union[ReduceOp, str]] = "mean",
+    ) -> Union[Tensor, Any]:
+        """Reduce ``tensor`` over all ranks (``"mean"`` by default, ``"sum"``, ...); non-tensors pass through."""
+        if isinstance(tensor, Tensor):
+            return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
+        return tensor
+
+    @override
+    def teardown(self) -> None:
+        assert self.cluster_environment is not None
+        assert self.accelerator is not None
+        self.cluster_environment.teardown()
+        self.precision_plugin.teardown()
+        self.accelerator.teardown()
+
+    # ----------------------------------------------------------------------------------------------
+    # checkpoints
+    # ----------------------------------------------------------------------------------------------
+    @override
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        """Each rank's shards (DCP folder) or, with ``save_distributed_checkpoint=False``, the full state on rank 0."""
+        from lightning_moe import checkpoint as ckpt
+
+        assert self.model is not None
+        return ckpt.model_state_dict(self.model, full=not self._save_distributed_checkpoint)
+
+    @override
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        # the weights were already loaded (resharded) in `load_checkpoint()`
+        pass
+
+    @override
+    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
+        """The optimizer state keyed by parameter name (each rank's shards, or full on rank 0)."""
+        from lightning_moe import checkpoint as ckpt
+
+        assert self.model is not None
+        optimizer = _unwrap_optimizer(optimizer)
+        return ckpt.optimizer_state_dict(self.model, optimizer, full=not self._save_distributed_checkpoint)
+
+    @override
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        # the optimizer states were already loaded (resharded) in `load_checkpoint()`
+        pass
+
+    @override
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Optional[Any] = None
+    ) -> None:
+        if storage_options is not None:
+            raise TypeError(
+                f"`{type(self).__name__}.save_checkpoint(..., storage_options=...)` is not supported:"
+                " checkpoints are written by `lightning_moe.checkpoint`, not through a `CheckpointIO`."
+            )
+        from lightning_moe import checkpoint as ckpt
+
+        ckpt.save_checkpoint(checkpoint, filepath, distributed=self._save_distributed_checkpoint)
+
+    @override
+    def load_checkpoint(self, checkpoint_path: _PATH, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        # imported here so that `python -m lightning_moe.checkpoint` does not find itself imported already
+        from lightning_moe import checkpoint as ckpt
+
+        assert self.model is not None
+        assert self.lightning_module is not None
+        path = Path(self.broadcast(str(checkpoint_path)))
+        return ckpt.load_checkpoint(
+            path,
+            self.model,
+            [_unwrap_optimizer(o) for o in self.optimizers],
+            strict=self.lightning_module.strict_loading,
+            weights_only=weights_only,
+        )
+
+    # ----------------------------------------------------------------------------------------------
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
+        for name, init_params in STRATEGY_PRESETS.items():
+            strategy_registry.register(
+                name,
+                cls,
+                description=_describe(init_params),
+                override=True,
+                **init_params,
+            )
+
+
+# --------------------------------------------------------------------------------------------------
+# registration
+# --------------------------------------------------------------------------------------------------
+
+
+def _describe(init_params: Mapping[str, Any]) -> str:
+    args = ", ".join(f"{k}={v!r}" for k, v in init_params.items())
+    return f"Expert parallelism + ZeRO via FSDP2 ({args})"
+
+
+def register_strategies(registry: Optional[_StrategyRegistry] = None) -> None:
+    """Register ``moe_zero`` and its presets (:data:`STRATEGY_PRESETS`) with Lightning's strategy registry.
+
+    Idempotent (``override=True``); ``import lightning_moe`` calls it.
+    """
+    MoEZeroStrategy.register_strategies(StrategyRegistry if registry is None else registry)
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def _validate_arguments(
+    *,
+    expert_parallel_size: Any,
+    zero_stage: Any,
+    offload: Any,
+    activation_checkpointing: Any,
+    save_distributed_checkpoint: Any,
+    process_group_backend: Any,
+    timeout: Any,
+) -> None:
+    """Check the arguments that do not depend on the world size (the rest is checked in ``set_world_ranks``)."""
+    if expert_parallel_size != "auto" and (
+        not isinstance(expert_parallel_size, int) or isinstance(expert_parallel_size, bool) or expert_parallel_size < 1
+    ):
+        raise ValueError(
+            f"expert_parallel_size={expert_parallel_size!r} is not valid; use a positive integer dividing the"
+            " world size and every MoE layer's expert count, or 'auto'"
+        )
+    if isinstance(zero_stage, bool) or zero_stage not in ZERO_STAGES:
+        raise ValueError(f"zero_stage={zero_stage!r} is not a ZeRO stage; use one of {list(ZERO_STAGES)}")
+    if not isinstance(offload, str) or offload not in OFFLOAD_CHOICES:
+        raise ValueError(f"offload={offload!r} is not supported; use one of {list(OFFLOAD_CHOICES)}")
+    # The world size is not known yet; a world of one expert-parallel group is enough for ParallelDims to
+    # check the combinations (offload vs. zero stage). The world size is checked in `set_world_ranks`.
+    ParallelDims(
+        world_size=expert_parallel_size if isinstance(expert_parallel_size, int) else 1,
+        expert_parallel_size=expert_parallel_size,
+        zero_stage=zero_stage,
+        offload=offload,
+    )
+    for name, value in (
+        ("activation_checkpointing", activation_checkpointing),
+        ("save_distributed_checkpoint", save_distributed_checkpoint),
+    ):
+        if not isinstance(value, bool):
+            raise ValueError(f"{name}={value!r} must be True or False")
+    if process_group_backend is not None and (not isinstance(process_group_backend, str) or not process_group_backend):
+        raise ValueError(
+            f"process_group_backend={process_group_backend!r} is not valid; use None (automatic), 'gloo', 'nccl'"
+            " or a per-device spec such as 'cuda:nccl,cpu:gloo'"
+        )
+    if timeout is not None and (not isinstance(timeout, timedelta) or timeout.total_seconds() <= 0):
+        raise ValueError(f"timeout={timeout!r} must be a positive datetime.timedelta (or None for torch's default)")
+
+
+def _requested_precision_flag() -> Optional[str]:
+    """The ``precision`` the user passed to ``Trainer(...)``, if a Trainer is being built right now.
+
+    Lightning turns ``precision="16-mixed"`` on CPU into ``"bf16-mixed"`` (with a warning) before the
+    strategy sees its precision plugin, so the plugin alone cannot tell the two apart. While the Trainer is
+    being built, the original argument is still a local of ``_AcceleratorConnector.__init__`` further up the
+    stack; this reads it from there. Returns ``None`` when no such frame exists (plugin set directly).
+    """
+    from lightning.pytorch.trainer.connectors.accelerator_connector import _AcceleratorConnector
+
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            if frame.f_code.co_name == "__init__" and isinstance(frame.f_locals.get("self"), _AcceleratorConnector):
+                precision = frame.f_locals.get("precision")
+                if precision is None:
+                    return None
+                try:
+                    from lightning.fabric.connector import _convert_precision_to_unified_args
+
+                    return _convert_precision_to_unified_args(precision)
+                except Exception:  # noqa: BLE001 - an unknown value is reported by Lightning itself
+                    return str(precision)
+            frame = frame.f_back
+        return None
+    finally:
+        del frame
+
+
+def _check_precision_plugin(plugin: Precision, requested: Optional[str]) -> None:
+    """Reject precision plugins the strategy cannot honour, with the list of supported ones."""
+    supported = ", ".join(repr(p) for p in SUPPORTED_PRECISIONS)
+    precision = getattr(plugin, "precision", None)
+    device = getattr(plugin, "device", None)
+    if requested == "16-mixed" and precision == "bf16-mixed":
+        raise ValueError(
+            "precision='16-mixed' was requested on CPU, where Lightning silently switches to 'bf16-mixed'."
+            " `MoEZeroStrategy` does not change precision behind your back: pass precision='bf16-mixed'"
+            " explicitly (or '32-true'); '16-mixed' needs CUDA devices."
+        )
+    allowed_type = type(plugin) is Precision or isinstance(plugin, (MixedPrecision, HalfPrecision))
+    if not allowed_type or precision not in SUPPORTED_PRECISIONS:
+        raise ValueError(
+            f"`MoEZeroStrategy` does not support precision={precision!r} ({type(plugin).__name__}). Choose one of"
+            f" {supported} ('16-mixed' on CUDA only)."
+        )
+    if precision == "16-mixed" and device is not None and device != "cuda":
+        raise ValueError(
+            f"precision='16-mixed' needs CUDA devices (fp16 autocast + gradient scaler), got device={device!r}."
+            " On CPU use precision='bf16-mixed' or '32-true'."
+        )
+
+
+def _route_gradient_clipping(plugin: Precision) -> None:
+    """Make the precision plugin clip through ``lightning_moe.parallel`` (Lightning routes clipping there).
+
+    ``LightningModule.clip_gradients`` calls ``precision_plugin.clip_gradients``, which calls
+    ``clip_grad_by_norm`` / ``clip_grad_by_value``; torch's versions cannot take the norm over parameters
+    living on different meshes (dense over ``dp``, experts over ``efsdp x ep``).
+    """
+
+    def clip_grad_by_norm(self: Precision, optimizer: Optimizer, clip_val: Union[int, float]) -> None:
+        clip_grad_norm_(list(self.main_params(optimizer)), max_norm=float(clip_val))
+
+    def clip_grad_by_value(self: Precision, optimizer: Optimizer, clip_val: Union[int, float]) -> None:
+        clip_grad_value_(list(self.main_params(optimizer)), float(clip_val))
+
+    plugin.clip_grad_by_norm = types.MethodType(clip_grad_by_norm, plugin)  # type: ignore[method-assign]
+    plugin.clip_grad_by_value = types.MethodType(clip_grad_by_value, plugin)  # type: ignore[method-assign]
+
+
+def _expert_counts(model: nn.Module) -> list[int]:
+    """The expert count of every MoE layer in ``model`` (empty if it has none yet)."""
+    return [int(c) for c in expert_counts(model)]
+
+
+def _is_fsdp_module(module: Optional[nn.Module]) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+def _is_parallelized(model: nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(_is_fsdp_module(m) for m in model.modules()) or any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def _has_meta_tensors(model: nn.Module) -> bool:
+    return any(t.is_meta for t in model.parameters()) or any(t.is_meta for t in model.buffers())
+
+
+def _prefer_foreach_for_dtensors(optimizer: Optimizer) -> None:
+    """Use the multi-tensor (``foreach``) update where torch would pick the per-parameter loop.
+
+    With ``foreach=None`` torch picks the per-parameter loop for CPU tensors, which for DTensor parameters
+    costs one DTensor dispatch per parameter and per operation (measured: the optimizer step several times
+    slower than on plain tensors). The foreach path dispatches once per operation for the whole list and
+    gives bitwise the same result. Only groups that left ``foreach`` to torch (``None``) are changed.
+    """
+    from torch.distributed.tensor import DTensor
+
+    if "foreach" not in getattr(optimizer, "defaults", {}):
+        return
+    for group in optimizer.param_groups:
+        if group.get("foreach", None) is None and not group.get("fused", False) and not group.get("differentiable", False):
+            if any(isinstance(p, DTensor) for p in group["params"]):
+                group["foreach"] = True
+
+
+def _unwrap_optimizer(optimizer: Any) -> Optimizer:
+    return optimizer._optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
+
+
+@contextmanager
+def _no_inference_mode() -> Generator[None, None, None]:
+    """Run evaluation steps under ``no_grad`` instead of ``inference_mode``.
+
+    FSDP2 keeps unsharded parameters between uses (stages 1-2); allocating them as inference tensors would
+    break the next training step.
+    """
+    if torch.is_inference_mode_enabled():
+        with torch.inference_mode(False), torch.no_grad():
+            yield
+    else:
+        yield
