@@ -148,8 +148,11 @@ def build_module(
     return module
 
 
-def run(cfg: TrainConfig) -> dict[str, float]:
-    """Train (and test) as ``cfg`` says; returns the final logged metrics."""
+def run(cfg: TrainConfig, extra_callbacks: Optional[list] = None) -> dict[str, float]:
+    """Train (and test) as ``cfg`` says; returns the final logged metrics.
+
+    ``extra_callbacks`` are added to the Trainer's (e.g. a benchmark's timers).
+    """
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = MultitaskDataModule(cfg.data, cfg.tasks)
     init_checkpoint = None
@@ -169,7 +172,7 @@ def run(cfg: TrainConfig) -> dict[str, float]:
         if report.num_dropped:
             log.warning("%s: %s", split, report.summary())
     module = build_module(cfg, datamodule, init_checkpoint)
-    trainer = build_trainer(cfg)
+    trainer = build_trainer(cfg, extra_callbacks)
     ckpt_path = resolve_resume(cfg.checkpoint.resume, checkpoint_dir(cfg)) if not cfg.init_from else None
     if cfg.init_from and cfg.checkpoint.resume == "auto":
         # A fine-tuning run that was interrupted resumes its own checkpoints, not init_from.
