@@ -3,6 +3,12 @@
 A *dispatch plan* lists the kept (token, expert) assignments grouped by expert. Permuting is one
 ``index_select`` of token rows, un-permuting one ``index_add_`` of weighted expert outputs: O(T k d)
 memory traffic whatever the number of experts, and only the rows actually routed are computed.
+
+Host synchronisation (CUDA): planning reads at most one small tensor back to the host per call, and
+never one per expert. Group sizes come from a binary search in the sorted expert ids (a CUDA
+``bincount`` would read the largest id back), and the kept assignments are compacted with a scatter
+once their number is known. That number is the one read: with capacity it is the output size; with
+padding the real-assignment count travels with it; dropless routing without padding reads nothing.
 """
 
 from __future__ import annotations
@@ -86,18 +92,32 @@ def plan_dispatch(
     sorted_expert, sort_order = torch.sort(expert_by_priority, stable=True)  # [k*T]
     assignment = sort_order if priority is None else priority[sort_order]  # [k*T] assignment ids
 
-    routed = torch.bincount(sorted_expert, minlength=num_experts + 1)[:num_experts]  # [E]
-    num_assignments = num_slots if valid is None else int(routed.sum())
+    # Group boundaries by binary search in the sorted ids: no host synchronisation (a CUDA bincount
+    # reads the maximum id back to the host) and no data-dependent output shape under torch.compile.
+    ids = torch.arange(num_experts + 2, device=device, dtype=sorted_expert.dtype)  # experts + sentinel + end
+    group_start = torch.searchsorted(sorted_expert, ids)  # [E+2]; group_start[E] = real assignments
+    routed = group_start[1 : num_experts + 1] - group_start[:num_experts]  # [E]
     if capacity is None:
         kept_per_expert = routed
-        # Real assignments form a prefix of the sorted list (padding sorts last).
-        kept = assignment[:num_assignments]
+        if valid is None:
+            num_assignments = num_slots
+            kept = assignment
+        else:
+            # Real assignments form a prefix of the sorted list (padding sorts last): one host read.
+            num_assignments = int(group_start[num_experts])
+            kept = assignment[:num_assignments]
     else:
         kept_per_expert = routed.clamp(max=capacity)
-        group_start = torch.cumsum(routed, dim=0) - routed  # [E]
-        sorted_expert_real = sorted_expert[:num_assignments]
-        position = torch.arange(num_assignments, device=device) - group_start[sorted_expert_real]
-        kept = assignment[:num_assignments][position < capacity]
+        position = torch.arange(num_slots, device=device) - group_start[sorted_expert]  # rank inside its group
+        keep = position < capacity  # [k*T]
+        if valid is None:
+            num_assignments = num_slots
+            num_kept = int(kept_per_expert.sum())  # the one host read of the layer: the output size
+        else:
+            keep &= sorted_expert < num_experts  # the padding sentinel is never kept
+            # Both sizes in one host read.
+            num_kept, num_assignments = torch.stack([kept_per_expert.sum(), group_start[num_experts]]).tolist()
+        kept = _stable_compact(assignment, keep, num_kept)
     return DispatchPlan(
         token_index=kept % num_tokens,
         combine_weight=flat_weight[kept],
@@ -105,6 +125,18 @@ def plan_dispatch(
         routed_per_expert=routed,
         num_assignments=num_assignments,
     )
+
+
+def _stable_compact(values: Tensor, keep: Tensor, num_kept: int) -> Tensor:
+    """``values[keep]`` (order kept) given ``num_kept = keep.sum()``, without a further host synchronisation.
+
+    A stable partition: kept entries go to ``0 .. num_kept-1``, the others after them, each in order.
+    Every destination is distinct, so the scatter is deterministic.
+    """
+    kept_rank = torch.cumsum(keep, dim=0) - 1  # [n] destination of a kept entry
+    dropped_rank = num_kept + torch.cumsum(~keep, dim=0) - 1  # [n] destination of a dropped entry
+    destination = torch.where(keep, kept_rank, dropped_rank)
+    return torch.empty_like(values).scatter_(0, destination, values)[:num_kept]
 
 
 def permute_tokens(x: Tensor, plan: DispatchPlan) -> Tensor:

@@ -9,13 +9,24 @@ knowing about it.
 Parameters are read through :func:`local_tensor`, so a parameter that the parallel code turned into a
 DTensor (sharded over ``ep``) is used through its local shard; the local expert count is the local
 parameter's first dimension.
+
+Two ways to compute the grouped products:
+
+* fused: one ``torch._grouped_mm`` per expert matrix on CUDA sm90/sm100 in bf16 (bf16 operands, or
+  autocast to bf16 as in ``bf16-mixed`` training), with every expert group padded to start at a 16-byte
+  row boundary (:func:`native_group_layout`); no host synchronisation, and ``torch.compile`` traces it
+  into one graph;
+* loop: one matrix product per expert with a hand-written backward, everywhere else (CPU, fp32, widths
+  that are not multiples of 16 bytes, other GPUs); it reads the group sizes on the host once per call
+  and runs eagerly under ``torch.compile``.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import math
-from typing import Callable
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +35,10 @@ from torch import Tensor, nn
 __all__ = [
     "local_tensor",
     "grouped_mm",
+    "native_grouped_mm_dtype",
+    "native_group_layout",
+    "NativeGroupLayout",
+    "NATIVE_GROUP_ALIGNMENT",
     "GroupedFFNExperts",
     "GroupedGLUExperts",
     "ReplicatedExperts",
@@ -110,14 +125,187 @@ class _LoopGroupedMM(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None
 
 
-def _native_grouped_mm_available(x: Tensor, w: Tensor) -> bool:
-    """Whether torch's fused grouped GEMM can run these operands (CUDA, bf16, aligned strides)."""
-    if not x.is_cuda or x.dtype != torch.bfloat16 or w.dtype != torch.bfloat16:
+NATIVE_GROUP_ALIGNMENT = 8
+"""Rows of each expert group in the fused path start at a multiple of this many rows (16 bytes of bf16).
+
+The fused kernel reads every group through TMA descriptors, which want 16-byte aligned addresses; in the
+backward pass the weight gradient is a grouped product over the *token* dimension, so group starts are
+aligned by padding each group with zero rows (as torchtitan does). 1 disables the padding."""
+
+_NATIVE_DEVICE_TYPES: tuple[str, ...] = ("cuda",)
+"""Devices whose ``torch._grouped_mm`` is used (tests add ``"cpu"``, where torch runs its reference loop)."""
+
+_NATIVE_DTYPES: tuple[torch.dtype, ...] = (torch.bfloat16,)
+"""Compute dtypes of the fused kernel (tests add float32 for the CPU reference)."""
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_capability_major(device_index: Optional[int]) -> int:
+    return torch.cuda.get_device_capability(device_index)[0]
+
+
+@torch.compiler.assume_constant_result  # evaluated once while tracing, not a graph break
+def _fused_kernel_on(device: torch.device) -> bool:
+    """Whether ``device`` has torch's fused grouped GEMM: CUDA sm90 or sm100 (elsewhere torch would loop
+    over the groups after copying the offsets to the host, which the loop path does as well). Devices of
+    other types in ``_NATIVE_DEVICE_TYPES`` (tests) count as having it."""
+    if device.type != "cuda":
+        return True
+    return _cuda_capability_major(device.index) in (9, 10)
+
+
+def _compute_dtype(x: Tensor, weights: Sequence[Tensor]) -> Optional[torch.dtype]:
+    """The dtype the grouped products run in: the autocast dtype when autocast is on for ``x``'s device
+    (activations often arrive in fp32 from a LayerNorm), else the common dtype of ``x`` and the weights."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type) and x.is_floating_point():
+        return torch.get_autocast_dtype(device_type)
+    if all(w.dtype == x.dtype for w in weights):
+        return x.dtype
+    return None
+
+
+def _aligned_rows(t: Tensor, alignment: int) -> bool:
+    """Row-major last two dimensions with 16-byte aligned rows and start (``alignment`` elements = 16 bytes).
+
+    The start is checked through the storage offset (allocations themselves are aligned far beyond 16
+    bytes). While ``torch.compile`` traces, neither the offset nor the address can be read; the weights
+    are parameters or their FSDP / expert-parallel shards, whose offsets are multiples of a whole row.
+    """
+    if t.stride(-1) != 1 or t.shape[-1] % alignment or any(s % alignment for s in t.stride()[:-1]):
         return False
-    if not hasattr(torch, "_grouped_mm"):
-        return False
-    # 16-byte aligned rows are required by the kernel: 8 bf16 elements.
-    return x.shape[1] % 8 == 0 and w.shape[2] % 8 == 0
+    return torch.compiler.is_compiling() or t.storage_offset() % alignment == 0
+
+
+def native_grouped_mm_dtype(x: Tensor, weights: Sequence[Tensor]) -> Optional[torch.dtype]:
+    """The dtype in which ``torch._grouped_mm``'s fused kernel computes ``x`` against ``weights``, or None
+    when the experts must use the loop path.
+
+    Eligible: a device of ``_NATIVE_DEVICE_TYPES`` (CUDA sm90/sm100), a compute dtype of ``_NATIVE_DTYPES``
+    (bf16, also reached through autocast from fp32 inputs), ``[N, a]`` inputs and ``[E, a, b]`` weights with
+    ``a`` and ``b`` multiples of 16 bytes and row-major weights, and at least one row.
+    """
+    if not hasattr(torch, "_grouped_mm") or x.device.type not in _NATIVE_DEVICE_TYPES:
+        return None
+    if x.dim() != 2 or x.shape[0] == 0:
+        return None
+    if not _fused_kernel_on(x.device):
+        return None
+    dtype = _compute_dtype(x, weights)
+    if dtype not in _NATIVE_DTYPES:
+        return None
+    alignment = 16 // dtype.itemsize
+    if x.shape[1] % alignment:
+        return None
+    for w in weights:
+        if w.dim() != 3 or w.device != x.device or not _aligned_rows(w, alignment) or w.shape[1] % alignment:
+            return None
+    return dtype
+
+
+class NativeGroupLayout(NamedTuple):
+    """Where the expert-sorted rows sit in the padded buffer that ``torch._grouped_mm`` reads.
+
+    Attributes:
+        rows: ``[N]`` long, the buffer row of each input row (None when the buffer is the input itself).
+        num_rows: rows of the buffer, a multiple of the alignment; the last group runs to its end.
+        offsets: ``[E]`` int32 end row of each group in the buffer (``offsets[-1] == num_rows``).
+        expert_of_row: ``[num_rows]`` long, the group of each buffer row (for per-expert biases).
+    """
+
+    rows: Optional[Tensor]
+    num_rows: int
+    offsets: Tensor
+    expert_of_row: Tensor
+
+
+def native_group_layout(tokens_per_expert: Tensor, num_rows: int, alignment: Optional[int] = None) -> NativeGroupLayout:
+    """The padded layout of ``num_rows`` expert-sorted rows with ``tokens_per_expert [E]`` rows per expert.
+
+    Each group starts at a multiple of ``alignment`` (default :data:`NATIVE_GROUP_ALIGNMENT`, read at call
+    time): group ``e`` takes ``max(ceil(n_e / alignment), 1) * alignment`` rows - never none, so that no
+    grouped product has an empty contraction (the weight gradient of an expert without tokens is then a
+    product with zero rows, not a kernel edge case) - and the last group also takes the slack up to the
+    static bound ``num_rows + E * alignment`` (rounded up). The buffer size is thus known without reading
+    the counts on the host, and every buffer row belongs to a group (the kernel writes all of them:
+    nothing uninitialised reaches the gradients). ``alignment`` 1 leaves the rows as they are.
+    """
+    if alignment is None:
+        alignment = NATIVE_GROUP_ALIGNMENT
+    counts = tokens_per_expert.to(torch.long)
+    num_experts = counts.shape[0]
+    device = counts.device
+    experts = torch.arange(num_experts, device=device)
+    if alignment <= 1:
+        offsets = torch.cumsum(counts, 0)  # ends at num_rows: the counts sum to it
+        expert_of_row = torch.repeat_interleave(experts, counts, output_size=num_rows)
+        return NativeGroupLayout(None, num_rows, offsets.to(torch.int32), expert_of_row)
+    bound = num_rows + num_experts * alignment
+    buffer_rows = (bound + alignment - 1) // alignment * alignment
+    padded = ((counts + alignment - 1) // alignment).clamp_min(1) * alignment  # [E]
+    padded_end = torch.cumsum(padded, 0)  # [E]
+    padded_start = padded_end - padded
+    sizes = torch.cat([padded[:-1], (buffer_rows - padded_start[-1:])])  # last group runs to the end
+    offsets = torch.cat([padded_end[:-1], padded_end.new_full((1,), buffer_rows)])
+    expert = torch.repeat_interleave(experts, counts, output_size=num_rows)  # [N] group of each input row
+    start = torch.cumsum(counts, 0) - counts  # [E] first input row of each group
+    rows = torch.arange(num_rows, device=device) - start[expert] + padded_start[expert]  # [N]
+    expert_of_row = torch.repeat_interleave(experts, sizes, output_size=buffer_rows)
+    return NativeGroupLayout(rows, buffer_rows, offsets.to(torch.int32), expert_of_row)
+
+
+def _pad_rows(x: Tensor, layout: NativeGroupLayout) -> Tensor:
+    """``[N, a]`` expert-sorted rows -> ``[num_rows, a]`` buffer (zeros between groups); differentiable."""
+    if layout.rows is None:
+        return x.contiguous()
+    return x.new_zeros(layout.num_rows, x.shape[1]).index_copy(0, layout.rows, x)
+
+
+def _unpad_rows(y: Tensor, layout: NativeGroupLayout) -> Tensor:
+    """``[num_rows, b]`` buffer -> the ``[N, b]`` rows of the input (a fresh tensor)."""
+    if layout.rows is None:
+        return y
+    return y.index_select(0, layout.rows)
+
+
+class _GroupedBias(torch.autograd.Function):
+    """``out + bias[expert_of_row]`` whose bias gradient, each group's row sum, accumulates in fp32.
+
+    The backward of plain indexing adds the rows into the gradient in its own dtype, one row after the
+    other (bf16 rounding at every step); here the row sums are one grouped product of a ones matrix with
+    the output gradient, which accumulates in fp32 like the weight gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, out: Tensor, bias: Tensor, expert_of_row: Tensor, offsets: Tensor) -> Tensor:
+        ctx.save_for_backward(offsets)
+        return out + bias[expert_of_row]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (offsets,) = ctx.saved_tensors
+        grad_bias = None
+        if ctx.needs_input_grad[1]:
+            grad = grad.contiguous()
+            # [8, rows] column-major (16-byte aligned strides for any row count) times [rows, b], per group.
+            ones = grad.new_ones(grad.shape[0], 8).t()
+            grad_bias = torch._grouped_mm(ones, grad, offs=offsets)[:, 0].contiguous()  # [E, b]
+        return grad, grad_bias, None, None
+
+
+def _native_linear(x: Tensor, w: Tensor, layout: NativeGroupLayout, bias: Optional[Tensor]) -> Tensor:
+    """One fused grouped product of the padded buffer ``x [num_rows, a]`` with ``w [E, a, b]`` (+ ``bias[e]``)."""
+    out = torch._grouped_mm(x, w, offs=layout.offsets)  # [num_rows, b]
+    if bias is not None:
+        out = _GroupedBias.apply(out, bias, layout.expert_of_row, layout.offsets)
+    return out
+
+
+@torch.compiler.disable
+def _loop_grouped_mm(x: Tensor, w: Tensor, tokens_per_expert: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """The loop path (eager even under ``torch.compile``: the host-side group bounds would otherwise make
+    every new routing a recompilation)."""
+    return _LoopGroupedMM.apply(x, w, bias, _group_bounds(tokens_per_expert))
 
 
 def grouped_mm(x: Tensor, w: Tensor, tokens_per_expert: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -130,20 +318,17 @@ def grouped_mm(x: Tensor, w: Tensor, tokens_per_expert: Tensor, bias: Tensor | N
         bias: optional ``[E, b]``.
 
     Returns:
-        ``[N, b]``. On CUDA with bf16 operands this is one ``torch._grouped_mm`` call (no host
-        synchronisation); elsewhere a loop of matrix products over the groups with a hand-written
-        backward (see :class:`_LoopGroupedMM`).
+        ``[N, b]``. When :func:`native_grouped_mm_dtype` allows (CUDA sm90/sm100, bf16 or autocast to bf16,
+        16-byte aligned widths) this is one ``torch._grouped_mm`` call on rows padded to
+        :data:`NATIVE_GROUP_ALIGNMENT` (no host synchronisation); elsewhere a loop of matrix products over
+        the groups with a hand-written backward (see :class:`_LoopGroupedMM`), one host read of the counts.
     """
-    if _native_grouped_mm_available(x, w):
-        offsets = torch.cumsum(tokens_per_expert, dim=0, dtype=torch.int32)  # [E]
-        out = torch._grouped_mm(x, w, offs=offsets)  # [N, b]
-        if bias is not None:
-            expert_of_row = torch.repeat_interleave(
-                torch.arange(w.shape[0], device=x.device), tokens_per_expert, output_size=x.shape[0]
-            )
-            out = out + bias[expert_of_row]
-        return out
-    return _LoopGroupedMM.apply(x, w, bias, _group_bounds(tokens_per_expert))
+    dtype = native_grouped_mm_dtype(x, (w,))
+    if dtype is not None:
+        layout = native_group_layout(tokens_per_expert, x.shape[0])
+        b = None if bias is None else bias.to(dtype)
+        return _unpad_rows(_native_linear(_pad_rows(x.to(dtype), layout), w.to(dtype), layout, b), layout)
+    return _loop_grouped_mm(x, w, tokens_per_expert, bias)
 
 
 def _init_grouped_linear_(weight: Tensor, bias: Tensor | None, fan_in: int) -> None:
@@ -192,6 +377,13 @@ class GroupedFFNExperts(nn.Module):
         w1, w2 = local_tensor(self.w1), local_tensor(self.w2)
         b1 = None if self.b1 is None else local_tensor(self.b1)
         b2 = None if self.b2 is None else local_tensor(self.b2)
+        dtype = native_grouped_mm_dtype(x, (w1, w2))
+        if dtype is not None:  # fused path: pad the groups once for both products
+            layout = native_group_layout(tokens_per_expert, x.shape[0])
+            cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+            h = _native_linear(_pad_rows(x.to(dtype), layout), cast(w1), layout, cast(b1))  # [rows, h]
+            h = ACTIVATIONS[self.activation](h)
+            return _unpad_rows(_native_linear(h, cast(w2), layout, cast(b2)), layout)  # [N, d]
         h = grouped_mm(x, w1, tokens_per_expert, b1)  # [N, h]
         h = ACTIVATIONS[self.activation](h)
         return grouped_mm(h, w2, tokens_per_expert, b2)  # [N, d]
@@ -224,6 +416,14 @@ class GroupedGLUExperts(nn.Module):
     def forward(self, x: Tensor, tokens_per_expert: Tensor) -> Tensor:
         """``x [N, d]`` sorted by expert, ``tokens_per_expert [E_local]`` -> ``[N, d]``."""
         w1, w3, w2 = local_tensor(self.w1), local_tensor(self.w3), local_tensor(self.w2)
+        dtype = native_grouped_mm_dtype(x, (w1, w3, w2))
+        if dtype is not None:  # fused path: pad the groups once for the three products
+            layout = native_group_layout(tokens_per_expert, x.shape[0])
+            x_pad = _pad_rows(x.to(dtype), layout)  # [rows, d]
+            gate = _native_linear(x_pad, w1.to(dtype), layout, None)  # [rows, h]
+            up = _native_linear(x_pad, w3.to(dtype), layout, None)  # [rows, h]
+            hidden = ACTIVATIONS[self.activation](gate) * up
+            return _unpad_rows(_native_linear(hidden, w2.to(dtype), layout, None), layout)  # [N, d]
         gate = grouped_mm(x, w1, tokens_per_expert)  # [N, h]
         up = grouped_mm(x, w3, tokens_per_expert)  # [N, h]
         return grouped_mm(ACTIVATIONS[self.activation](gate) * up, w2, tokens_per_expert)  # [N, d]

@@ -86,7 +86,9 @@ class TopKRouter(nn.Module):
         if self.training and self.noisy_gate_policy == "jitter":
             noise = torch.empty_like(x32).uniform_(1.0 - self.noise_eps, 1.0 + self.noise_eps)
             x32 = x32 * noise
-        logits = F.linear(x32, self.weight.to(gate_dtype))  # [T, E] fp32 (at least)
+        # Autocast (bf16-mixed) would run the gate in bf16: routing stays in fp32 whatever the precision.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            logits = F.linear(x32, self.weight.to(gate_dtype))  # [T, E] fp32 (at least)
         probs = torch.softmax(logits, dim=-1)  # [T, E]
         if self.training and self.noisy_gate_policy == "rsample":
             gumbel = -torch.log(-torch.log(torch.rand_like(logits).clamp_(1e-20, 1.0 - 1e-7)))

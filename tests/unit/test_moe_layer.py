@@ -95,6 +95,15 @@ def test_gating_runs_in_fp32_for_bf16_inputs():
     assert out.dtype == torch.bfloat16 and aux.dtype == torch.float32
 
 
+def test_gating_stays_fp32_under_autocast():
+    layer = MoE(16, 4, 32, k=2, drop_tokens=False)
+    x = torch.randn(10, 16)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        routing = layer.gate(x)
+    assert routing.logits.dtype == torch.float32
+    torch.testing.assert_close(routing.logits, x @ layer.gate.weight.t())
+
+
 # -------------------------------------------------------------------------------------------- capacity
 
 

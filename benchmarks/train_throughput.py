@@ -1,0 +1,309 @@
+"""Training throughput of the MoE encoder-decoder transformer on synthetic token batches.
+
+A plain PyTorch loop (no Lightning, no data loading, nothing downloaded): build the model from a preset
+(with overrides), AdamW, ``--warmup`` steps, then ``--steps`` timed steps on a few pre-generated random
+batches kept on the device (different batches, so the routing changes from step to step). Reported:
+
+* ``tokens_per_s``: source + target tokens per second (every token is real: no padding);
+* ``model_tflops_per_s``: model FLOPs per second, where one step costs
+  ``6 x (N_enc x source tokens + N_dec x target tokens)``: ``N_enc`` / ``N_dec`` are the *active*
+  parameters each token passes through on its side (expert weights count ``k / E``; the cross-attention
+  key/value projections run on the source side; embedding look-ups count nothing; the tied output
+  projection counts on the target side). With equal source and target lengths this is
+  ``6 x active params x target tokens/s``; attention scores (``QK^T``, ``AV``) are left out, as in the
+  usual ``6N`` rule, and reported apart as ``attention_tflops_per_s``;
+* ``mfu``: ``model_tflops_per_s / peak`` (``--peak-tflops``, default 989: dense bf16 on H100 SXM / H200);
+* ``peak_memory_gib``: ``torch.cuda.max_memory_allocated`` over the run (model, optimizer, activations);
+  on CPU the process's peak resident set size instead;
+* ``dropped_fraction``: mean share of routed assignments dropped by capacity in the timed steps (the
+  model FLOPs above count every token as computed).
+
+Examples (from the repository root)::
+
+    python benchmarks/train_throughput.py --device cpu --preset tiny --steps 3 --warmup 1   # seconds, CPU
+    python benchmarks/train_throughput.py --device cuda --precision bf16-mixed --preset base --steps 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import resource
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from lightning_moe.models import MoETransformer, TransformerConfig, get_preset, sequence_cross_entropy  # noqa: E402
+from lightning_moe.moe import MoE  # noqa: E402
+
+PRECISIONS = ("32-true", "bf16-mixed", "bf16-true")
+GiB = 2**30
+
+
+# ------------------------------------------------------------------------------------------- model
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model options shared with ``model_scale.py``."""
+    parser.add_argument("--preset", default="tiny", help="tiny | small | base (lightning_moe.models.PRESETS)")
+    parser.add_argument("--experts", type=int, help="experts per MoE layer (default: the preset's)")
+    parser.add_argument("--k", type=int, help="experts per token (default: the preset's)")
+    parser.add_argument("--expert", choices=["ffn", "glu"], help="expert kind (default: the preset's)")
+    parser.add_argument("--d-model", type=int, help="model width")
+    parser.add_argument("--ffn", type=int, help="dense FFN and expert inner width")
+    parser.add_argument("--heads", type=int, help="attention heads")
+    parser.add_argument("--layers", type=int, help="encoder and decoder blocks (each)")
+    parser.add_argument("--moe-every", type=int, help="every n-th block is an MoE block")
+    parser.add_argument("--vocab", type=int, default=8000, help="vocabulary size")
+    parser.add_argument("--capacity-factor", type=float, default=1.25)
+    parser.add_argument("--batch-size", type=int, default=16, help="sentence pairs per step")
+    parser.add_argument("--src-len", type=int, default=64, help="source tokens per sentence")
+    parser.add_argument("--tgt-len", type=int, default=64, help="target tokens per sentence")
+
+
+def build_config(args: argparse.Namespace) -> TransformerConfig:
+    """The preset with the command line's overrides (dropout off: it only adds noise to timings)."""
+    overrides: dict[str, Any] = {
+        "vocab_size": args.vocab, "dropout": 0.0, "capacity_factor": args.capacity_factor,
+        "eval_capacity_factor": args.capacity_factor, "max_positions": max(args.src_len, args.tgt_len) + 1,
+    }
+    names = {"experts": "num_experts", "k": "k", "expert": "expert", "d_model": "d_model", "ffn": "ffn_hidden_size",
+             "heads": "num_heads", "moe_every": "moe_every"}
+    for arg, field in names.items():
+        if getattr(args, arg) is not None:
+            overrides[field] = getattr(args, arg)
+    if args.layers is not None:
+        overrides["encoder_layers"] = overrides["decoder_layers"] = args.layers
+    return get_preset(args.preset, **overrides)
+
+
+def _side(name: str) -> str:
+    """``"src"``, ``"tgt"`` or ``"none"``: which tokens run through the parameter ``name`` (look-ups: none)."""
+    if name.startswith("encoder_"):
+        return "none" if name.startswith("encoder_pos_embed") else "src"
+    if name.startswith("decoder_"):
+        if name.startswith("decoder_pos_embed"):
+            return "none"
+        if ".cross_attn.k_proj." in name or ".cross_attn.v_proj." in name:
+            return "src"  # keys and values of the encoder memory
+        return "tgt"
+    return "none"
+
+
+def parameter_counts(model: MoETransformer) -> dict[str, float]:
+    """Total and active parameters, the latter split by the side whose tokens use them.
+
+    Works on a model built on the meta device (only shapes are read).
+    """
+    config = model.config
+    k, num_experts = config.moe.k, max(config.moe.num_experts, 1)
+    counts = {"total": 0.0, "experts": 0.0, "active_src": 0.0, "active_tgt": 0.0}
+    for name, p in model.named_parameters():
+        n = float(p.numel())
+        counts["total"] += n
+        fraction = 1.0
+        if ".experts." in name:
+            counts["experts"] += n
+            fraction = k / num_experts
+        side = _side(name)
+        if side != "none":
+            counts[f"active_{side}"] += n * fraction
+    # The output projection: the tied embedding matrix or `output_proj`, once per target token.
+    head = model.src_embed.weight if model.output_proj is None else model.output_proj.weight
+    counts["active_tgt"] += float(head.numel())
+    counts["active"] = counts["active_src"] + counts["active_tgt"]
+    return counts
+
+
+def step_flops(model: MoETransformer, batch_size: int, src_len: int, tgt_len: int) -> dict[str, float]:
+    """Model FLOPs (``6N`` rule, per side) and attention-score FLOPs of one training step (forward + backward)."""
+    counts = parameter_counts(model)
+    src_tokens, tgt_tokens = batch_size * src_len, batch_size * tgt_len
+    model_flops = 6.0 * (counts["active_src"] * src_tokens + counts["active_tgt"] * tgt_tokens)
+    d, cfg = model.config.d_model, model.config
+    # QK^T and AV: 2 matmuls x 2 FLOPs per multiply-add, x3 for forward + backward.
+    per_layer_enc = 2 * 2 * src_len * src_len * d
+    per_layer_dec = 2 * 2 * (tgt_len * tgt_len + tgt_len * src_len) * d  # causal self (no saving taken) + cross
+    attention = 3.0 * batch_size * (cfg.encoder_layers * per_layer_enc + cfg.decoder_layers * per_layer_dec)
+    return {"model_flops": model_flops, "attention_flops": attention, "src_tokens": src_tokens, "tgt_tokens": tgt_tokens}
+
+
+def synthetic_batches(
+    num: int, batch_size: int, src_len: int, tgt_len: int, vocab: int, device: torch.device, seed: int = 0
+) -> list[dict[str, torch.Tensor]]:
+    """``num`` batches of random ids 5..vocab-1 (no padding: every token counts), on ``device``."""
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(num):
+        src = torch.randint(5, vocab, (batch_size, src_len), generator=g)
+        tgt = torch.randint(5, vocab, (batch_size, tgt_len + 1), generator=g)
+        batches.append({"src": src.to(device), "tgt_in": tgt[:, :-1].to(device), "tgt_out": tgt[:, 1:].to(device)})
+    return batches
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """What ran the benchmark: versions, device name, threads."""
+    env: dict[str, Any] = {
+        "torch": torch.__version__, "python": platform.python_version(), "device": str(device),
+        "cuda": torch.version.cuda, "threads": torch.get_num_threads(),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / GiB, 1),
+                   capability=".".join(map(str, torch.cuda.get_device_capability(device))))
+    return env
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak allocated device memory (CUDA) or peak resident set size of the process (CPU), in GiB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / GiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GiB  # Linux: KiB
+
+
+def resolve_device(name: str) -> torch.device:
+    """``torch.device(name)`` with the current CUDA device's index filled in (``set_device`` needs one)."""
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# --------------------------------------------------------------------------------------- benchmark
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Build, warm up, time; returns the result record."""
+    device = resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    config = build_config(args)
+    model = MoETransformer(config).to(device)
+    if args.precision == "bf16-true":
+        model = model.to(torch.bfloat16)
+    model.train()
+    fused = device.type == "cuda"
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, fused=fused)
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16-mixed" else nullcontext()
+    )
+    forward = torch.compile(model) if args.compile else model
+    batches = synthetic_batches(args.num_batches, args.batch_size, args.src_len, args.tgt_len, config.vocab_size, device, args.seed)
+    moe_layers = [m for m in model.modules() if isinstance(m, MoE)]
+
+    def train_step(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast:
+            out = forward(batch["src"], None, batch["tgt_in"], None)
+            ce, _, _ = sequence_cross_entropy(out.logits, batch["tgt_out"])
+            loss = ce + out.aux_loss if moe_layers else ce
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    start = time.perf_counter()
+    for i in range(args.warmup):
+        train_step(batches[i % len(batches)])
+    synchronize(device)
+    warmup_s = time.perf_counter() - start
+
+    dropped: list[torch.Tensor] = []
+    losses: list[torch.Tensor] = []
+    start = time.perf_counter()
+    for i in range(args.steps):
+        losses.append(train_step(batches[i % len(batches)]))
+        dropped.extend(m.last_stats.dropped_fraction for m in moe_layers if m.last_stats is not None)
+    synchronize(device)
+    elapsed = time.perf_counter() - start
+
+    flops = step_flops(model, args.batch_size, args.src_len, args.tgt_len)
+    counts = parameter_counts(model)
+    step_s = elapsed / max(args.steps, 1)
+    tokens = flops["src_tokens"] + flops["tgt_tokens"]
+    model_tflops = flops["model_flops"] / step_s / 1e12
+    final_loss = float(losses[-1]) if losses else math.nan
+    return {
+        "benchmark": "train_throughput",
+        "label": args.label,
+        "config": {**{k: v for k, v in vars(args).items() if k not in ("json",)}, "model": asdict(config)},
+        "environment": environment(device),
+        "params_total": int(counts["total"]),
+        "params_experts": int(counts["experts"]),
+        "params_active": int(counts["active"]),
+        "tokens_per_step": int(tokens),
+        "warmup_s": warmup_s,
+        "step_s": step_s,
+        "tokens_per_s": tokens / step_s,
+        "target_tokens_per_s": flops["tgt_tokens"] / step_s,
+        "model_tflops_per_step": flops["model_flops"] / 1e12,
+        "model_tflops_per_s": model_tflops,
+        "attention_tflops_per_s": flops["attention_flops"] / step_s / 1e12,
+        "peak_tflops": args.peak_tflops,
+        "mfu": model_tflops / args.peak_tflops,
+        "peak_memory_gib": peak_memory_gib(device),
+        "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process max RSS",
+        "dropped_fraction": float(torch.stack(dropped).float().mean()) if dropped else 0.0,
+        "final_loss": final_loss,
+        "loss_finite": math.isfinite(final_loss),
+    }
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(parser)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", choices=PRECISIONS, help="default: bf16-mixed on CUDA, 32-true on CPU")
+    parser.add_argument("--steps", type=int, default=30, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    parser.add_argument("--num-batches", type=int, default=4, help="distinct batches cycled through")
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--peak-tflops", type=float, default=989.0, help="peak of the device for MFU (TFLOP/s)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--label", default="", help="a name for this run in the JSON")
+    parser.add_argument("--json", type=Path, help="write the result record to this file")
+    args = parser.parse_args(argv)
+    if args.precision is None:
+        args.precision = "bf16-mixed" if args.device.startswith("cuda") else "32-true"
+    result = run(args)
+    env = result["environment"]
+    print(
+        f"# torch {env['torch']} on {env.get('gpu', env['device'])}, {args.precision}, preset {args.preset}, "
+        f"E={result['config']['model']['moe']['num_experts']} k={result['config']['model']['moe']['k']}, "
+        f"{result['params_total'] / 1e6:.1f}M params ({result['params_active'] / 1e6:.1f}M active)"
+    )
+    print(
+        f"step {result['step_s'] * 1e3:.1f} ms | {result['tokens_per_s']:,.0f} tokens/s | "
+        f"{result['model_tflops_per_s']:.2f} model TFLOP/s | MFU {result['mfu'] * 100:.2f}% of {args.peak_tflops:g} | "
+        f"peak {result['peak_memory_gib']:.2f} GiB ({result['peak_memory_kind']}) | dropped {result['dropped_fraction']:.3f} | "
+        f"loss {result['final_loss']:.3f}"
+    )
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""The GPU benchmarks' CPU modes: ``train_throughput.py`` and ``model_scale.py`` run end to end on a tiny model,
+and their bookkeeping (active parameters, the scale summary) is right. ``gpu_check.sh`` parses."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+BENCHMARKS = REPO / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import model_scale  # noqa: E402
+import train_throughput  # noqa: E402
+
+from lightning_moe.models import MoETransformer, get_preset  # noqa: E402
+
+
+def _run(script: str, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), *args], capture_output=True, text=True, timeout=timeout, cwd=REPO
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_gpu_check_script_parses() -> None:
+    subprocess.run(["bash", "-n", str(BENCHMARKS / "gpu_check.sh")], check=True)
+
+
+# ------------------------------------------------------------------------------------- bookkeeping
+
+
+def test_active_parameters_count_k_of_e_experts_and_the_output_projection_once() -> None:
+    config = get_preset("tiny", vocab_size=100, num_experts=4, k=1)
+    model = MoETransformer(config)
+    counts = train_throughput.parameter_counts(model)
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    total = sum(p.numel() for p in model.parameters())
+    assert counts["total"] == total and counts["experts"] == experts
+    # Tied embeddings: the matrix counts once (as the output projection); sinusoidal positions have no parameters.
+    assert counts["active"] == pytest.approx(total - experts * (1 - 1 / 4))
+    encoder = sum(p.numel() * (0.25 if ".experts." in n else 1) for n, p in model.named_parameters() if n.startswith("encoder_"))
+    cross_kv = sum(p.numel() for n, p in model.named_parameters() if ".cross_attn.k_proj." in n or ".cross_attn.v_proj." in n)
+    assert counts["active_src"] == pytest.approx(encoder + cross_kv)
+
+
+def test_step_flops_follow_the_6n_rule_per_side() -> None:
+    model = MoETransformer(get_preset("tiny", vocab_size=100))
+    counts = train_throughput.parameter_counts(model)
+    flops = train_throughput.step_flops(model, batch_size=3, src_len=7, tgt_len=5)
+    assert flops["src_tokens"] == 21 and flops["tgt_tokens"] == 15
+    assert flops["model_flops"] == pytest.approx(6 * (counts["active_src"] * 21 + counts["active_tgt"] * 15))
+    assert flops["attention_flops"] > 0
+
+
+def test_scale_summary_compares_the_largest_models() -> None:
+    runs = {
+        "stage0-none": {"summary": {"largest_params": 100, "gpu_state_bytes_per_param": 16.0, "peak_gpu_bytes_per_param": 20.0,
+                                    "stop_reason": "E=16 failed: out of memory"}},
+        "stage3-params": {"summary": {"largest_params": 300, "gpu_state_bytes_per_param": 0.0, "peak_gpu_bytes_per_param": 2.0,
+                                      "stop_reason": "host memory guard: E=64 needs ..."}},
+    }
+    summary = model_scale._compare(runs)
+    assert summary["stage3-params_params_ratio"] == 3.0
+    assert summary["stage3-params_goal_8x_met"] is False
+    assert summary["stage3-params_limited_by"] == "host memory"
+    assert summary["stage3-params_peak_gpu_bytes_per_param_reduction"] == 10.0
+    assert "stage3-params_gpu_state_bytes_per_param_reduction" not in summary  # nothing resident: no finite ratio
+
+
+# ------------------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.slow
+def test_train_throughput_runs_on_cpu(tmp_path: Path) -> None:
+    out = tmp_path / "throughput.json"
+    proc = _run(
+        "train_throughput.py", "--device", "cpu", "--preset", "tiny", "--vocab", "256", "--batch-size", "4",
+        "--src-len", "12", "--tgt-len", "10", "--steps", "2", "--warmup", "1", "--threads", "1", "--json", str(out),
+    )
+    result = json.loads(out.read_text())
+    assert "tokens/s" in proc.stdout and "MFU" in proc.stdout
+    assert result["tokens_per_step"] == 4 * (12 + 10)
+    assert result["tokens_per_s"] > 0 and result["model_tflops_per_s"] > 0
+    assert result["mfu"] == pytest.approx(result["model_tflops_per_s"] / 989.0)
+    assert 0 < result["params_active"] < result["params_total"]
+    assert result["loss_finite"] and result["peak_memory_gib"] > 0
+    assert result["config"]["precision"] == "32-true" and result["environment"]["device"] == "cpu"
+
+
+@pytest.mark.slow
+def test_model_scale_grows_experts_until_a_failure_then_refines(tmp_path: Path) -> None:
+    """Doubling 2 -> 4 -> 8 (a simulated out-of-memory above 6 experts), then the size halfway (6) is tried."""
+    out = tmp_path / "scale.json"
+    _run(
+        "model_scale.py", "--device", "cpu", "--preset", "tiny", "--vocab", "256", "--batch-size", "2",
+        "--src-len", "8", "--tgt-len", "8", "--experts-start", "2", "--simulate-oom-above", "6",
+        "--configs", "3:params", "--threads", "1", "--time-budget", "200", "--json", str(out), timeout=300,
+    )
+    result = json.loads(out.read_text())
+    run = result["runs"]["stage3-params"]
+    assert [(a["experts"], a["ok"]) for a in run["attempts"]] == [(2, True), (4, True), (8, False), (6, True)]
+    assert run["attempts"][2]["error"] == "out of memory"
+    summary = run["summary"]
+    assert summary["largest_experts"] == 6 and summary["stop_reason"].startswith("E=8 failed: out of memory")
+    best = next(a for a in run["attempts"] if a["experts"] == 6)
+    # fp32 parameters + gradients + two AdamW moments, all in host memory: 16 bytes per parameter.
+    assert best["state_bytes_by_device"]["cpu"] == pytest.approx(16 * best["params"], rel=1e-3)
+    assert torch.isfinite(torch.tensor(best["loss"]))
