@@ -75,11 +75,12 @@ class ExpertLoadMonitor(pl.Callback):
             return
         width = max(s.tokens_per_expert.numel() for _, s in stats)
         if self._load is None or self._load.shape != (len(stats), width):
-            self._load = torch.zeros(len(stats), width, dtype=torch.float64)
+            # Kept on the device of the counts: no host synchronisation per step.
+            self._load = torch.zeros(len(stats), width, dtype=torch.float64, device=stats[0][1].tokens_per_expert.device)
             self.layer_names = [name for name, _ in stats]
         for row, (_, s) in enumerate(stats):
-            counts = s.tokens_per_expert.detach().to("cpu", torch.float64)
-            self._load[row, : counts.numel()] += counts
+            counts = s.tokens_per_expert.detach()
+            self._load[row, : counts.numel()] += counts.to(self._load.device, torch.float64)
         if (trainer.global_step + 1) % max(trainer.log_every_n_steps, 1) == 0:
             dropped = torch.stack([s.dropped_fraction.float().cpu() for _, s in stats])
             entropy = torch.stack([s.router_entropy.float().cpu() for _, s in stats])
@@ -196,9 +197,12 @@ class NonFiniteGuard(pl.Callback):
         self.skipped = 0
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        local_bad = any(not bool(torch.isfinite(_local(g)).all()) for g in grads)
-        flag = torch.tensor(float(local_bad), device=pl_module.device if pl_module.device.type != "meta" else "cpu")
+        grads = [_local(p.grad) for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        device = pl_module.device if pl_module.device.type != "meta" else torch.device("cpu")
+        # One flag for all gradients: a single host synchronisation per step, not one per parameter.
+        flag = torch.zeros((), device=device)
+        if grads:
+            flag = torch.stack([(~torch.isfinite(g)).any() for g in grads]).any().float().to(device)
         if trainer.world_size > 1:
             flag = trainer.strategy.reduce(flag, reduce_op="max")
         if float(flag) == 0.0:

@@ -125,7 +125,6 @@ class MultitaskTranslationModule(pl.LightningModule):
             self.log("train/aux_loss", out.aux_loss, batch_size=batch_size)
         for task, task_nll in self._per_task_nll(out.logits.detach(), batch).items():
             self.log(f"train/{task}/nll", task_nll, batch_size=batch_size)
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"] if self._trainer else 0.0, prog_bar=False)
         return loss
 
     def _per_task_nll(self, logits: Tensor, batch: dict[str, Any]) -> dict[str, Tensor]:

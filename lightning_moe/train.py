@@ -173,10 +173,8 @@ def run(cfg: TrainConfig, extra_callbacks: Optional[list] = None) -> dict[str, f
             log.warning("%s: %s", split, report.summary())
     module = build_module(cfg, datamodule, init_checkpoint)
     trainer = build_trainer(cfg, extra_callbacks)
-    ckpt_path = resolve_resume(cfg.checkpoint.resume, checkpoint_dir(cfg)) if not cfg.init_from else None
-    if cfg.init_from and cfg.checkpoint.resume == "auto":
-        # A fine-tuning run that was interrupted resumes its own checkpoints, not init_from.
-        ckpt_path = resolve_resume("auto", checkpoint_dir(cfg))
+    # Resuming wins over init_from: an interrupted fine-tuning run continues from its own checkpoints.
+    ckpt_path = resolve_resume(cfg.checkpoint.resume, checkpoint_dir(cfg))
     if ckpt_path:
         log.info("resuming from %s", ckpt_path)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)

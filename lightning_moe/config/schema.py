@@ -60,7 +60,8 @@ class TrainConfig:
     """Seed of parameter initialisation and dropout (data order has ``data.seed``)."""
     init_from: Optional[str] = None
     """Fine-tuning: initialise the model's weights from this checkpoint (any parallel layout), then train
-    with a fresh optimizer and step counter."""
+    with a fresh optimizer and step counter. A run with checkpoints of its own (``checkpoint.resume``)
+    resumes from them instead."""
     test_after_fit: bool = True
     """Evaluate BLEU/chrF on the test splits after training."""
 
