@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Optional
 
@@ -49,13 +50,15 @@ def build_strategy(cfg: TrainConfig) -> Any:
             kwargs["zero_stage"] = s.zero_stage
         if s.offload is not None:
             kwargs["offload"] = s.offload
+        kwargs["tensor_parallel_size"] = s.tensor_parallel_size
         kwargs["activation_checkpointing"] = s.activation_checkpointing
         kwargs["save_distributed_checkpoint"] = s.save_distributed_checkpoint
+        kwargs["timeout"] = timedelta(seconds=s.timeout_s)
         return MoEZeroStrategy(**kwargs)
     if s.name == "ddp":
         from lightning.pytorch.strategies import DDPStrategy
 
-        return DDPStrategy(checkpoint_io=AtomicCheckpointIO())
+        return DDPStrategy(checkpoint_io=AtomicCheckpointIO(), timeout=timedelta(seconds=s.timeout_s))
     from lightning.pytorch.strategies import SingleDeviceStrategy
 
     accelerator = cfg.trainer.accelerator

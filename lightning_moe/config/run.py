@@ -110,26 +110,46 @@ class StrategyConfig:
     """``moe_zero`` only: 0-3; None = the preset's (2 for ``moe_zero``)."""
     offload: Optional[str] = None
     """``moe_zero`` only: ``none``, ``optimizer`` (ZeRO-Offload), ``params``; None = the preset's."""
+    tensor_parallel_size: int = 1
+    """``moe_zero`` only: ranks splitting each dense layer (attention heads, FFN width); must divide
+    ``trainer.devices x trainer.num_nodes`` and the model's heads and widths. 1 = no tensor parallelism."""
     activation_checkpointing: bool = False
     """``moe_zero`` only: recompute each block's activations in backward."""
     save_distributed_checkpoint: bool = True
     """``moe_zero`` only: a sharded DCP folder (True) or one full file from rank 0 (False)."""
+    timeout_s: float = 600.0
+    """``moe_zero`` and ``ddp``: seconds a collective waits for the other ranks before failing. A rank that dies
+    is noticed at once; one that freezes after this long. Then every surviving rank stops with an error naming
+    it (``moe_zero``). torch's own default is 1800."""
 
     def __post_init__(self) -> None:
         _choice("strategy.name", self.name, STRATEGY_NAMES)
+        if isinstance(self.timeout_s, bool) or not isinstance(self.timeout_s, (int, float)) or not 0 < self.timeout_s < float("inf"):
+            raise ValueError(f"strategy.timeout_s={self.timeout_s!r} must be a positive number of seconds, e.g. 600")
         if self.expert_parallel_size != "auto":
             if isinstance(self.expert_parallel_size, bool) or not isinstance(self.expert_parallel_size, int) or self.expert_parallel_size < 1:
                 raise ValueError(
                     f"strategy.expert_parallel_size={self.expert_parallel_size!r} must be 'auto' or a positive integer"
                 )
+        if isinstance(self.tensor_parallel_size, bool) or not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
+            raise ValueError(
+                f"strategy.tensor_parallel_size={self.tensor_parallel_size!r} must be a positive integer "
+                "(1 = no tensor parallelism)"
+            )
         if self.zero_stage is not None:
             _choice("strategy.zero_stage", self.zero_stage, (0, 1, 2, 3))
         if self.offload is not None:
             _choice("strategy.offload", self.offload, ("none", "optimizer", "params"))
-        moe_only = self.zero_stage is not None or self.offload not in (None, "none") or self.activation_checkpointing
+        moe_only = (
+            self.zero_stage is not None
+            or self.offload not in (None, "none")
+            or self.activation_checkpointing
+            or self.tensor_parallel_size != 1
+        )
         if moe_only and not self.name.startswith("moe_zero"):
             raise ValueError(
-                f"strategy.zero_stage / offload / activation_checkpointing need strategy.name=moe_zero "
+                f"strategy.zero_stage / offload / activation_checkpointing / tensor_parallel_size need "
+                f"strategy.name=moe_zero "
                 f"(got strategy.name={self.name!r})"
             )
 

@@ -119,10 +119,15 @@ class MultiHeadAttention(nn.Module):
         dropout: dropout on the attention probabilities (training only).
     """
 
+    tensor_parallel_plan = {"q_proj": "colwise", "k_proj": "colwise", "v_proj": "colwise", "out_proj": "rowwise"}
+    """How tensor parallelism splits the projections (plain data, read by ``lightning_moe.parallel``): heads
+    are split over the ranks, each holding ``num_heads / tp`` of them."""
+
     def __init__(self, d_model: int, num_heads: int, dropout: float = 0.0) -> None:
         super().__init__()
         if d_model % num_heads != 0:
             raise ValueError(f"num_heads={num_heads} must divide d_model={d_model}")
+        self.num_heads = num_heads
         self.head_dim = d_model // num_heads
         self.dropout = dropout
         self.q_proj = nn.Linear(d_model, d_model)

@@ -32,6 +32,7 @@ from lightning_moe.moe.experts import ACTIVATIONS
 __all__ = [
     "ModelOutput",
     "FeedForward",
+    "TiedOutputHead",
     "EncoderLayer",
     "DecoderLayer",
     "DecoderCache",
@@ -90,6 +91,9 @@ class FeedForward(nn.Module):
     ``fc1``/``fc3`` split column-wise and ``fc2`` row-wise under tensor parallelism.
     """
 
+    tensor_parallel_plan = {"fc1": "colwise", "fc3": "colwise", "fc2": "rowwise"}
+    """How tensor parallelism splits the layers (plain data, read by ``lightning_moe.parallel``)."""
+
     def __init__(
         self, d_model: int, hidden_size: int, kind: str = "ffn", activation: str = "gelu", dropout: float = 0.0
     ) -> None:
@@ -121,6 +125,30 @@ class FeedForward(nn.Module):
         if self.fc3 is not None:
             h = h * self.fc3(x)
         return self.fc2(self.dropout(h))
+
+
+class TiedOutputHead(nn.Module):
+    """Output projection onto the vocabulary with an embedding's table: ``[..., D] -> [..., V]``.
+
+    Holds no parameter of its own: the table stays registered (and saved) only under the embedding, so
+    state dict keys and ``named_parameters`` list it once. The embedding is referenced, not registered as
+    a child, and its ``weight`` is read at every call, so whatever replaced it since (a meta tensor
+    materialised, a DTensor shard, FSDP's gathered parameter) is used. Being a module of its own lets a
+    parallel plan wrap the projection (style ``"tied_head"``) without the model knowing how.
+    """
+
+    def __init__(self, embedding: nn.Embedding) -> None:
+        super().__init__()
+        self._embedding = (embedding,)  # a tuple: nn.Module does not register it as a child
+
+    @property
+    def embedding(self) -> nn.Embedding:
+        """The embedding whose ``weight [V, D]`` is the projection."""
+        return self._embedding[0]
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        """``hidden [..., D]`` -> logits ``[..., V]``."""
+        return F.linear(hidden, self.embedding.weight)
 
 
 def _build_ffn(config: TransformerConfig, index: int) -> nn.Module:
@@ -327,6 +355,7 @@ class MoETransformer(nn.Module):
         # Tied: src_embed serves source, target and output projection.
         self.tgt_embed: Optional[nn.Embedding] = None if config.tie_embeddings else nn.Embedding(vocab, d)
         self.output_proj: Optional[nn.Linear] = None if config.tie_embeddings else nn.Linear(d, vocab, bias=False)
+        self.tied_head: Optional[TiedOutputHead] = TiedOutputHead(self.src_embed) if config.tie_embeddings else None
         learned = config.positional == "learned"
         self.encoder_pos_embed: Optional[nn.Embedding] = nn.Embedding(config.max_positions, d) if learned else None
         self.decoder_pos_embed: Optional[nn.Embedding] = nn.Embedding(config.max_positions, d) if learned else None
@@ -339,6 +368,15 @@ class MoETransformer(nn.Module):
         self.init_weights()
 
     # ----------------------------------------------------------------------------------------- setup
+
+    @property
+    def tensor_parallel_plan(self) -> dict[str, str]:
+        """How tensor parallelism splits the embeddings and the output head (plain data, read by
+        ``lightning_moe.parallel``): the token embeddings are split over the vocabulary and the head's
+        logits gathered, whether the head is its own ``output_proj`` or the tied table (``tied_head``)."""
+        if self.config.tie_embeddings:
+            return {"src_embed": "embedding", "tied_head": "tied_head"}
+        return {"src_embed": "embedding", "tgt_embed": "embedding", "output_proj": "head"}
 
     @property
     def has_moe(self) -> bool:
@@ -391,9 +429,8 @@ class MoETransformer(nn.Module):
 
     def output_logits(self, hidden: Tensor) -> Tensor:
         """Project decoder states ``[..., D]`` to vocabulary logits ``[..., V]``."""
-        if self.output_proj is None:
-            return F.linear(hidden, self.src_embed.weight)
-        return self.output_proj(hidden)
+        head = self.output_proj if self.tied_head is None else self.tied_head
+        return head(hidden)
 
     # --------------------------------------------------------------------------------------- encoder
 

@@ -1,4 +1,4 @@
-"""Parallel engine: mesh dims, expert parallelism, ZeRO via FSDP2, CPU offload, clipping.
+"""Parallel engine: mesh dims, tensor and expert parallelism, ZeRO via FSDP2, CPU offload, clipping.
 
 ``torch.distributed`` lives here and nowhere in the model code; no Lightning imports.
 See docs/INTERFACES.md ("Parallel code") for the contract.
@@ -11,6 +11,7 @@ from lightning_moe.parallel.expert_parallel import apply_expert_parallel, is_exp
 from lightning_moe.parallel.fsdp import apply_fsdp, mixed_precision_policy, no_gradient_sync
 from lightning_moe.parallel.offload import CPUOffloadAdamW, offload_optimizer
 from lightning_moe.parallel.parallelize import apply_activation_checkpointing, parallelize
+from lightning_moe.parallel.tensor_parallel import apply_expert_token_split, apply_tensor_parallel
 
 __all__ = [
     "ParallelDims",
@@ -18,6 +19,8 @@ __all__ = [
     "submesh",
     "parallelize",
     "apply_expert_parallel",
+    "apply_tensor_parallel",
+    "apply_expert_token_split",
     "apply_activation_checkpointing",
     "apply_fsdp",
     "is_expert_parallel",

@@ -8,6 +8,9 @@ Mesh layout (outermost first)::
   contiguous data-parallel ranks (ranks 0..ep-1 hold all experts between them, then ep..2ep-1, ...).
 * ``efsdp = dp / ep``: the ranks holding the *same* experts; expert weights are ZeRO-sharded over it.
 * ``dp = efsdp * ep``: every data-parallel rank; dense weights are ZeRO-sharded over it.
+* ``efsdp_tp = efsdp x tp`` (flattened, only built when ``tp > 1``): experts are not split by tensor
+  parallelism (each ``tp`` rank runs ``1/tp`` of their tokens, see ``tensor_parallel.py``), so their weights
+  are ZeRO-sharded over these ranks, and their partial gradients summed there (:func:`expert_shard_mesh`).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Iterable, Literal, Union
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-__all__ = ["ParallelDims", "submesh", "ZERO_STAGES", "OFFLOAD_CHOICES", "MESH_DIM_NAMES"]
+__all__ = ["ParallelDims", "submesh", "expert_shard_mesh", "ZERO_STAGES", "OFFLOAD_CHOICES", "MESH_DIM_NAMES"]
 
 ZERO_STAGES = (0, 1, 2, 3)
 OFFLOAD_CHOICES = ("none", "optimizer", "params")
@@ -50,7 +53,10 @@ class ParallelDims:
     fixed by :meth:`resolve`."""
 
     tensor_parallel_size: int = 1
-    """Ranks splitting each dense weight (TP). Only 1 is supported for now; the mesh keeps the axis."""
+    """Ranks splitting each dense weight (TP, the innermost mesh axis). Must divide ``world_size``; the
+    ``tp`` ranks of one data-parallel rank read the same batch. Works with every expert-parallel size,
+    ZeRO stage and offload choice. Whether it divides the model's heads and widths is checked when the
+    model is parallelized (:func:`lightning_moe.parallel.tensor_parallel.apply_tensor_parallel`)."""
 
     zero_stage: int = 3
     """ZeRO stage: 0 = replicated parameters, gradients all-reduced (DDP-like); 1 = optimizer state
@@ -69,10 +75,6 @@ class ParallelDims:
             raise ValueError(f"world_size={self.world_size!r} must be a positive integer (the number of ranks)")
         if not _is_positive_int(self.tensor_parallel_size):
             raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size!r} must be a positive integer")
-        if self.tensor_parallel_size != 1:
-            raise ValueError(
-                f"tensor_parallel_size={self.tensor_parallel_size} is not supported yet; use tensor_parallel_size=1"
-            )
         if self.world_size % self.tensor_parallel_size != 0:
             raise ValueError(
                 f"tensor_parallel_size={self.tensor_parallel_size} does not divide world_size={self.world_size}; "
@@ -185,18 +187,32 @@ class ParallelDims:
             )
         mesh = init_device_mesh(device_type, (self.efsdp, self.ep, self.tp), mesh_dim_names=MESH_DIM_NAMES)
         mesh["efsdp", "ep"]._flatten("dp")
+        if self.tp > 1:
+            mesh["efsdp", "tp"]._flatten("efsdp_tp")
         return mesh
 
 
 def submesh(mesh: DeviceMesh, name: str) -> DeviceMesh:
     """The 1-D sub-mesh ``name`` of a mesh built by :meth:`ParallelDims.build_mesh`.
 
-    ``name`` is one of ``"efsdp"``, ``"ep"``, ``"tp"`` or ``"dp"`` (``efsdp x ep`` flattened). Use this
-    instead of ``mesh["dp"]``: slicing a flattened dim out of the root mesh is deprecated from torch 2.11;
-    re-flattening returns the cached flattened mesh (no new process group).
+    ``name`` is one of ``"efsdp"``, ``"ep"``, ``"tp"``, ``"dp"`` (``efsdp x ep`` flattened) or ``"efsdp_tp"``
+    (``efsdp x tp`` flattened). Use this instead of ``mesh["dp"]``: slicing a flattened dim out of the root
+    mesh is deprecated from torch 2.11; re-flattening returns the cached flattened mesh (no new process group).
     """
     if name == "dp":
         return mesh["efsdp", "ep"]._flatten("dp")
+    if name == "efsdp_tp":
+        return mesh["efsdp", "tp"]._flatten("efsdp_tp")
     if name not in MESH_DIM_NAMES:
-        raise ValueError(f"mesh dim {name!r} does not exist; use one of {[*MESH_DIM_NAMES, 'dp']}")
+        raise ValueError(f"mesh dim {name!r} does not exist; use one of {[*MESH_DIM_NAMES, 'dp', 'efsdp_tp']}")
     return mesh[name]
+
+
+def expert_shard_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    """The ranks that ZeRO-shard the expert weights: ``efsdp``, or ``efsdp x tp`` when ``tp > 1``.
+
+    Under tensor parallelism the experts are replicated over ``tp`` and each ``tp`` rank computes a share
+    of their tokens, so their gradients are summed over ``tp`` as well as ``efsdp``: sharding them over
+    both gives that reduction and ``1/tp`` of the expert memory per rank.
+    """
+    return submesh(mesh, "efsdp_tp") if mesh["tp"].size() > 1 else submesh(mesh, "efsdp")

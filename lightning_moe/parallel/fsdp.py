@@ -1,10 +1,12 @@
-"""ZeRO stages on FSDP2: one FSDP unit per expert module, per block (and free MoE layer), root last.
+"""ZeRO stages on FSDP2 (stage 0: DDP): one FSDP unit per expert module, per block (and free MoE layer), root last.
 
 =====  ===========================================================  ==================================
-stage  FSDP2 setting                                                communication per optimizer step
+stage  setting                                                      communication per optimizer step
 =====  ===========================================================  ==================================
-0      ``replicate`` (FSDP2's DDP mode): full parameters,           all-reduce of gradients
-       gradients all-reduced
+0      DDP (composable ``replicate``): plain full parameters,        bucketed all-reduce of gradients,
+       gradients all-reduced in buckets while backward runs.         overlapped with backward
+       With ``ep > 1`` (DTensor experts) or a mixed-precision
+       policy: FSDP2's ``replicate`` (``Replicate()`` DTensors)
 1      ``fully_shard(reshard_after_forward=False)``; gradient       all-gather of parameters, one
        sync deferred on accumulation micro-batches (unsharded       reduce-scatter of the accumulated
        gradients accumulate locally), see :func:`no_gradient_sync`  gradients
@@ -18,6 +20,11 @@ stage  FSDP2 setting                                                communicatio
 Experts are sharded over ``efsdp`` (the ranks that hold the same experts), dense weights over ``dp``.
 Expert gradients are divided by the full data-parallel size: the all-to-all already summed the
 contributions of the whole ``ep`` group, so dividing by ``efsdp`` alone would scale them by ``ep``.
+
+Why DDP at stage 0: FSDP2's ``replicate`` keeps parameters as ``Replicate()`` DTensors and copies every
+unit's gradients into and out of a flat buffer per step; on the 2-rank CPU benchmark that made stage 0
+1.4x slower than Lightning's ``ddp`` (``benchmarks/strategy_step_time.py``). DDP reduces the gradients
+in place from buckets while backward runs, and the optimizer updates plain tensors.
 """
 
 from __future__ import annotations
@@ -37,12 +44,12 @@ from torch.distributed.fsdp import (
     fully_shard,
     register_fsdp_forward_method,
 )
-from torch.distributed.tensor import Shard
+from torch.distributed.tensor import DTensor, Shard
 
-from lightning_moe.parallel.dims import ParallelDims, submesh
+from lightning_moe.parallel.dims import ParallelDims, expert_shard_mesh, submesh
 from lightning_moe.parallel.discovery import find_blocks, find_moe_layers
 
-__all__ = ["apply_fsdp", "mixed_precision_policy", "no_gradient_sync", "PRECISIONS"]
+__all__ = ["apply_fsdp", "is_data_parallel", "mixed_precision_policy", "no_gradient_sync", "PRECISIONS"]
 
 PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true")
 
@@ -84,6 +91,36 @@ def _replicate_fn():
     return replicate
 
 
+def _apply_ddp(model: nn.Module, dp_mesh: DeviceMesh) -> None:
+    """Stage 0 with plain parameters and no mixed-precision policy: DDP over ``dp``.
+
+    Composable ``replicate`` (DDP under the hood; parameter names and the module's class behaviour are
+    kept) builds its ``DistributedDataParallel`` at the model's first forward, so meta parameters may be
+    materialised after this call; DDP then broadcasts rank 0's parameters, which every rank already has.
+    """
+    from torch.distributed._composable.replicate import replicate as ddp_replicate
+
+    # broadcast_buffers=False: buffers are computed identically on every rank (FSDP2 never broadcasts them
+    # either); it saves a broadcast per forward. gradient_as_bucket_view: ``.grad`` are views into DDP's
+    # all-reduce buckets, no copy between the two and no second copy of the gradients in memory.
+    ddp_replicate(model, process_group=dp_mesh.get_group(), broadcast_buffers=False, gradient_as_bucket_view=True)
+
+
+def _is_ddp(module: nn.Module) -> bool:
+    from torch.distributed._composable.replicate import DDP
+
+    return isinstance(module, DDP)
+
+
+def is_data_parallel(model: nn.Module) -> bool:
+    """Whether :func:`apply_fsdp` made ``model`` data parallel (FSDP2 or, at stage 0, DDP).
+
+    Its ``forward`` then runs the hooks of the data-parallel root (FSDP2's lazy init and root
+    all-gathers, DDP's bucket preparation): a step must enter through ``forward``.
+    """
+    return isinstance(model, FSDPModule) or _is_ddp(model)
+
+
 def _expert_shard_placement(efsdp: int):
     """Shard expert weights on dim 0 (experts) when the local experts split evenly over ``efsdp``,
     else on dim 1 (e.g. 2 local experts over 4 ranks), else dim 0 with FSDP's padding."""
@@ -120,10 +157,17 @@ def apply_fsdp(
     """
     if isinstance(model, FSDPModule):
         raise ValueError("model already has FSDP applied; call apply_fsdp once")
-    dp_mesh, efsdp_mesh = submesh(mesh, "dp"), submesh(mesh, "efsdp")
+    # experts: over efsdp, or efsdp x tp under tensor parallelism (see dims.expert_shard_mesh)
+    dp_mesh, efsdp_mesh = submesh(mesh, "dp"), expert_shard_mesh(mesh)
     stage = dims.zero_stage
     mp = mp_policy if mp_policy is not None else MixedPrecisionPolicy()
 
+    if stage == 0 and mp_policy is None and dims.tp == 1 and not any(isinstance(p, DTensor) for p in model.parameters()):
+        # ep == 1 (and tp == 1): every parameter is a plain tensor. DDP takes plain tensors only, and with
+        # ep > 1 the experts are DTensors over ep: an optimizer's fused/foreach update cannot mix both types.
+        _apply_ddp(model, dp_mesh)
+        model._zero_stage = stage  # type: ignore[attr-defined]  # read by no_gradient_sync
+        return model
     if stage == 0:
         replicate = _replicate_fn()
 
@@ -197,18 +241,25 @@ def no_gradient_sync(model: nn.Module, zero_stage: Optional[int] = None) -> Iter
         zero_stage: defaults to the stage :func:`apply_fsdp` used.
     """
     stage = getattr(model, "_zero_stage", None) if zero_stage is None else zero_stage
-    if not isinstance(model, FSDPModule) or stage is None:
+    if not is_data_parallel(model) or stage is None:
         raise ValueError("no_gradient_sync needs a model returned by apply_fsdp (or parallelize)")
     defer_reduction = stage <= 1
-    keep_unsharded = stage <= 2
+    keep_unsharded = stage <= 2 and isinstance(model, FSDPModule)  # DDP keeps no sharded state
     try:
         if defer_reduction:
-            model.set_requires_gradient_sync(False, recurse=True)
+            _set_requires_gradient_sync(model, False)
         if keep_unsharded:
-            model.set_reshard_after_backward(False, recurse=True)
+            model.set_reshard_after_backward(False, recurse=True)  # type: ignore[operator]
         yield
     finally:
         if defer_reduction:
-            model.set_requires_gradient_sync(True, recurse=True)
+            _set_requires_gradient_sync(model, True)
         if keep_unsharded:
-            model.set_reshard_after_backward(True, recurse=True)
+            model.set_reshard_after_backward(True, recurse=True)  # type: ignore[operator]
+
+
+def _set_requires_gradient_sync(model: nn.Module, enabled: bool) -> None:
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(enabled, recurse=True)
+    else:  # composable DDP: one flag for the whole model
+        model.set_requires_gradient_sync(enabled)  # type: ignore[operator]

@@ -19,6 +19,7 @@ __all__ = [
     "optimizer_state_bytes",
     "optimizer_parameters",
     "unsharded_parameter_bytes",
+    "dense_and_expert_parameter_bytes",
 ]
 
 
@@ -87,3 +88,16 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     tensors: list[Tensor] = [v for state in optimizer.state.values() for v in state.values() if isinstance(v, Tensor)]
     tensors += list(getattr(optimizer, "_masters", {}).values())
     return local_bytes(tensors)
+
+
+def dense_and_expert_parameter_bytes(model: nn.Module) -> tuple[int, int]:
+    """``(dense, experts)``: bytes of the parameters this rank holds outside / inside the MoE layers'
+    ``experts`` modules (local shards; what tensor and expert parallelism each divide)."""
+    from lightning_moe.parallel.discovery import find_moe_layers
+
+    expert_ids = {id(p) for _, layer in find_moe_layers(model) for p in layer.experts.parameters()}
+    params = list(model.parameters())
+    return (
+        local_bytes(p for p in params if id(p) not in expert_ids),
+        local_bytes(p for p in params if id(p) in expert_ids),
+    )

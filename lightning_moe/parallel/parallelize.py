@@ -1,8 +1,11 @@
 """The one ordered place where a model becomes parallel.
 
-Order matters: expert parallelism turns the expert weights into ``ep``-sharded DTensors, activation
-checkpointing wraps blocks (FQNs unchanged), and FSDP then shards whatever is there, bottom-up.
-Tensor parallelism will come first of all, in a later change (``ParallelDims`` rejects ``tp > 1``).
+Order matters: tensor parallelism first splits the dense layers over ``tp`` (DTensors over ``tp``), expert
+parallelism turns the expert weights into ``ep``-sharded DTensors, the expert token split (``tp > 1``) wraps
+the expert-parallel forward so that each ``tp`` rank dispatches only its share of the rows, activation
+checkpointing wraps blocks (FQNs unchanged), and FSDP then shards whatever is there, bottom-up, over the
+data-parallel axes (``dp`` for dense weights: FSDP2 over a 1-D submesh of TP DTensors is the standard 2-D
+FSDP + TP composition; ``efsdp`` or ``efsdp x tp`` for experts).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from lightning_moe.parallel.dims import ParallelDims, submesh
 from lightning_moe.parallel.discovery import expert_counts, find_blocks
 from lightning_moe.parallel.expert_parallel import apply_expert_parallel
 from lightning_moe.parallel.fsdp import apply_fsdp
+from lightning_moe.parallel.tensor_parallel import apply_expert_token_split, apply_tensor_parallel
 
 __all__ = ["parallelize", "apply_activation_checkpointing"]
 
@@ -47,7 +51,8 @@ def parallelize(
     mp_policy: Optional[MixedPrecisionPolicy] = None,
     activation_checkpointing: bool = False,
 ) -> nn.Module:
-    """Make ``model`` parallel in place: expert parallelism, activation checkpointing, ZeRO (FSDP2).
+    """Make ``model`` parallel in place: tensor parallelism, expert parallelism, activation checkpointing,
+    ZeRO (FSDP2).
 
     Args:
         model: a model containing :class:`lightning_moe.moe.MoE` layers (or none).
@@ -66,7 +71,10 @@ def parallelize(
             f"mesh {tuple(mesh.mesh_dim_names or ())} of shape {tuple(mesh.shape)} does not match dims "
             f"(efsdp={dims.efsdp}, ep={dims.ep}, tp={dims.tp}); build it with dims.build_mesh(device_type)"
         )
+    tp_mesh = submesh(mesh, "tp")
+    apply_tensor_parallel(model, tp_mesh)
     apply_expert_parallel(model, submesh(mesh, "ep"))
+    apply_expert_token_split(model, tp_mesh)
     if activation_checkpointing:
         apply_activation_checkpointing(model)
     apply_fsdp(model, mesh, dims, mp_policy=mp_policy)

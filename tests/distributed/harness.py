@@ -50,11 +50,15 @@ _FAILURE_GRACE_S = 1.0
 class RankError(RuntimeError):
     """A rank raised; the message holds that rank's formatted traceback."""
 
-    def __init__(self, rank: int, remote_traceback: str, other_failed: list[int]) -> None:
+    def __init__(
+        self, rank: int, remote_traceback: str, other_failed: list[int], tracebacks: Optional[dict[int, str]] = None
+    ) -> None:
         others = f" (ranks {other_failed} failed too)" if other_failed else ""
         super().__init__(f"rank {rank} failed{others}:\n{remote_traceback}")
         self.rank = rank
         self.remote_traceback = remote_traceback
+        self.tracebacks = tracebacks if tracebacks is not None else {rank: remote_traceback}
+        """Every rank that failed (in the order they reported) -> its traceback or exit message."""
 
 
 class RankTimeoutError(TimeoutError):
@@ -137,6 +141,7 @@ def run_ranks(
     world_size: int,
     *args: Any,
     timeout: float = 120,
+    failure_grace_s: float = _FAILURE_GRACE_S,
     **kwargs: Any,
 ) -> list[Any]:
     """Run ``fn(rank, world_size, *args, **kwargs)`` on ``world_size`` forked gloo ranks.
@@ -146,6 +151,8 @@ def run_ranks(
             its return value must be picklable with :mod:`pickle` (return plain tensors, not DTensors).
         world_size: number of ranks to fork (>= 1).
         timeout: seconds all ranks together may take before every rank is killed.
+        failure_grace_s: once a rank failed (or died), how long the others may still take to report their own
+            outcome before they are killed (a test of how ranks react to a dead peer needs more than the default).
 
     Returns:
         The ranks' return values, indexed by rank.
@@ -160,7 +167,9 @@ def run_ranks(
         raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
     deadline = time.monotonic() + timeout
     for attempt in range(1, _SETUP_ATTEMPTS + 1):
-        outcome = _attempt(fn, world_size, args, kwargs, deadline, timeout, last=attempt == _SETUP_ATTEMPTS)
+        outcome = _attempt(
+            fn, world_size, args, kwargs, deadline, timeout, failure_grace_s, last=attempt == _SETUP_ATTEMPTS
+        )
         if outcome is not None:
             return outcome
         print(
@@ -178,6 +187,7 @@ def _attempt(
     kwargs: dict[str, Any],
     deadline: float,
     timeout: float,
+    failure_grace_s: float = _FAILURE_GRACE_S,
     *,
     last: bool = False,
 ) -> Optional[list[Any]]:
@@ -224,7 +234,7 @@ def _attempt(
                 if status == "setup_error":
                     setup_failed = True
                 if not failures:  # the others are probably stuck waiting for this rank
-                    deadline = min(deadline, time.monotonic() + _FAILURE_GRACE_S)
+                    deadline = min(deadline, time.monotonic() + failure_grace_s)
                 failures.append((rank, value))
         unfinished = sorted(readers.values())
         _kill(procs)
@@ -232,7 +242,7 @@ def _attempt(
             return None
         if failures:
             first_rank, first_tb = failures[0]
-            raise RankError(first_rank, first_tb, [r for r, _ in failures[1:]])
+            raise RankError(first_rank, first_tb, [r for r, _ in failures[1:]], dict(failures))
         if unfinished:
             raise RankTimeoutError(
                 f"ranks {unfinished} of {world_size} did not finish within {timeout} s and were killed"

@@ -23,7 +23,8 @@ def test_ep_not_dividing_dp_names_valid_sizes() -> None:
         (dict(world_size=4, offload="disk"), r"offload='disk' is not supported; use one of \['none', 'optimizer'"),
         (dict(world_size=4, zero_stage=0, offload="optimizer"), r"offload='optimizer' needs zero_stage >= 1"),
         (dict(world_size=4, zero_stage=2, offload="params"), r"offload='params' needs zero_stage=3"),
-        (dict(world_size=4, tensor_parallel_size=2), r"tensor_parallel_size=2 is not supported yet"),
+        (dict(world_size=4, tensor_parallel_size=3), r"tensor_parallel_size=3 does not divide world_size=4; use one of \[1, 2, 4\]"),
+        (dict(world_size=4, tensor_parallel_size=2, expert_parallel_size=4), r"expert_parallel_size=4 does not divide the data-parallel size 2"),
         (dict(world_size=4, expert_parallel_size=0), r"expert_parallel_size=0 must be a positive integer or 'auto'"),
         (dict(world_size=4, expert_parallel_size="all"), r"expert_parallel_size='all' must be a positive integer"),
     ],
@@ -91,3 +92,23 @@ def _wrong_world_size(rank: int, world_size: int) -> None:
 @pytest.mark.distributed
 def test_build_mesh_checks_the_world_size() -> None:
     run_ranks(_wrong_world_size, 2, timeout=60)
+
+
+def _mesh_layout_tp(rank: int, world_size: int) -> dict:
+    mesh = ParallelDims(world_size, 2, tensor_parallel_size=2).build_mesh("cpu")
+    out = {"shape": tuple(mesh.shape)}
+    for name in ("ep", "efsdp", "dp", "tp", "efsdp_tp"):
+        out[name] = sorted(dist.get_process_group_ranks(submesh(mesh, name).get_group()))
+    return out
+
+
+@pytest.mark.distributed
+def test_mesh_layout_with_tp_is_innermost() -> None:
+    # 8 ranks = efsdp 2 x ep 2 x tp 2: tp pairs are neighbours, ep groups stride 2, efsdp groups stride 4
+    for rank, layout in enumerate(run_ranks(_mesh_layout_tp, 8, timeout=120)):
+        assert layout["shape"] == (2, 2, 2)
+        assert layout["tp"] == [rank - rank % 2, rank - rank % 2 + 1]
+        assert layout["ep"] == [r for r in range(8) if r // 4 == rank // 4 and r % 2 == rank % 2]
+        assert layout["efsdp"] == [r for r in range(8) if r % 4 == rank % 4]
+        assert layout["dp"] == [r for r in range(8) if r % 2 == rank % 2]
+        assert layout["efsdp_tp"] == [r for r in range(8) if (r // 2) % 2 == (rank // 2) % 2]

@@ -46,10 +46,10 @@ def _all_done(local_done: bool) -> bool:
     return float(flag) == 0.0
 
 
-def _decode_sharded(rank: int, world_size: int, zero_stage: int) -> tuple[list, list]:
+def _decode_sharded(rank: int, world_size: int, zero_stage: int, ep: int) -> tuple[list, list]:
     model = _model()
     reference = copy.deepcopy(model)
-    dims = ParallelDims(world_size, expert_parallel_size=2, zero_stage=zero_stage).resolve([4, 4, 4, 4])
+    dims = ParallelDims(world_size, expert_parallel_size=ep, zero_stage=zero_stage).resolve([4, 4, 4, 4])
     parallelize(model, dims.build_mesh("cpu"), dims)
     src, mask = _sources(rank)
     ids = dict(bos_id=BOS, eos_id=EOS, pad_id=PAD, max_len_a=1.0, max_len_b=4)
@@ -62,7 +62,7 @@ def _decode_sharded(rank: int, world_size: int, zero_stage: int) -> tuple[list, 
     return greedy, [len(t) for t in greedy]
 
 
-@pytest.mark.parametrize("zero_stage", [0, 3])
-def test_generation_on_sharded_model_equals_unsharded(zero_stage):
-    results = run_ranks(_decode_sharded, 2, zero_stage, timeout=120)
+@pytest.mark.parametrize(("zero_stage", "ep"), [(0, 1), (0, 2), (3, 2)], ids=["stage0-ddp", "stage0-ep2", "stage3-ep2"])
+def test_generation_on_sharded_model_equals_unsharded(zero_stage, ep):
+    results = run_ranks(_decode_sharded, 2, zero_stage, ep, timeout=120)
     assert len(results) == 2

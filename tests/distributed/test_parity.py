@@ -104,7 +104,11 @@ def _train_rank(
         opt.zero_grad()
         dist.all_reduce(total)
         losses.append(total.item() / world_size)
-    expert_placements = {str(p.placements) for n, p in model.named_parameters() if ".experts." in n}
+    expert_placements = {
+        str(p.placements) if isinstance(p, DTensor) else "plain tensor"  # stage 0 with ep=1: DDP
+        for n, p in model.named_parameters()
+        if ".experts." in n
+    }
     return {
         "losses": losses,
         "params": _full_params(model),

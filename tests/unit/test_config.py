@@ -84,6 +84,7 @@ def test_wrong_type_is_rejected():
         ("moe.noisy_gate_policy=gauss", "noisy_gate_policy"),
         ("trainer.precision=64-true", "trainer.precision"),
         ("strategy.zero_stage=5", "strategy.zero_stage"),
+        ("strategy.tensor_parallel_size=0", "strategy.tensor_parallel_size"),
         ("optim.lr=-1", "optim.lr"),
         ("data.vocab_size=3", "data.vocab_size"),
         ("tasks.temperature=0", "tasks.temperature"),
@@ -108,3 +109,13 @@ def test_single_process_strategy_rejects_several_devices():
 def test_nested_model_moe_is_refused_in_favour_of_top_level_group():
     with pytest.raises(ConfigError, match="moe.num_experts"):
         to_train_config(_compose(["model.moe.num_experts=4"]))
+
+
+def test_tensor_parallel_size_reaches_the_strategy():
+    from lightning_moe.train import build_strategy
+
+    cfg = to_train_config(_compose(["strategy=moe_zero", "strategy.tensor_parallel_size=2", "trainer.devices=2"]))
+    assert cfg.strategy.tensor_parallel_size == 2
+    assert build_strategy(cfg).tensor_parallel_size == 2
+    with pytest.raises(ConfigError, match="strategy.name=moe_zero"):
+        to_train_config(_compose(["strategy=single", "strategy.tensor_parallel_size=2"]))

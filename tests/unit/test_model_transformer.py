@@ -180,6 +180,12 @@ def test_tied_embeddings_share_one_matrix():
     tied = make_model(0)
     untied = make_model(0, tie_embeddings=False)
     assert tied.output_proj is None and tied.tgt_embed is None
+    assert tied.tied_head is not None and tied.tied_head.embedding is tied.src_embed
+    # The head holds no copy: the table is saved and listed once, under src_embed.
+    assert not any("tied_head" in key for key in tied.state_dict())
+    assert [n for n, _ in tied.named_parameters() if "embed" in n] == ["src_embed.weight"]
+    hidden = torch.randn(2, 3, 32)
+    torch.testing.assert_close(tied.output_logits(hidden), hidden @ tied.src_embed.weight.T)
     diff = count_parameters(untied)[0] - count_parameters(tied)[0]
     assert diff == 2 * VOCAB * 32
     # The tied output projection is the embedding matrix: its gradient gets contributions from both uses.
