@@ -12,7 +12,15 @@ Peak memory is the allocator's peak during forward+backward above what was alloc
 left is activations and workspace. Gradients are as large as the parameters (E times the dense
 FFN's for E experts) and are reported by the strategy's memory benchmark instead.
 
-    python benchmarks/moe_layer.py                      # the README table (CPU, fp32, 2 threads)
+``--ceiling`` adds what the machine allows: ``gemm ceil`` = time of the six FFN matrix products at T*k
+rows with one weight / time of the same products over E groups of T*k/E rows with E weights (the
+efficiency an MoE layer would reach if only its expert GEMMs cost anything), and ``grad fault ms`` =
+the extra time of writing the experts' weight gradients into fresh memory rather than reused memory
+(gradients set to None every step: glibc returns blocks over 32 MiB to the OS, and the next step's
+page faults cost this much; a per-expert ``nn.Linear`` peer's 4 MiB gradients are recycled instead).
+
+    python benchmarks/moe_layer.py --peers --ceiling    # the README table (CPU, fp32, 2 threads)
+    python benchmarks/moe_layer.py --peers --retain-freed-memory   # the same with a caching malloc
     python benchmarks/moe_layer.py --device cuda --dtype bf16 --large   # the GPU check
 """
 
@@ -141,6 +149,70 @@ def peak_memory_bytes(fn: Callable[[], None], device: str) -> int:
     return peak
 
 
+def ffn_gemms(rows: int, num_experts: int, d: int, h: int, device: str, dtype: torch.dtype) -> Callable[[], None]:
+    """The six matrix products of a d -> h -> d FFN's forward+backward (two forward, two input gradients, two
+    weight gradients) over ``num_experts`` groups of ``rows`` rows, each group with its own weights, every
+    output written into a buffer allocated once (no allocation or page-fault cost)."""
+    n = rows * num_experts
+    w1 = torch.randn(num_experts, d, h, device=device, dtype=dtype)
+    w2 = torch.randn(num_experts, h, d, device=device, dtype=dtype)
+    x, a, g, gp = (torch.randn(n, c, device=device, dtype=dtype) for c in (d, h, d, h))
+    out_h, out_d = torch.empty(n, h, device=device, dtype=dtype), torch.empty(n, d, device=device, dtype=dtype)
+    grad_w1, grad_w2 = torch.empty_like(w1), torch.empty_like(w2)
+
+    def run() -> None:
+        for e in range(num_experts):
+            r = slice(e * rows, (e + 1) * rows)
+            torch.mm(x[r], w1[e], out=out_h[r])  # forward fc1
+            torch.mm(a[r], w2[e], out=out_d[r])  # forward fc2
+            torch.mm(g[r], w2[e].t(), out=out_h[r])  # input gradient of fc2
+            torch.mm(gp[r], w1[e].t(), out=out_d[r])  # input gradient of fc1
+            torch.mm(a[r].t(), g[r], out=grad_w2[e])  # weight gradient of fc2
+            torch.mm(x[r].t(), gp[r], out=grad_w1[e])  # weight gradient of fc1
+
+    return run
+
+
+def gemm_ceiling(rows: int, num_experts: int, d: int, h: int, device: str, dtype: torch.dtype, repeats: int) -> float:
+    """Time of the FFN products at ``rows * num_experts`` rows with one weight / time of the same products over
+    ``num_experts`` groups of ``rows`` rows with their own weights; the two alternate, median of the ratios."""
+    grouped = ffn_gemms(rows, num_experts, d, h, device, dtype)
+    large = ffn_gemms(rows * num_experts, 1, d, h, device, dtype)
+    grouped(), large()
+    return statistics.median(timed(large, device) / timed(grouped, device) for _ in range(repeats))
+
+
+def gradient_first_touch_seconds(
+    num_experts: int, d: int, h: int, device: str, dtype: torch.dtype, repeats: int
+) -> float:
+    """Extra time of writing the experts' weight gradients (``2 E d h`` elements) into freshly allocated memory
+    rather than into memory already in use: with gradients set to None between steps, the allocator returns
+    large blocks to the OS and the next step pays the page faults (zero on GPUs, whose allocator caches)."""
+    if device != "cpu":
+        return 0.0
+    reused = torch.empty(2 * num_experts, d, h, dtype=dtype)
+
+    def fresh() -> None:
+        for _ in range(2):
+            torch.empty(num_experts, d, h, dtype=dtype).fill_(1.0)
+
+    fresh_s = statistics.median(timed(fresh, device) for _ in range(repeats))
+    reused_s = statistics.median(timed(lambda: reused.fill_(1.0), device) for _ in range(repeats))
+    return max(fresh_s - reused_s, 0.0)
+
+
+def retain_freed_memory() -> None:
+    """Ask glibc's malloc to serve every block from its heap and never give freed memory back to the OS (as
+    caching allocators such as jemalloc or tcmalloc do): freed gradients and activations are reused without
+    page faults. Applies to every contender alike."""
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    if not (libc.mallopt(m_mmap_threshold, 2**30) and libc.mallopt(m_trim_threshold, 2**31 - 1)):
+        raise RuntimeError("mallopt failed: --retain-freed-memory needs glibc")
+
+
 def measure(
     num_experts: int, k: int, args: argparse.Namespace, tokens: int, d: int, h: int
 ) -> dict[str, float]:
@@ -174,6 +246,11 @@ def measure(
         if name != "dense":
             result[f"{name}_efficiency"] = dense_s / med
     moe_s = statistics.median(times["moe"])
+    if args.ceiling:
+        # What the expert GEMMs allow: the six FFN products at T*k/E rows per expert against the same at T*k rows.
+        rows = tokens * k // num_experts
+        result["gemm_ceiling"] = gemm_ceiling(rows, num_experts, d, h, device, dtype, args.repeats)
+        result["grad_first_touch_ms"] = gradient_first_touch_seconds(num_experts, d, h, device, dtype, args.repeats) * 1e3
     useful_flops = 3 * 2 * 2 * tokens * k * d * h  # fwd + bwd (2x) of two matmuls, T*k rows
     result["moe_tokens_per_s"] = tokens / moe_s
     result["moe_tflops"] = useful_flops / moe_s / 1e12
@@ -203,21 +280,30 @@ def main() -> None:
     parser.add_argument("--peers", action="store_true", help="also time the peer techniques")
     parser.add_argument("--large", action="store_true", help="add T=16384, d=2048, h=8192, E in {8, 64} (GPU)")
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--ceiling", action="store_true",
+                        help="also measure the small-GEMM ceiling and the page-fault cost of fresh expert gradients")
+    parser.add_argument("--retain-freed-memory", action="store_true",
+                        help="glibc malloc keeps freed memory (no page faults on reallocation), for every contender")
     parser.add_argument("--json", type=Path, help="write the rows to this file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.retain_freed_memory:
+        retain_freed_memory()
 
     shapes = [(e, k, args.tokens, args.hidden, args.ffn) for e in args.experts for k in args.k]
     if args.large:
         shapes += [(e, k, 16384, 2048, 8192) for e in (8, 64) for k in (1, 2)]
     rows = []
     print(f"# torch {torch.__version__}, device={args.device}, dtype={args.dtype}, threads={args.threads}, "
-          f"capacity_factor={args.capacity_factor}, median of {args.repeats}")
+          f"capacity_factor={args.capacity_factor}, median of {args.repeats}"
+          + (", malloc retains freed memory" if args.retain_freed_memory else ""))
     header = f"{'T':>6} {'d':>5} {'h':>5} {'E':>3} {'k':>2} {'moe ms':>8} {'dense ms':>9} {'eff':>5} {'tok/s':>8} {'TFLOP/s':>8}"
     if not args.no_memory:
         header += f" {'moe MiB':>8} {'dense MiB':>9} {'mem x':>6}"
     if args.peers:
         header += f" {'loop eff':>8} {'einsum eff':>10}"
+    if args.ceiling:
+        header += f" {'gemm ceil':>9} {'grad fault ms':>13}"
     print(header)
     for e, k, t, d, h in shapes:
         row = measure(e, k, args, t, d, h)
@@ -230,6 +316,8 @@ def main() -> None:
             loop = row.get("per_expert_loop_efficiency", float("nan"))
             einsum = row.get("onehot_einsum_efficiency", float("nan"))
             line += f" {loop:>8.2f} {einsum:>10.2f}"
+        if args.ceiling:
+            line += f" {row['gemm_ceiling']:>9.2f} {row['grad_first_touch_ms']:>13.1f}"
         print(line, flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
@@ -23,8 +23,18 @@ from torch import Tensor
 __all__ = ["compute_capacity", "DispatchPlan", "plan_dispatch", "permute_tokens", "unpermute_tokens"]
 
 
-def compute_capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: float, min_capacity: int) -> int:
-    """Assignments one expert may take: ``max(min_capacity, ceil(k * num_tokens * capacity_factor / E))``."""
+def compute_capacity(
+    num_tokens: Union[int, Tensor], num_experts: int, k: int, capacity_factor: float, min_capacity: int
+) -> Union[int, Tensor]:
+    """Assignments one expert may take: ``max(min_capacity, ceil(k * num_tokens * capacity_factor / E))``.
+
+    ``num_tokens`` may be a 0-dim integer tensor (the real tokens of a padded batch, counted on the device):
+    the capacity is then a 0-dim long tensor computed with the same float64 operations, so no host read is
+    needed to know it.
+    """
+    if isinstance(num_tokens, Tensor):
+        share = (num_tokens * k).to(torch.float64) * capacity_factor / num_experts
+        return torch.ceil(share).long().clamp_min(int(min_capacity))
     return max(int(min_capacity), math.ceil(k * num_tokens * capacity_factor / num_experts))
 
 
@@ -51,7 +61,7 @@ def plan_dispatch(
     expert_index: Tensor,
     expert_weight: Tensor,
     num_experts: int,
-    capacity: Optional[int],
+    capacity: Union[int, Tensor, None],
     valid: Optional[Tensor] = None,
     random_priority: bool = False,
 ) -> DispatchPlan:
@@ -65,7 +75,7 @@ def plan_dispatch(
         expert_index: ``[T, k]`` chosen experts.
         expert_weight: ``[T, k]`` their combine weights.
         num_experts: E.
-        capacity: the per-expert limit, or None for dropless routing.
+        capacity: the per-expert limit (an int or a 0-dim tensor), or None for dropless routing.
         valid: ``[T]`` bool, False for padding tokens (never routed); None when all are real.
         random_priority: Random Token Selection.
     """

@@ -18,7 +18,9 @@ Two ways to compute the grouped products:
   into one graph;
 * loop: one matrix product per expert with a hand-written backward, everywhere else (CPU, fp32, widths
   that are not multiples of 16 bytes, other GPUs); it reads the group sizes on the host once per call
-  and runs eagerly under ``torch.compile``.
+  and runs eagerly under ``torch.compile``. The FFN experts run their whole ``fc1 -> act -> fc2`` as one
+  autograd node (:class:`_LoopExpertFFN`), expert after expert, so each expert's ``[n_e, h]``
+  intermediates stay small and cache-resident.
 """
 
 from __future__ import annotations
@@ -123,6 +125,95 @@ class _LoopGroupedMM(torch.autograd.Function):
             if grad_b is not None:
                 torch.sum(g, dim=0, out=grad_b[e])
         return grad_x, grad_w, grad_b, None
+
+
+_ACTIVATION_BACKWARD: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "gelu": lambda grad, pre: torch.ops.aten.gelu_backward(grad, pre),
+    "gelu_tanh": lambda grad, pre: torch.ops.aten.gelu_backward(grad, pre, approximate="tanh"),
+    "relu": lambda grad, pre: torch.ops.aten.threshold_backward(grad, pre, 0),
+    "silu": lambda grad, pre: torch.ops.aten.silu_backward(grad, pre),
+}
+"""``d act(pre) / d pre`` applied to ``grad``, for each key of :data:`ACTIVATIONS` (used by :class:`_LoopExpertFFN`)."""
+
+
+class _LoopExpertFFN(torch.autograd.Function):
+    """The whole two-layer expert FFN ``act(x_e w1[e] + b1[e]) w2[e] + b2[e]`` as one autograd node.
+
+    One expert after the other, forward and backward run the expert's products back to back on its rows,
+    so the ``[n_e, h]`` intermediates are small, cache-resident and allocated per expert (never a full
+    ``[N, h]`` buffer between separate grouped products). Only ``x`` and each expert's pre-activation are
+    saved; the activation is recomputed per expert in backward. Weight and bias gradients are written
+    straight into one ``[E, ...]`` tensor each (no per-expert zero gradients, no stacking).
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        x: Tensor,
+        w1: Tensor,
+        b1: Optional[Tensor],
+        w2: Tensor,
+        b2: Optional[Tensor],
+        bounds: list[int],
+        activation: str,
+    ) -> Tensor:
+        # x: [N, d], w1: [E, d, h], b1: [E, h] or None, w2: [E, h, d], b2: [E, d] or None
+        act = ACTIVATIONS[activation]
+        out = x.new_empty(x.shape[0], w2.shape[2])  # [N, d]
+        pre_activations = []  # [n_e, h] for each expert with rows
+        for e in range(w1.shape[0]):
+            lo, hi = bounds[e], bounds[e + 1]
+            if hi == lo:
+                continue
+            pre = torch.mm(x[lo:hi], w1[e]) if b1 is None else torch.addmm(b1[e], x[lo:hi], w1[e])  # [n_e, h]
+            pre_activations.append(pre)
+            if b2 is None:
+                torch.mm(act(pre), w2[e], out=out[lo:hi])
+            else:
+                torch.addmm(b2[e], act(pre), w2[e], out=out[lo:hi])
+        ctx.save_for_backward(x, w1, w2, *pre_activations)
+        ctx.bounds, ctx.activation = bounds, activation
+        ctx.has_b1, ctx.has_b2 = b1 is not None, b2 is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        x, w1, w2, *pre_activations = ctx.saved_tensors
+        bounds: list[int] = ctx.bounds
+        act, act_backward = ACTIVATIONS[ctx.activation], _ACTIVATION_BACKWARD[ctx.activation]
+        grad_out = grad_out.contiguous()  # [N, d]; may arrive expanded (stride 0) from a sum()
+        need = ctx.needs_input_grad
+        num_experts, hidden_size = w1.shape[0], w1.shape[2]
+        grad_x = torch.empty_like(x) if need[0] else None  # [N, d]
+        grad_w1 = torch.empty_like(w1) if need[1] else None  # [E, d, h]
+        grad_b1 = w1.new_empty(num_experts, hidden_size) if ctx.has_b1 and need[2] else None  # [E, h]
+        grad_w2 = torch.empty_like(w2) if need[3] else None  # [E, h, d]
+        grad_b2 = w2.new_empty(num_experts, w2.shape[2]) if ctx.has_b2 and need[4] else None  # [E, d]
+        need_hidden_grad = grad_x is not None or grad_w1 is not None or grad_b1 is not None
+        pre_of_expert = iter(pre_activations)
+        for e in range(num_experts):
+            lo, hi = bounds[e], bounds[e + 1]
+            if hi == lo:  # an expert without rows has zero gradients
+                for grad in (grad_w1, grad_b1, grad_w2, grad_b2):
+                    if grad is not None:
+                        grad[e].zero_()
+                continue
+            pre = next(pre_of_expert)  # [n_e, h]
+            g = grad_out[lo:hi]  # [n_e, d]
+            if grad_w2 is not None:
+                torch.mm(act(pre).t(), g, out=grad_w2[e])  # [h, d]
+            if grad_b2 is not None:
+                torch.sum(g, dim=0, out=grad_b2[e])
+            if not need_hidden_grad:
+                continue
+            grad_pre = act_backward(torch.mm(g, w2[e].t()), pre)  # [n_e, h]
+            if grad_w1 is not None:
+                torch.mm(x[lo:hi].t(), grad_pre, out=grad_w1[e])  # [d, h]
+            if grad_b1 is not None:
+                torch.sum(grad_pre, dim=0, out=grad_b1[e])
+            if grad_x is not None:
+                torch.mm(grad_pre, w1[e].t(), out=grad_x[lo:hi])  # [n_e, d]
+        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, None, None
 
 
 NATIVE_GROUP_ALIGNMENT = 8
@@ -308,6 +399,19 @@ def _loop_grouped_mm(x: Tensor, w: Tensor, tokens_per_expert: Tensor, bias: Opti
     return _LoopGroupedMM.apply(x, w, bias, _group_bounds(tokens_per_expert))
 
 
+@torch.compiler.disable
+def _loop_expert_ffn(
+    x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor], tokens_per_expert: Tensor,
+    activation: str,
+) -> Tensor:
+    """The loop path of :class:`GroupedFFNExperts` (eager under ``torch.compile``, as :func:`_loop_grouped_mm`).
+
+    It computes in the dtype of its inputs, also under autocast (as :func:`grouped_mm`'s loop does)."""
+    bounds = _group_bounds(tokens_per_expert)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return _LoopExpertFFN.apply(x, w1, b1, w2, b2, bounds, activation)
+
+
 def grouped_mm(x: Tensor, w: Tensor, tokens_per_expert: Tensor, bias: Tensor | None = None) -> Tensor:
     """Grouped matrix product of expert-sorted rows with per-expert weights.
 
@@ -384,6 +488,8 @@ class GroupedFFNExperts(nn.Module):
             h = _native_linear(_pad_rows(x.to(dtype), layout), cast(w1), layout, cast(b1))  # [rows, h]
             h = ACTIVATIONS[self.activation](h)
             return _unpad_rows(_native_linear(h, cast(w2), layout, cast(b2)), layout)  # [N, d]
+        if x.dtype == w1.dtype == w2.dtype and self.activation in _ACTIVATION_BACKWARD:
+            return _loop_expert_ffn(x, w1, b1, w2, b2, tokens_per_expert, self.activation)  # [N, d]
         h = grouped_mm(x, w1, tokens_per_expert, b1)  # [N, h]
         h = ACTIVATIONS[self.activation](h)
         return grouped_mm(h, w2, tokens_per_expert, b2)  # [N, d]

@@ -19,7 +19,7 @@ class MoEOutput(NamedTuple):
     """What :class:`MoE` returns; unpacks like DeepSpeed's ``output, l_aux, exp_counts``.
 
     Attributes:
-        output: ``[..., hidden_size]`` in the input's dtype.
+        output: ``[..., hidden_size]`` in the input's dtype (also under autocast).
         aux_loss: fp32 scalar, ``aux_loss_coef * balance + z_loss_coef * z_loss``, to add to the loss.
         expert_counts: ``[E]`` long, tokens routed to each expert before capacity (padding excluded).
     """
@@ -50,6 +50,9 @@ class MoEStats:
 
 class _DenseFFN(nn.Module):
     """``fc2(act(fc1(x)))``: the dense branch of a residual MoE."""
+
+    tensor_parallel_plan = {"fc1": "colwise", "fc2": "rowwise"}
+    """How tensor parallelism splits the layers (plain data, read by ``lightning_moe.parallel``)."""
 
     def __init__(self, hidden_size: int, ffn_hidden_size: int, activation: str) -> None:
         super().__init__()
@@ -148,8 +151,10 @@ class MoE(nn.Module):
             self.residual_mlp.fc2.reset_parameters()
             self.residual_coef.reset_parameters()
 
-    def capacity(self, num_tokens: int) -> Optional[int]:
-        """Per-expert capacity for ``num_tokens`` real tokens in the current mode (None if dropless)."""
+    def capacity(self, num_tokens: Union[int, Tensor]) -> Union[int, Tensor, None]:
+        """Per-expert capacity for ``num_tokens`` real tokens in the current mode (None if dropless).
+
+        A 0-dim tensor ``num_tokens`` gives a 0-dim tensor capacity (see :func:`compute_capacity`)."""
         if not self.drop_tokens:
             return None
         factor = self.capacity_factor if self.training else self.eval_capacity_factor
@@ -171,7 +176,7 @@ class MoE(nn.Module):
             valid = ~padding_mask.reshape(-1).to(torch.bool)  # [T]
 
         routing = self.gate(tokens)
-        num_real = num_tokens if valid is None else int(valid.sum())
+        num_real = num_tokens if valid is None else valid.sum()  # a tensor: no host read for the capacity
         plan = plan_dispatch(
             routing.expert_index,
             routing.expert_weight,
@@ -199,7 +204,9 @@ class MoE(nn.Module):
             balance_loss=balance.detach(),
             z_loss=z_loss.detach(),
         )
-        return MoEOutput(output.reshape(x.shape), aux_loss, plan.routed_per_expert.detach())
+        # Under autocast the experts may compute (and return) the autocast dtype: the layer keeps x's dtype.
+        output = output.reshape(x.shape).to(x.dtype)
+        return MoEOutput(output, aux_loss, plan.routed_per_expert.detach())
 
     def extra_repr(self) -> str:
         return (

@@ -203,12 +203,13 @@ def _sync_sites(fn: Callable[[], object]) -> list[str]:
 
 @pytest.mark.parametrize(
     ("drop_tokens", "padding", "allowed"),
-    [(True, False, 1), (False, False, 0), (True, True, 2), (False, True, 2)],
+    [(True, False, 1), (False, False, 0), (True, True, 1), (False, True, 1)],
     ids=["capacity", "dropless", "capacity-padding", "dropless-padding"],
 )
 def test_forward_host_syncs_do_not_grow_with_experts(drop_tokens: bool, padding: bool, allowed: int) -> None:
-    """No synchronisation per expert: the count is the same for 8 and 64 experts, and at most one per layer
-    for the kept-token count (capacity), plus one for the real-token count when there is padding."""
+    """No synchronisation per expert: the count is the same for 8 and 64 experts, and at most one per layer:
+    the kept-assignment count (capacity) and/or the real-assignment count (padding), read together; the
+    capacity of a padded batch is computed on the device."""
     counts = {}
     for num_experts in (8, 64):
         layer = MoE(256, num_experts, 512, k=2, drop_tokens=drop_tokens).cuda().bfloat16()  # training mode, RTS on
