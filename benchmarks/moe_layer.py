@@ -8,16 +8,19 @@ Optional peers (``--peers``) implement other libraries' *techniques* in a few li
 (GShard-style: one-hot ``[T, E, C]`` dispatch and combine einsums over capacity buffers).
 
 Peak memory is the allocator's peak during forward+backward above what was allocated before it
-(read from the profiler's allocation events), minus the bytes of the parameter gradients: what is
-left is activations and workspace. Gradients are as large as the parameters (E times the dense
-FFN's for E experts) and are reported by the strategy's memory benchmark instead.
+(read from the profiler's allocation events), plus the gradient memory the experts kept from the
+previous step (``GradientMemory``), minus the bytes of the parameter gradients: what is left is
+activations and workspace. Gradients are as large as the parameters (E times the dense FFN's for E
+experts) and are reported by the strategy's memory benchmark instead.
 
 ``--ceiling`` adds what the machine allows: ``gemm ceil`` = time of the six FFN matrix products at T*k
-rows with one weight / time of the same products over E groups of T*k/E rows with E weights (the
-efficiency an MoE layer would reach if only its expert GEMMs cost anything), and ``grad fault ms`` =
-the extra time of writing the experts' weight gradients into fresh memory rather than reused memory
-(gradients set to None every step: glibc returns blocks over 32 MiB to the OS, and the next step's
-page faults cost this much; a per-expert ``nn.Linear`` peer's 4 MiB gradients are recycled instead).
+rows with one weight / time of the same products over E groups of T*k/E rows with E weights, spread
+over threads by expert exactly when the layer spreads them (the efficiency an MoE layer would reach if
+only its expert GEMMs cost anything), and ``grad fault ms`` = the extra time of writing the experts'
+weight gradients into fresh memory rather than reused memory: what a layer that frees its ``[E, d, h]``
+gradients between steps pays (glibc returns blocks over 32 MiB to the OS, and the next step's page
+faults cost this much). The layer avoids it by keeping that memory (``GradientMemory``); a per-expert
+``nn.Linear`` peer's 4 MiB gradients are recycled inside malloc instead.
 
     python benchmarks/moe_layer.py --peers --ceiling    # the README table (CPU, fp32, 2 threads)
     python benchmarks/moe_layer.py --peers --retain-freed-memory   # the same with a caching malloc
@@ -41,6 +44,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lightning_moe.moe import MoE  # noqa: E402
+from lightning_moe.moe.expert_threads import run_over_experts  # noqa: E402
+from lightning_moe.moe.gradient_memory import gradient_memory_of  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -160,8 +165,8 @@ def ffn_gemms(rows: int, num_experts: int, d: int, h: int, device: str, dtype: t
     out_h, out_d = torch.empty(n, h, device=device, dtype=dtype), torch.empty(n, d, device=device, dtype=dtype)
     grad_w1, grad_w2 = torch.empty_like(w1), torch.empty_like(w2)
 
-    def run() -> None:
-        for e in range(num_experts):
+    def products(first: int, last: int, scratch: None) -> None:
+        for e in range(first, last):
             r = slice(e * rows, (e + 1) * rows)
             torch.mm(x[r], w1[e], out=out_h[r])  # forward fc1
             torch.mm(a[r], w2[e], out=out_d[r])  # forward fc2
@@ -170,7 +175,9 @@ def ffn_gemms(rows: int, num_experts: int, d: int, h: int, device: str, dtype: t
             torch.mm(a[r].t(), g[r], out=grad_w2[e])  # weight gradient of fc2
             torch.mm(x[r].t(), gp[r], out=grad_w1[e])  # weight gradient of fc1
 
-    return run
+    bounds = [e * rows for e in range(num_experts + 1)]
+    # Spread over threads by expert exactly when the layer's loop path would be.
+    return lambda: run_over_experts(products, bounds, d * h)
 
 
 def gemm_ceiling(rows: int, num_experts: int, d: int, h: int, device: str, dtype: torch.dtype, repeats: int) -> float:
@@ -258,8 +265,10 @@ def measure(
         for name in ("moe", "dense"):
             module = contenders[name][0]
             grad_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
-            module.zero_grad(set_to_none=True)  # freed before measuring: the step allocates them anew
-            result[f"{name}_peak_mib"] = (peak_memory_bytes(runs[name], device) - grad_bytes) / 2**20
+            module.zero_grad(set_to_none=True)  # freed before measuring: the step allocates them anew ...
+            # ... except weight gradients written into memory the experts kept from the last step
+            kept = sum(memory.nbytes() for memory in map(gradient_memory_of, module.modules()) if memory is not None)
+            result[f"{name}_peak_mib"] = (peak_memory_bytes(runs[name], device) + kept - grad_bytes) / 2**20
         result["memory_ratio"] = result["moe_peak_mib"] / result["dense_peak_mib"]
     return result
 

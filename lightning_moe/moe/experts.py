@@ -18,9 +18,9 @@ Two ways to compute the grouped products:
   into one graph;
 * loop: one matrix product per expert with a hand-written backward, everywhere else (CPU, fp32, widths
   that are not multiples of 16 bytes, other GPUs); it reads the group sizes on the host once per call
-  and runs eagerly under ``torch.compile``. The FFN experts run their whole ``fc1 -> act -> fc2`` as one
-  autograd node (:class:`_LoopExpertFFN`), expert after expert, so each expert's ``[n_e, h]``
-  intermediates stay small and cache-resident.
+  and runs eagerly under ``torch.compile``. The FFN and GLU experts run their whole expert as one autograd
+  node, experts with few rows are spread over threads, and CPU weight gradients reuse the previous step's
+  memory (:mod:`lightning_moe.moe.loop_experts`).
 """
 
 from __future__ import annotations
@@ -28,11 +28,14 @@ from __future__ import annotations
 import copy
 import functools
 import math
-from typing import Callable, NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from lightning_moe.moe.activations import ACTIVATION_BACKWARD, ACTIVATIONS
+from lightning_moe.moe.gradient_memory import GradientMemory
+from lightning_moe.moe.loop_experts import loop_expert_ffn, loop_expert_glu, loop_grouped_mm
 
 __all__ = [
     "local_tensor",
@@ -48,14 +51,6 @@ __all__ = [
     "ACTIVATIONS",
 ]
 
-ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
-    "gelu": F.gelu,
-    "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
-    "relu": F.relu,
-    "silu": F.silu,
-}
-
-
 def local_tensor(t: Tensor) -> Tensor:
     """The local part of ``t``: ``t.to_local()`` for a DTensor, ``t`` itself otherwise.
 
@@ -63,157 +58,6 @@ def local_tensor(t: Tensor) -> Tensor:
     """
     to_local = getattr(t, "to_local", None)
     return to_local() if to_local is not None else t
-
-
-def _group_bounds(tokens_per_expert: Tensor) -> list[int]:
-    """Row offsets ``[0, n_0, n_0+n_1, ..., N]`` on the host (one sync per layer, not per expert)."""
-    counts = tokens_per_expert.tolist()
-    bounds = [0]
-    for c in counts:
-        bounds.append(bounds[-1] + int(c))
-    return bounds
-
-
-class _LoopGroupedMM(torch.autograd.Function):
-    """``out[rows of e] = x[rows of e] @ w[e] (+ bias[e])`` for every expert ``e``.
-
-    Forward and backward write each expert's product straight into its slice of one output buffer, and
-    the weight gradient is built as one ``[E, a, b]`` tensor, so autograd never materialises a
-    full-size zero gradient per expert (which indexing ``w[e]`` would do: O(E^2 a b) work).
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, w: Tensor, bias: Tensor | None, bounds: list[int]) -> Tensor:
-        # x: [N, a], w: [E, a, b], bias: [E, b] or None
-        out = x.new_empty(x.shape[0], w.shape[2])  # [N, b]
-        for e in range(w.shape[0]):
-            lo, hi = bounds[e], bounds[e + 1]
-            if hi == lo:
-                continue
-            if bias is None:
-                torch.mm(x[lo:hi], w[e], out=out[lo:hi])
-            else:
-                torch.addmm(bias[e], x[lo:hi], w[e], out=out[lo:hi])
-        ctx.save_for_backward(x, w)
-        ctx.bounds = bounds
-        ctx.has_bias = bias is not None
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        x, w = ctx.saved_tensors
-        bounds: list[int] = ctx.bounds
-        grad_out = grad_out.contiguous()  # may arrive expanded (stride 0) from a sum()
-        num_experts = w.shape[0]
-        need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
-        grad_x = torch.empty_like(x) if need_x else None  # [N, a]
-        grad_w = torch.empty_like(w) if need_w else None  # [E, a, b]
-        grad_b = w.new_empty(num_experts, w.shape[2]) if need_b else None  # [E, b]
-        for e in range(num_experts):
-            lo, hi = bounds[e], bounds[e + 1]
-            if hi == lo:
-                if grad_w is not None:
-                    grad_w[e].zero_()
-                if grad_b is not None:
-                    grad_b[e].zero_()
-                continue
-            g = grad_out[lo:hi]  # [n_e, b]
-            if grad_x is not None:
-                torch.mm(g, w[e].t(), out=grad_x[lo:hi])
-            if grad_w is not None:
-                torch.mm(x[lo:hi].t(), g, out=grad_w[e])
-            if grad_b is not None:
-                torch.sum(g, dim=0, out=grad_b[e])
-        return grad_x, grad_w, grad_b, None
-
-
-_ACTIVATION_BACKWARD: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
-    "gelu": lambda grad, pre: torch.ops.aten.gelu_backward(grad, pre),
-    "gelu_tanh": lambda grad, pre: torch.ops.aten.gelu_backward(grad, pre, approximate="tanh"),
-    "relu": lambda grad, pre: torch.ops.aten.threshold_backward(grad, pre, 0),
-    "silu": lambda grad, pre: torch.ops.aten.silu_backward(grad, pre),
-}
-"""``d act(pre) / d pre`` applied to ``grad``, for each key of :data:`ACTIVATIONS` (used by :class:`_LoopExpertFFN`)."""
-
-
-class _LoopExpertFFN(torch.autograd.Function):
-    """The whole two-layer expert FFN ``act(x_e w1[e] + b1[e]) w2[e] + b2[e]`` as one autograd node.
-
-    One expert after the other, forward and backward run the expert's products back to back on its rows,
-    so the ``[n_e, h]`` intermediates are small, cache-resident and allocated per expert (never a full
-    ``[N, h]`` buffer between separate grouped products). Only ``x`` and each expert's pre-activation are
-    saved; the activation is recomputed per expert in backward. Weight and bias gradients are written
-    straight into one ``[E, ...]`` tensor each (no per-expert zero gradients, no stacking).
-    """
-
-    @staticmethod
-    def forward(
-        ctx,
-        x: Tensor,
-        w1: Tensor,
-        b1: Optional[Tensor],
-        w2: Tensor,
-        b2: Optional[Tensor],
-        bounds: list[int],
-        activation: str,
-    ) -> Tensor:
-        # x: [N, d], w1: [E, d, h], b1: [E, h] or None, w2: [E, h, d], b2: [E, d] or None
-        act = ACTIVATIONS[activation]
-        out = x.new_empty(x.shape[0], w2.shape[2])  # [N, d]
-        pre_activations = []  # [n_e, h] for each expert with rows
-        for e in range(w1.shape[0]):
-            lo, hi = bounds[e], bounds[e + 1]
-            if hi == lo:
-                continue
-            pre = torch.mm(x[lo:hi], w1[e]) if b1 is None else torch.addmm(b1[e], x[lo:hi], w1[e])  # [n_e, h]
-            pre_activations.append(pre)
-            if b2 is None:
-                torch.mm(act(pre), w2[e], out=out[lo:hi])
-            else:
-                torch.addmm(b2[e], act(pre), w2[e], out=out[lo:hi])
-        ctx.save_for_backward(x, w1, w2, *pre_activations)
-        ctx.bounds, ctx.activation = bounds, activation
-        ctx.has_b1, ctx.has_b2 = b1 is not None, b2 is not None
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        x, w1, w2, *pre_activations = ctx.saved_tensors
-        bounds: list[int] = ctx.bounds
-        act, act_backward = ACTIVATIONS[ctx.activation], _ACTIVATION_BACKWARD[ctx.activation]
-        grad_out = grad_out.contiguous()  # [N, d]; may arrive expanded (stride 0) from a sum()
-        need = ctx.needs_input_grad
-        num_experts, hidden_size = w1.shape[0], w1.shape[2]
-        grad_x = torch.empty_like(x) if need[0] else None  # [N, d]
-        grad_w1 = torch.empty_like(w1) if need[1] else None  # [E, d, h]
-        grad_b1 = w1.new_empty(num_experts, hidden_size) if ctx.has_b1 and need[2] else None  # [E, h]
-        grad_w2 = torch.empty_like(w2) if need[3] else None  # [E, h, d]
-        grad_b2 = w2.new_empty(num_experts, w2.shape[2]) if ctx.has_b2 and need[4] else None  # [E, d]
-        need_hidden_grad = grad_x is not None or grad_w1 is not None or grad_b1 is not None
-        pre_of_expert = iter(pre_activations)
-        for e in range(num_experts):
-            lo, hi = bounds[e], bounds[e + 1]
-            if hi == lo:  # an expert without rows has zero gradients
-                for grad in (grad_w1, grad_b1, grad_w2, grad_b2):
-                    if grad is not None:
-                        grad[e].zero_()
-                continue
-            pre = next(pre_of_expert)  # [n_e, h]
-            g = grad_out[lo:hi]  # [n_e, d]
-            if grad_w2 is not None:
-                torch.mm(act(pre).t(), g, out=grad_w2[e])  # [h, d]
-            if grad_b2 is not None:
-                torch.sum(g, dim=0, out=grad_b2[e])
-            if not need_hidden_grad:
-                continue
-            grad_pre = act_backward(torch.mm(g, w2[e].t()), pre)  # [n_e, h]
-            if grad_w1 is not None:
-                torch.mm(x[lo:hi].t(), grad_pre, out=grad_w1[e])  # [d, h]
-            if grad_b1 is not None:
-                torch.sum(grad_pre, dim=0, out=grad_b1[e])
-            if grad_x is not None:
-                torch.mm(grad_pre, w1[e].t(), out=grad_x[lo:hi])  # [n_e, d]
-        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, None, None
 
 
 NATIVE_GROUP_ALIGNMENT = 8
@@ -392,26 +236,6 @@ def _native_linear(x: Tensor, w: Tensor, layout: NativeGroupLayout, bias: Option
     return out
 
 
-@torch.compiler.disable
-def _loop_grouped_mm(x: Tensor, w: Tensor, tokens_per_expert: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """The loop path (eager even under ``torch.compile``: the host-side group bounds would otherwise make
-    every new routing a recompilation)."""
-    return _LoopGroupedMM.apply(x, w, bias, _group_bounds(tokens_per_expert))
-
-
-@torch.compiler.disable
-def _loop_expert_ffn(
-    x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor], tokens_per_expert: Tensor,
-    activation: str,
-) -> Tensor:
-    """The loop path of :class:`GroupedFFNExperts` (eager under ``torch.compile``, as :func:`_loop_grouped_mm`).
-
-    It computes in the dtype of its inputs, also under autocast (as :func:`grouped_mm`'s loop does)."""
-    bounds = _group_bounds(tokens_per_expert)
-    with torch.autocast(device_type=x.device.type, enabled=False):
-        return _LoopExpertFFN.apply(x, w1, b1, w2, b2, bounds, activation)
-
-
 def grouped_mm(x: Tensor, w: Tensor, tokens_per_expert: Tensor, bias: Tensor | None = None) -> Tensor:
     """Grouped matrix product of expert-sorted rows with per-expert weights.
 
@@ -432,7 +256,7 @@ def grouped_mm(x: Tensor, w: Tensor, tokens_per_expert: Tensor, bias: Tensor | N
         layout = native_group_layout(tokens_per_expert, x.shape[0])
         b = None if bias is None else bias.to(dtype)
         return _unpad_rows(_native_linear(_pad_rows(x.to(dtype), layout), w.to(dtype), layout, b), layout)
-    return _loop_grouped_mm(x, w, tokens_per_expert, bias)
+    return loop_grouped_mm(x, w, tokens_per_expert, bias)
 
 
 def _init_grouped_linear_(weight: Tensor, bias: Tensor | None, fan_in: int) -> None:
@@ -454,6 +278,11 @@ class GroupedFFNExperts(nn.Module):
         bias: whether the experts have biases (as ``nn.Linear`` does by default).
 
     Parameters: ``w1 [E, d, h]``, ``b1 [E, h]``, ``w2 [E, h, d]``, ``b2 [E, d]``.
+
+    Attributes:
+        gradient_memory: where the CPU loop path takes its weight gradients from
+            (:class:`~lightning_moe.moe.gradient_memory.GradientMemory`; ``gradient_memory.enabled = False``
+            frees the gradients' memory between steps instead of reusing it).
     """
 
     def __init__(
@@ -470,6 +299,7 @@ class GroupedFFNExperts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(num_experts, ffn_hidden_size, hidden_size))
         self.b1 = nn.Parameter(torch.empty(num_experts, ffn_hidden_size)) if bias else None
         self.b2 = nn.Parameter(torch.empty(num_experts, hidden_size)) if bias else None
+        self.gradient_memory = GradientMemory()
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -488,8 +318,8 @@ class GroupedFFNExperts(nn.Module):
             h = _native_linear(_pad_rows(x.to(dtype), layout), cast(w1), layout, cast(b1))  # [rows, h]
             h = ACTIVATIONS[self.activation](h)
             return _unpad_rows(_native_linear(h, cast(w2), layout, cast(b2)), layout)  # [N, d]
-        if x.dtype == w1.dtype == w2.dtype and self.activation in _ACTIVATION_BACKWARD:
-            return _loop_expert_ffn(x, w1, b1, w2, b2, tokens_per_expert, self.activation)  # [N, d]
+        if x.dtype == w1.dtype == w2.dtype and self.activation in ACTIVATION_BACKWARD:
+            return loop_expert_ffn(x, w1, b1, w2, b2, tokens_per_expert, self.activation, self.gradient_memory)
         h = grouped_mm(x, w1, tokens_per_expert, b1)  # [N, h]
         h = ACTIVATIONS[self.activation](h)
         return grouped_mm(h, w2, tokens_per_expert, b2)  # [N, d]
@@ -499,6 +329,9 @@ class GroupedGLUExperts(nn.Module):
     """``E`` gated (SwiGLU by default) experts ``(act(x W1[e]) * (x W3[e])) W2[e]``, no biases.
 
     Parameters: ``w1 [E, d, h]`` (gate), ``w3 [E, d, h]`` (up), ``w2 [E, h, d]`` (down).
+
+    Attributes:
+        gradient_memory: as in :class:`GroupedFFNExperts`.
     """
 
     def __init__(self, num_experts: int, hidden_size: int, ffn_hidden_size: int, activation: str = "silu") -> None:
@@ -512,6 +345,7 @@ class GroupedGLUExperts(nn.Module):
         self.w1 = nn.Parameter(torch.empty(num_experts, hidden_size, ffn_hidden_size))
         self.w3 = nn.Parameter(torch.empty(num_experts, hidden_size, ffn_hidden_size))
         self.w2 = nn.Parameter(torch.empty(num_experts, ffn_hidden_size, hidden_size))
+        self.gradient_memory = GradientMemory()
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -530,6 +364,8 @@ class GroupedGLUExperts(nn.Module):
             up = _native_linear(x_pad, w3.to(dtype), layout, None)  # [rows, h]
             hidden = ACTIVATIONS[self.activation](gate) * up
             return _unpad_rows(_native_linear(hidden, w2.to(dtype), layout, None), layout)  # [N, d]
+        if x.dtype == w1.dtype == w3.dtype == w2.dtype and self.activation in ACTIVATION_BACKWARD:
+            return loop_expert_glu(x, w1, w3, w2, tokens_per_expert, self.activation, self.gradient_memory)
         gate = grouped_mm(x, w1, tokens_per_expert)  # [N, h]
         up = grouped_mm(x, w3, tokens_per_expert)  # [N, h]
         return grouped_mm(ACTIVATIONS[self.activation](gate) * up, w2, tokens_per_expert)  # [N, d]

@@ -3,7 +3,8 @@
 Order matters: tensor parallelism first splits the dense layers over ``tp`` (DTensors over ``tp``), expert
 parallelism turns the expert weights into ``ep``-sharded DTensors, the expert token split (``tp > 1``) wraps
 the expert-parallel forward so that each ``tp`` rank dispatches only its share of the rows, activation
-checkpointing wraps blocks (FQNs unchanged), and FSDP then shards whatever is there, bottom-up, over the
+checkpointing wraps blocks (FQNs unchanged), the CPU experts stop keeping full-size gradient memory under
+ZeRO-2/3, and FSDP then shards whatever is there, bottom-up, over the
 data-parallel axes (``dp`` for dense weights: FSDP2 over a 1-D submesh of TP DTensors is the standard 2-D
 FSDP + TP composition; ``efsdp`` or ``efsdp x tp`` for experts).
 """
@@ -20,9 +21,10 @@ from lightning_moe.parallel.dims import ParallelDims, submesh
 from lightning_moe.parallel.discovery import expert_counts, find_blocks
 from lightning_moe.parallel.expert_parallel import apply_expert_parallel
 from lightning_moe.parallel.fsdp import apply_fsdp
+from lightning_moe.moe.gradient_memory import gradient_memory_of
 from lightning_moe.parallel.tensor_parallel import apply_expert_token_split, apply_tensor_parallel
 
-__all__ = ["parallelize", "apply_activation_checkpointing"]
+__all__ = ["parallelize", "apply_activation_checkpointing", "apply_gradient_memory"]
 
 
 def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
@@ -43,6 +45,23 @@ def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
     return model
 
 
+def apply_gradient_memory(model: nn.Module, zero_stage: int) -> nn.Module:
+    """Let the experts keep their weight gradients' memory between steps only where gradients are not sharded.
+
+    The CPU experts reuse one step's ``[E, ...]`` gradient memory at the next (no page faults; see
+    :mod:`lightning_moe.moe.gradient_memory`). Under ZeRO-2/3 the full-size gradients exist only until they
+    are reduce-scattered, so keeping them would undo the sharding: stages 2 and 3 turn the reuse off.
+    """
+    keep = zero_stage < 2
+    for module in model.modules():
+        memory = gradient_memory_of(module)
+        if memory is not None:
+            memory.enabled = keep
+            if not keep:
+                memory.release()
+    return model
+
+
 def parallelize(
     model: nn.Module,
     mesh: DeviceMesh,
@@ -52,7 +71,7 @@ def parallelize(
     activation_checkpointing: bool = False,
 ) -> nn.Module:
     """Make ``model`` parallel in place: tensor parallelism, expert parallelism, activation checkpointing,
-    ZeRO (FSDP2).
+    gradient memory, ZeRO (FSDP2).
 
     Args:
         model: a model containing :class:`lightning_moe.moe.MoE` layers (or none).
@@ -77,5 +96,6 @@ def parallelize(
     apply_expert_token_split(model, tp_mesh)
     if activation_checkpointing:
         apply_activation_checkpointing(model)
+    apply_gradient_memory(model, dims.zero_stage)
     apply_fsdp(model, mesh, dims, mp_policy=mp_policy)
     return model

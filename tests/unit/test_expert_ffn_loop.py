@@ -9,6 +9,7 @@ from torch import Tensor
 
 from lightning_moe.moe import MoE
 from lightning_moe.moe import experts as experts_mod
+from lightning_moe.moe import loop_experts as loop_experts_mod
 from lightning_moe.moe.experts import ACTIVATIONS, GroupedFFNExperts
 
 COUNTS = [0, 3, 0, 5, 1, 0]  # empty groups first, in the middle and last
@@ -60,7 +61,7 @@ def test_fused_loop_ffn_is_one_autograd_node_and_handles_expanded_grad() -> None
     experts = GroupedFFNExperts(len(COUNTS), 4, 8)
     x = torch.randn(sum(COUNTS), 4, requires_grad=True)
     out = experts(x, torch.tensor(COUNTS))
-    assert type(out.grad_fn).__name__ == "_LoopExpertFFNBackward"
+    assert type(out.grad_fn).__name__ == "LoopExpertFFNBackward"
     out.sum().backward()  # sum() sends an expanded (stride-0) gradient
     ref = per_expert_reference(experts, x, COUNTS)
     ref_grads = torch.autograd.grad(ref.sum(), [x, experts.w1, experts.b2])
@@ -75,7 +76,7 @@ def test_fused_loop_ffn_gradcheck_float64() -> None:
     params = [p.detach().clone().requires_grad_(True) for p in experts.parameters()]
 
     def fn(x: Tensor, w1: Tensor, w2: Tensor, b1: Tensor, b2: Tensor) -> Tensor:
-        return experts_mod._loop_expert_ffn(x, w1, b1, w2, b2, counts, "gelu_tanh")
+        return loop_experts_mod.loop_expert_ffn(x, w1, b1, w2, b2, counts, "gelu_tanh")
 
     names = [n for n, _ in experts.named_parameters()]
     assert names == ["w1", "w2", "b1", "b2"]

@@ -1,0 +1,310 @@
+"""The loop path of the grouped experts: one matrix product per expert, with hand-written backwards.
+
+Used everywhere the fused ``torch._grouped_mm`` is not (CPU, fp32, other GPUs; see ``experts.py``). The
+group sizes are read on the host once per call. Three autograd functions:
+
+* :class:`LoopExpertFFN`: the whole ``fc1 -> act -> fc2`` expert as one node;
+* :class:`LoopExpertGLU`: the whole gated expert ``(act(x w1) * (x w3)) w2`` as one node;
+* :class:`LoopGroupedMM`: one grouped product (other dtypes mixed in, user code).
+
+Each runs its experts one after the other, so the ``[n_e, h]`` intermediates are small, cache-resident and
+allocated per expert (never a full ``[N, h]`` buffer); only the inputs and each expert's pre-activations are
+saved, the activation is recomputed in backward. Weight gradients are written straight into one ``[E, ...]``
+tensor each: indexing ``w[e]`` under autograd would build a full-size zero gradient per expert (O(E^2 d h)).
+When the experts get few rows each, contiguous ranges of experts run on separate threads
+(:mod:`lightning_moe.moe.expert_threads`); weight gradients on CPU reuse the memory of the previous step's
+(:mod:`lightning_moe.moe.gradient_memory`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from lightning_moe.moe.activations import ACTIVATION_BACKWARD_OUT, ACTIVATION_OUT
+from lightning_moe.moe.expert_threads import run_over_experts
+from lightning_moe.moe.gradient_memory import GradientMemory
+
+__all__ = ["group_bounds", "LoopExpertFFN", "LoopExpertGLU", "LoopGroupedMM", "loop_expert_ffn", "loop_expert_glu",
+           "loop_grouped_mm"]
+
+
+def group_bounds(tokens_per_expert: Tensor) -> list[int]:
+    """Row offsets ``[0, n_0, n_0+n_1, ..., N]`` on the host (one sync per layer, not per expert)."""
+    bounds = [0]
+    for c in tokens_per_expert.tolist():
+        bounds.append(bounds[-1] + int(c))
+    return bounds
+
+
+def _weight_grad(memory: Optional[GradientMemory], key: str, w: Tensor) -> Tensor:
+    """An uninitialised ``[E, ...]`` gradient for ``w`` (reused memory when ``memory`` has some)."""
+    return torch.empty_like(w, memory_format=torch.contiguous_format) if memory is None else memory.empty(key, w)
+
+
+def _rows_buffers(like: Tensor, bounds: list[int], width: int, per_expert: int) -> list[Tensor]:
+    """``per_expert`` uninitialised ``[n_e, width]`` tensors for each expert with rows, allocated by the caller's
+    thread (see :func:`~lightning_moe.moe.expert_threads.run_over_experts` on why)."""
+    return [
+        like.new_empty(bounds[e + 1] - bounds[e], width)
+        for e in range(len(bounds) - 1)
+        if bounds[e + 1] > bounds[e]
+        for _ in range(per_expert)
+    ]
+
+
+def _scratch(like: Tensor, count: int, width: int) -> Callable[[int], Tensor]:
+    """Maker of ``[count, rows, width]`` working memory for :func:`run_over_experts`."""
+    return lambda rows: like.new_empty(count, rows, width)
+
+
+class LoopGroupedMM(torch.autograd.Function):
+    """``out[rows of e] = x[rows of e] @ w[e] (+ bias[e])`` for every expert ``e``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor, bias: Optional[Tensor], bounds: list[int],
+                memory: Optional[GradientMemory]) -> Tensor:
+        # x: [N, a], w: [E, a, b], bias: [E, b] or None
+        out = x.new_empty(x.shape[0], w.shape[2])  # [N, b]
+
+        def run(first: int, last: int, scratch: None) -> None:
+            for e in range(first, last):
+                lo, hi = bounds[e], bounds[e + 1]
+                if hi == lo:
+                    continue
+                if bias is None:
+                    torch.mm(x[lo:hi], w[e], out=out[lo:hi])
+                else:
+                    torch.addmm(bias[e], x[lo:hi], w[e], out=out[lo:hi])
+
+        run_over_experts(run, bounds, w.shape[1] * w.shape[2])
+        ctx.save_for_backward(x, w)
+        ctx.bounds, ctx.memory, ctx.has_bias = bounds, memory, bias is not None
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        x, w = ctx.saved_tensors
+        bounds: list[int] = ctx.bounds
+        grad_out = grad_out.contiguous()  # [N, b]; may arrive expanded (stride 0) from a sum()
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = ctx.has_bias and ctx.needs_input_grad[2]
+        grad_x = torch.empty_like(x) if need_x else None  # [N, a]
+        grad_w = _weight_grad(ctx.memory, "w", w) if need_w else None  # [E, a, b]
+        grad_b = w.new_empty(w.shape[0], w.shape[2]) if need_b else None  # [E, b]
+
+        def run(first: int, last: int, scratch: None) -> None:
+            for e in range(first, last):
+                lo, hi = bounds[e], bounds[e + 1]
+                if hi == lo:  # an expert without rows has zero gradients
+                    for grad in (grad_w, grad_b):
+                        if grad is not None:
+                            grad[e].zero_()
+                    continue
+                g = grad_out[lo:hi]  # [n_e, b]
+                if grad_x is not None:
+                    torch.mm(g, w[e].t(), out=grad_x[lo:hi])
+                if grad_w is not None:
+                    torch.mm(x[lo:hi].t(), g, out=grad_w[e])
+                if grad_b is not None:
+                    torch.sum(g, dim=0, out=grad_b[e])
+
+        run_over_experts(run, bounds, w.shape[1] * w.shape[2])
+        return grad_x, grad_w, grad_b, None, None
+
+
+class LoopExpertFFN(torch.autograd.Function):
+    """The two-layer expert FFN ``act(x_e w1[e] + b1[e]) w2[e] + b2[e]`` for every expert, as one node."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor],
+                bounds: list[int], activation: str, memory: Optional[GradientMemory]) -> Tensor:
+        # x: [N, d], w1: [E, d, h], b1: [E, h] or None, w2: [E, h, d], b2: [E, d] or None
+        act_out = ACTIVATION_OUT[activation]
+        hidden_size = w1.shape[2]
+        out = x.new_empty(x.shape[0], w2.shape[2])  # [N, d]
+        pre_activations = _rows_buffers(x, bounds, hidden_size, 1)  # [n_e, h] for each expert with rows
+        first_saved = _first_saved_index(bounds)
+
+        def run(first: int, last: int, scratch: Tensor) -> None:
+            for e in range(first, last):
+                lo, hi = bounds[e], bounds[e + 1]
+                if hi == lo:
+                    continue
+                pre = pre_activations[first_saved[e]]  # [n_e, h]
+                if b1 is None:
+                    torch.mm(x[lo:hi], w1[e], out=pre)
+                else:
+                    torch.addmm(b1[e], x[lo:hi], w1[e], out=pre)
+                activated = act_out(pre, scratch[0, : hi - lo])  # [n_e, h]
+                if b2 is None:
+                    torch.mm(activated, w2[e], out=out[lo:hi])
+                else:
+                    torch.addmm(b2[e], activated, w2[e], out=out[lo:hi])
+
+        run_over_experts(run, bounds, w1.shape[1] * hidden_size, _scratch(x, 1, hidden_size))
+        ctx.save_for_backward(x, w1, w2, *pre_activations)
+        ctx.bounds, ctx.activation, ctx.memory = bounds, activation, memory
+        ctx.has_b1, ctx.has_b2 = b1 is not None, b2 is not None
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        x, w1, w2, *pre_activations = ctx.saved_tensors
+        bounds: list[int] = ctx.bounds
+        act_out, act_backward_out = ACTIVATION_OUT[ctx.activation], ACTIVATION_BACKWARD_OUT[ctx.activation]
+        grad_out = grad_out.contiguous()  # [N, d]; may arrive expanded (stride 0) from a sum()
+        need = ctx.needs_input_grad
+        num_experts, hidden_size = w1.shape[0], w1.shape[2]
+        grad_x = torch.empty_like(x) if need[0] else None  # [N, d]
+        grad_w1 = _weight_grad(ctx.memory, "w1", w1) if need[1] else None  # [E, d, h]
+        grad_b1 = w1.new_empty(num_experts, hidden_size) if ctx.has_b1 and need[2] else None  # [E, h]
+        grad_w2 = _weight_grad(ctx.memory, "w2", w2) if need[3] else None  # [E, h, d]
+        grad_b2 = w2.new_empty(num_experts, w2.shape[2]) if ctx.has_b2 and need[4] else None  # [E, d]
+        need_hidden_grad = grad_x is not None or grad_w1 is not None or grad_b1 is not None
+        first_saved = _first_saved_index(bounds)
+
+        def run(first: int, last: int, scratch: Tensor) -> None:
+            for e in range(first, last):
+                lo, hi = bounds[e], bounds[e + 1]
+                if hi == lo:  # an expert without rows has zero gradients
+                    for grad in (grad_w1, grad_b1, grad_w2, grad_b2):
+                        if grad is not None:
+                            grad[e].zero_()
+                    continue
+                pre = pre_activations[first_saved[e]]  # [n_e, h]
+                g = grad_out[lo:hi]  # [n_e, d]
+                if grad_w2 is not None:
+                    torch.mm(act_out(pre, scratch[0, : hi - lo]).t(), g, out=grad_w2[e])  # [h, d]
+                if grad_b2 is not None:
+                    torch.sum(g, dim=0, out=grad_b2[e])
+                if not need_hidden_grad:
+                    continue
+                grad_activated = torch.mm(g, w2[e].t(), out=scratch[1, : hi - lo])  # [n_e, h]
+                grad_pre = act_backward_out(grad_activated, pre, scratch[0, : hi - lo])  # [n_e, h]
+                if grad_w1 is not None:
+                    torch.mm(x[lo:hi].t(), grad_pre, out=grad_w1[e])  # [d, h]
+                if grad_b1 is not None:
+                    torch.sum(grad_pre, dim=0, out=grad_b1[e])
+                if grad_x is not None:
+                    torch.mm(grad_pre, w1[e].t(), out=grad_x[lo:hi])  # [n_e, d]
+
+        run_over_experts(run, bounds, w1.shape[1] * hidden_size, _scratch(x, 2, hidden_size))
+        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, None, None, None
+
+
+class LoopExpertGLU(torch.autograd.Function):
+    """The gated expert ``(act(x_e w1[e]) * (x_e w3[e])) w2[e]`` (SwiGLU with silu) for every expert, as one node."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w1: Tensor, w3: Tensor, w2: Tensor, bounds: list[int], activation: str,
+                memory: Optional[GradientMemory]) -> Tensor:
+        # x: [N, d], w1 (gate) and w3 (up): [E, d, h], w2 (down): [E, h, d]
+        act_out = ACTIVATION_OUT[activation]
+        hidden_size = w1.shape[2]
+        out = x.new_empty(x.shape[0], w2.shape[2])  # [N, d]
+        saved = _rows_buffers(x, bounds, hidden_size, 2)  # gate, up [n_e, h] of each expert with rows
+        first_saved = _first_saved_index(bounds)
+
+        def run(first: int, last: int, scratch: Tensor) -> None:
+            for e in range(first, last):
+                lo, hi = bounds[e], bounds[e + 1]
+                if hi == lo:
+                    continue
+                gate, up = saved[2 * first_saved[e]], saved[2 * first_saved[e] + 1]  # [n_e, h] each
+                torch.mm(x[lo:hi], w1[e], out=gate)
+                torch.mm(x[lo:hi], w3[e], out=up)
+                hidden = act_out(gate, scratch[0, : hi - lo]).mul_(up)  # [n_e, h]
+                torch.mm(hidden, w2[e], out=out[lo:hi])
+
+        run_over_experts(run, bounds, w1.shape[1] * hidden_size, _scratch(x, 1, hidden_size))
+        ctx.save_for_backward(x, w1, w3, w2, *saved)
+        ctx.bounds, ctx.activation, ctx.memory = bounds, activation, memory
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        x, w1, w3, w2, *saved = ctx.saved_tensors
+        bounds: list[int] = ctx.bounds
+        act_out, act_backward_out = ACTIVATION_OUT[ctx.activation], ACTIVATION_BACKWARD_OUT[ctx.activation]
+        grad_out = grad_out.contiguous()  # [N, d]
+        need = ctx.needs_input_grad
+        hidden_size = w1.shape[2]
+        grad_x = torch.empty_like(x) if need[0] else None  # [N, d]
+        grad_w1 = _weight_grad(ctx.memory, "w1", w1) if need[1] else None  # [E, d, h]
+        grad_w3 = _weight_grad(ctx.memory, "w3", w3) if need[2] else None  # [E, d, h]
+        grad_w2 = _weight_grad(ctx.memory, "w2", w2) if need[3] else None  # [E, h, d]
+        need_hidden_grad = grad_x is not None or grad_w1 is not None or grad_w3 is not None
+        first_saved = _first_saved_index(bounds)
+
+        def run(first: int, last: int, scratch: Tensor) -> None:
+            for e in range(first, last):
+                lo, hi = bounds[e], bounds[e + 1]
+                if hi == lo:  # an expert without rows has zero gradients
+                    for grad in (grad_w1, grad_w3, grad_w2):
+                        if grad is not None:
+                            grad[e].zero_()
+                    continue
+                n = hi - lo
+                gate, up = saved[2 * first_saved[e]], saved[2 * first_saved[e] + 1]  # [n_e, h] each
+                g = grad_out[lo:hi]  # [n_e, d]
+                activated = act_out(gate, scratch[0, :n])  # [n_e, h]
+                if grad_w2 is not None:
+                    hidden = torch.mul(activated, up, out=scratch[1, :n])  # [n_e, h]
+                    torch.mm(hidden.t(), g, out=grad_w2[e])  # [h, d]
+                if not need_hidden_grad:
+                    continue
+                grad_hidden = torch.mm(g, w2[e].t(), out=scratch[2, :n])  # [n_e, h]
+                grad_up = activated.mul_(grad_hidden)  # [n_e, h] (overwrites the activation)
+                grad_gate = act_backward_out(grad_hidden.mul_(up), gate, scratch[1, :n])  # [n_e, h]
+                if grad_w1 is not None:
+                    torch.mm(x[lo:hi].t(), grad_gate, out=grad_w1[e])  # [d, h]
+                if grad_w3 is not None:
+                    torch.mm(x[lo:hi].t(), grad_up, out=grad_w3[e])  # [d, h]
+                if grad_x is not None:
+                    torch.mm(grad_gate, w1[e].t(), out=grad_x[lo:hi]).addmm_(grad_up, w3[e].t())  # [n_e, d]
+
+        run_over_experts(run, bounds, w1.shape[1] * hidden_size, _scratch(x, 3, hidden_size))
+        return grad_x, grad_w1, grad_w3, grad_w2, None, None, None
+
+
+def _first_saved_index(bounds: list[int]) -> list[int]:
+    """For each expert, how many experts before it have rows (where its saved tensors start)."""
+    index = [0]
+    for e in range(len(bounds) - 1):
+        index.append(index[-1] + (bounds[e + 1] > bounds[e]))
+    return index
+
+
+@torch.compiler.disable
+def loop_grouped_mm(x: Tensor, w: Tensor, tokens_per_expert: Tensor, bias: Optional[Tensor] = None,
+                    memory: Optional[GradientMemory] = None) -> Tensor:
+    """:class:`LoopGroupedMM` in the dtype of its inputs, also under autocast (eager even under
+    ``torch.compile``: the host-side group bounds would otherwise make every new routing a recompilation)."""
+    bounds = group_bounds(tokens_per_expert)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return LoopGroupedMM.apply(x, w, bias, bounds, memory)
+
+
+@torch.compiler.disable
+def loop_expert_ffn(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor],
+                    tokens_per_expert: Tensor, activation: str, memory: Optional[GradientMemory] = None) -> Tensor:
+    """:class:`LoopExpertFFN` in the dtype of its inputs, also under autocast (eager under ``torch.compile``)."""
+    bounds = group_bounds(tokens_per_expert)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return LoopExpertFFN.apply(x, w1, b1, w2, b2, bounds, activation, memory)
+
+
+@torch.compiler.disable
+def loop_expert_glu(x: Tensor, w1: Tensor, w3: Tensor, w2: Tensor, tokens_per_expert: Tensor, activation: str,
+                    memory: Optional[GradientMemory] = None) -> Tensor:
+    """:class:`LoopExpertGLU` in the dtype of its inputs, also under autocast (eager under ``torch.compile``)."""
+    bounds = group_bounds(tokens_per_expert)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return LoopExpertGLU.apply(x, w1, w3, w2, bounds, activation, memory)

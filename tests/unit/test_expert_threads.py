@@ -1,0 +1,214 @@
+"""Experts spread over threads (whole experts per thread): the split, the worker pool, and parity of the
+loop experts with threads forced on against a per-expert reference."""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+from collections.abc import Iterator
+
+import pytest
+import torch
+from torch import Tensor
+
+from lightning_moe.moe import expert_threads
+from lightning_moe.moe.activations import ACTIVATIONS
+from lightning_moe.moe.expert_threads import expert_ranges, run_over_experts, splits_over_threads
+from lightning_moe.moe.experts import GroupedFFNExperts, GroupedGLUExperts, grouped_mm
+
+COUNTS = [0, 7, 3, 0, 9, 1, 4, 0, 6, 2]  # empty groups first, in the middle and last
+
+
+def _bounds(counts: list[int]) -> list[int]:
+    bounds = [0]
+    for c in counts:
+        bounds.append(bounds[-1] + c)
+    return bounds
+
+
+@pytest.fixture
+def threads_forced(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Spread any experts over 2 threads, however small the work."""
+    monkeypatch.setattr(expert_threads, "MIN_SPLIT_WORK", 0)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(previous)
+
+
+# --------------------------------------------------------------------------------------------- split
+
+
+@pytest.mark.parametrize("parts", [1, 2, 3, 4, 16])
+@pytest.mark.parametrize("counts", [COUNTS, [5], [0, 0, 0], [100, 1, 1, 1], [1, 1, 1, 100]])
+def test_ranges_cover_every_expert_once_in_order(counts: list[int], parts: int) -> None:
+    ranges = expert_ranges(_bounds(counts), parts)
+    assert 1 <= len(ranges) <= parts
+    assert ranges[0][0] == 0 and ranges[-1][1] == len(counts)
+    for (_, hi), (lo, _) in zip(ranges, ranges[1:]):
+        assert hi == lo
+    assert all(hi > lo for lo, hi in ranges)
+
+
+def test_ranges_balance_rows_and_weight_work() -> None:
+    counts = [64] * 64
+    ranges = expert_ranges(_bounds(counts), 2)
+    assert ranges == [(0, 32), (32, 64)]
+    skewed = [200] + [10] * 20  # one big expert against many small ones (each also costs its weights)
+    (first, second) = expert_ranges(_bounds(skewed), 2)
+    cost = lambda lo, hi: sum(skewed[lo:hi]) + expert_threads.WEIGHT_COST_ROWS * (hi - lo)  # noqa: E731
+    total = cost(0, len(skewed))
+    assert abs(cost(*first) - total / 2) <= max(skewed) + expert_threads.WEIGHT_COST_ROWS
+
+
+def test_split_only_for_small_groups_with_enough_work() -> None:
+    d_h = 512 * 2048
+    assert splits_over_threads(_bounds([64] * 64), d_h, 2)  # 64 rows per expert
+    assert splits_over_threads(_bounds([256] * 32), d_h, 2)
+    assert not splits_over_threads(_bounds([512] * 8), d_h, 2)  # large groups: intra-op threads do well
+    assert not splits_over_threads(_bounds([64] * 64), d_h, 1)  # one thread
+    assert not splits_over_threads(_bounds([4096] + [0] * 63), d_h, 2)  # one busy expert
+    assert not splits_over_threads(_bounds([2] * 8), 6 * 10, 2)  # too little work to hand over
+
+
+# ------------------------------------------------------------------------------------------ the pool
+
+
+def test_runs_ranges_on_worker_threads_in_expert_order_and_restores_threads(threads_forced: None) -> None:
+    seen: list[tuple[int, int, str, int, bool]] = []
+
+    def fn(lo: int, hi: int, scratch: Tensor) -> tuple[int, int]:
+        seen.append((lo, hi, threading.current_thread().name, torch.get_num_threads(), torch.is_grad_enabled()))
+        assert scratch.shape == (max(COUNTS[lo:hi]), 3)
+        return lo, hi
+
+    results = run_over_experts(fn, _bounds(COUNTS), 1, scratch=lambda rows: torch.empty(rows, 3))
+    assert [r[0] for r in results] == sorted(r[0] for r in results) and results[-1][1] == len(COUNTS)
+    assert len(seen) == 2
+    for _, _, name, threads, grad_enabled in seen:
+        assert name.startswith("lightning_moe-experts") and threads == 1 and not grad_enabled
+    assert torch.get_num_threads() == 2  # the caller's count is back
+
+
+def test_worker_exception_reaches_the_caller(threads_forced: None) -> None:
+    def fn(lo: int, hi: int, scratch: None) -> None:
+        if lo > 0:
+            raise RuntimeError(f"expert range {lo}..{hi} failed")
+
+    with pytest.raises(RuntimeError, match="expert range"):
+        run_over_experts(fn, _bounds(COUNTS), 1)
+    assert torch.get_num_threads() == 2
+    assert sum(run_over_experts(lambda lo, hi, s: hi - lo, _bounds(COUNTS), 1)) == len(COUNTS)  # still serves
+
+
+def test_nested_call_runs_inline(threads_forced: None) -> None:
+    def inner(lo: int, hi: int, scratch: None) -> str:
+        return threading.current_thread().name
+
+    def outer(lo: int, hi: int, scratch: None) -> list[str]:
+        return run_over_experts(inner, _bounds(COUNTS), 1)  # would wait on its own worker if not inline
+
+    names = run_over_experts(outer, _bounds(COUNTS), 1)
+    assert all(len(inner_names) == 1 for inner_names in names)
+
+
+def _child_sum(queue: multiprocessing.Queue) -> None:
+    queue.put(sum(run_over_experts(lambda lo, hi, s: hi - lo, _bounds(COUNTS), 1)))
+
+
+def test_forked_child_gets_its_own_workers(threads_forced: None) -> None:
+    run_over_experts(lambda lo, hi, s: None, _bounds(COUNTS), 1)  # the parent's workers exist
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_child_sum, args=(queue,))
+    child.start()
+    child.join(timeout=60)
+    assert child.exitcode == 0
+    assert queue.get(timeout=5) == len(COUNTS)
+
+
+# ---------------------------------------------------------------------------------- parity, threads on
+
+
+def _reference_ffn(experts: GroupedFFNExperts, x: Tensor, counts: list[int]) -> Tensor:
+    act, outputs, start = ACTIVATIONS[experts.activation], [], 0
+    for e, n in enumerate(counts):
+        rows = x[start : start + n]
+        hidden = act(rows @ experts.w1[e] + (0 if experts.b1 is None else experts.b1[e]))
+        outputs.append(hidden @ experts.w2[e] + (0 if experts.b2 is None else experts.b2[e]))
+        start += n
+    return torch.cat(outputs)
+
+
+def _reference_glu(experts: GroupedGLUExperts, x: Tensor, counts: list[int]) -> Tensor:
+    act, outputs, start = ACTIVATIONS[experts.activation], [], 0
+    for e, n in enumerate(counts):
+        rows = x[start : start + n]
+        outputs.append((act(rows @ experts.w1[e]) * (rows @ experts.w3[e])) @ experts.w2[e])
+        start += n
+    return torch.cat(outputs)
+
+
+def _assert_same_outputs_and_grads(module: torch.nn.Module, out: Tensor, ref: Tensor, x: Tensor) -> None:
+    torch.testing.assert_close(out, ref)
+    grad = torch.randn_like(out)
+    inputs = [x, *module.parameters()]
+    for got, want in zip(torch.autograd.grad(out, inputs, grad), torch.autograd.grad(ref, inputs, grad)):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+def test_ffn_experts_on_threads_equal_per_expert_reference(threads_forced: None, activation: str) -> None:
+    torch.manual_seed(0)
+    experts = GroupedFFNExperts(len(COUNTS), 6, 10, activation=activation).double()
+    x = torch.randn(sum(COUNTS), 6, dtype=torch.float64, requires_grad=True)
+    out = experts(x, torch.tensor(COUNTS))
+    assert type(out.grad_fn).__name__ == "LoopExpertFFNBackward"
+    _assert_same_outputs_and_grads(experts, out, _reference_ffn(experts, x, COUNTS), x)
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu", "relu"])
+def test_glu_experts_on_threads_equal_per_expert_reference(threads_forced: None, activation: str) -> None:
+    torch.manual_seed(0)
+    experts = GroupedGLUExperts(len(COUNTS), 6, 10, activation=activation).double()
+    x = torch.randn(sum(COUNTS), 6, dtype=torch.float64, requires_grad=True)
+    out = experts(x, torch.tensor(COUNTS))
+    assert type(out.grad_fn).__name__ == "LoopExpertGLUBackward"
+    _assert_same_outputs_and_grads(experts, out, _reference_glu(experts, x, COUNTS), x)
+
+
+def test_grouped_mm_on_threads_equals_per_expert_reference(threads_forced: None) -> None:
+    torch.manual_seed(0)
+    w = torch.randn(len(COUNTS), 6, 5, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(len(COUNTS), 5, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(sum(COUNTS), 6, dtype=torch.float64, requires_grad=True)
+    out = grouped_mm(x, w, torch.tensor(COUNTS), b)
+    starts = _bounds(COUNTS)
+    ref = torch.cat([x[starts[e] : starts[e + 1]] @ w[e] + b[e] for e in range(len(COUNTS))])
+    grad = torch.randn_like(out)
+    torch.testing.assert_close(out, ref)
+    for got, want in zip(torch.autograd.grad(out, [x, w, b], grad), torch.autograd.grad(ref, [x, w, b], grad)):
+        torch.testing.assert_close(got, want)
+
+
+def test_glu_gradcheck_float64() -> None:
+    from lightning_moe.moe.loop_experts import loop_expert_glu
+
+    torch.manual_seed(0)
+    counts = torch.tensor([2, 0, 3])
+    x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    w1, w3 = (torch.randn(3, 3, 4, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    w2 = torch.randn(3, 4, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: loop_expert_glu(*a, counts, "silu"), (x, w1, w3, w2))
+
+
+def test_weight_gradients_from_threads_go_to_the_parameter_without_a_copy(threads_forced: None) -> None:
+    """A worker that kept its task alive would hold an extra reference to the gradient; autograd then copies
+    it into a new tensor instead of handing it to ``.grad`` (the copy and the fresh memory cost time)."""
+    experts = GroupedFFNExperts(len(COUNTS), 6, 10)
+    x = torch.randn(sum(COUNTS), 6)
+    for _ in range(2):
+        experts.zero_grad(set_to_none=True)
+        experts(x, torch.tensor(COUNTS)).sum().backward()
+    kept = {s.data_ptr() for storages in experts.gradient_memory._storages.values() for s in storages}
+    assert experts.w1.grad.data_ptr() in kept and experts.w2.grad.data_ptr() in kept
