@@ -8,16 +8,18 @@ d=512, h=2048, against one large product): 0.82 of the large-matmul rate instead
 expert, 0.90 instead of 0.71 at 128 rows, 0.97-0.99 instead of 0.84-0.85 at 256 rows; at 512 rows the
 two ways tie, so larger groups stay on the intra-op threads.
 
-The experts are split into contiguous ranges of about equal work, one per intra-op thread of the calling
-thread (``torch.get_num_threads()``). The workers are daemon threads created once per process (again
-after a fork, or when the thread count changes); each sets itself to one intra-op thread for the task
-and the caller's count is restored afterwards (``torch.set_num_threads`` also changes the default that new
-threads start with). Tasks run under ``torch.no_grad()``: they are the inside of an autograd node.
+There are as many workers as the calling thread has intra-op threads (``torch.get_num_threads()``). They
+take the experts one at a time from a shared list, largest first, until none is left, so that a worker
+slowed down by anything (an uneven expert, another process on its core) simply takes fewer: with fixed
+ranges of equal rows, the two halves' times still differed by up to 28% on the CPU machine. The workers
+are daemon threads created once per process (again after a fork, or when the thread count changes); each
+sets itself to one intra-op thread for the task and the caller's count is restored afterwards
+(``torch.set_num_threads`` also changes the default that new threads start with). Tasks run under
+``torch.no_grad()``: they are the inside of an autograd node.
 """
 
 from __future__ import annotations
 
-import bisect
 import os
 import queue
 import threading
@@ -26,7 +28,7 @@ from typing import Callable, Optional, Sequence, TypeVar
 
 import torch
 
-__all__ = ["run_over_experts", "expert_ranges", "splits_over_threads", "MAX_ROWS_PER_EXPERT", "MIN_SPLIT_WORK"]
+__all__ = ["run_over_experts", "expert_order", "splits_over_threads", "MAX_ROWS_PER_EXPERT", "MIN_SPLIT_WORK"]
 
 T = TypeVar("T")
 S = TypeVar("S")
@@ -38,10 +40,6 @@ use the intra-op threads well)."""
 MIN_SPLIT_WORK = 1 << 24
 """Smallest ``rows x in-width x out-width`` of one weight's products worth handing to threads (tests set 0)."""
 
-WEIGHT_COST_ROWS = 32
-"""An expert's fixed work (streaming its weights, writing their gradients), in rows, for balancing ranges."""
-
-
 def splits_over_threads(bounds: Sequence[int], matrix_size: int, num_threads: int) -> bool:
     """Whether experts with row offsets ``bounds`` (``[0, n_0, n_0+n_1, ..., N]``) and ``matrix_size``
     (in-width x out-width of one weight) run faster spread over ``num_threads`` threads."""
@@ -52,23 +50,27 @@ def splits_over_threads(bounds: Sequence[int], matrix_size: int, num_threads: in
     return num_rows <= MAX_ROWS_PER_EXPERT * busy
 
 
-def expert_ranges(bounds: Sequence[int], parts: int) -> list[tuple[int, int]]:
-    """Split the experts into at most ``parts`` contiguous non-empty ranges ``[lo, hi)`` of about equal work
-    (rows plus :data:`WEIGHT_COST_ROWS` per expert)."""
-    num_experts = len(bounds) - 1
-    cumulative = [0]
-    for e in range(num_experts):
-        cumulative.append(cumulative[-1] + bounds[e + 1] - bounds[e] + WEIGHT_COST_ROWS)
-    total = cumulative[-1]
-    cuts = [0]
-    for p in range(1, parts):
-        target = total * p / parts
-        i = bisect.bisect_left(cumulative, target)
-        if i > 0 and target - cumulative[i - 1] < cumulative[min(i, num_experts)] - target:
-            i -= 1  # the nearer of the two boundaries around the target
-        cuts.append(min(max(i, cuts[-1]), num_experts))
-    cuts.append(num_experts)
-    return [(lo, hi) for lo, hi in zip(cuts, cuts[1:]) if hi > lo]
+def expert_order(bounds: Sequence[int]) -> list[int]:
+    """The order in which workers take the experts: most rows first (then by index), so that the last experts
+    taken are the smallest and the workers finish together."""
+    return sorted(range(len(bounds) - 1), key=lambda e: (bounds[e] - bounds[e + 1], e))
+
+
+class _SharedExperts:
+    """Experts handed out one at a time to whichever worker asks next; none after a worker failed."""
+
+    def __init__(self, order: list[int]) -> None:
+        self._order = order
+        self._next = 0
+        self._lock = threading.Lock()
+        self.failed = False
+
+    def take(self) -> Optional[int]:
+        with self._lock:
+            if self.failed or self._next == len(self._order):
+                return None
+            self._next += 1
+            return self._order[self._next - 1]
 
 
 class _Workers:
@@ -137,54 +139,57 @@ def _get_workers(size: int) -> _Workers:
         return _workers
 
 
-def _most_rows(bounds: Sequence[int], first: int, last: int) -> int:
-    return max((bounds[e + 1] - bounds[e] for e in range(first, last)), default=0)
+def _most_rows(bounds: Sequence[int]) -> int:
+    return max((bounds[e + 1] - bounds[e] for e in range(len(bounds) - 1)), default=0)
 
 
 def run_over_experts(
-    fn: Callable[[int, int, S], T],
+    fn: Callable[[int, int, S], None],
     bounds: Sequence[int],
     matrix_size: int,
     scratch: Callable[[int], S] = lambda rows: None,
-) -> list[T]:
-    """``fn(lo, hi, scratch(rows))`` over the experts: once for all of them, or once per contiguous range on
-    worker threads.
+) -> None:
+    """``fn(lo, hi, scratch(rows))`` over the experts: once for all of them, or expert by expert on worker
+    threads (``fn(e, e + 1, ...)``, each expert exactly once, in no fixed order).
 
     Args:
         fn: does the work of experts ``lo .. hi-1``, writing only their own rows and slices; runs under
             ``torch.no_grad()`` on a worker thread with one intra-op thread when split.
         bounds: row offsets ``[0, n_0, n_0+n_1, ..., N]`` of the expert-sorted rows.
         matrix_size: in-width x out-width of one expert weight (decides, with the rows, whether to split).
-        scratch: makes the working memory of one call for at most ``rows`` rows per expert. It runs in the
+        scratch: makes working memory for experts of at most ``rows`` rows, one per worker. It runs in the
             calling thread: memory that worker threads allocate and free comes from malloc's per-thread
-            arenas, which hand blocks of this size back to the OS, and the next step pays the page faults
+            arenas, which hand blocks of this size back to the OS, and every step pays the page faults
             again (measured: slower than not splitting at all).
-
-    Returns:
-        The results of ``fn`` in expert order.
     """
-    num_experts = len(bounds) - 1
     num_threads = torch.get_num_threads()
     if getattr(_worker_local, "inside", False) or not splits_over_threads(bounds, matrix_size, num_threads):
-        return [fn(0, num_experts, scratch(_most_rows(bounds, 0, num_experts)))]
-    ranges = expert_ranges(bounds, num_threads)
+        fn(0, len(bounds) - 1, scratch(_most_rows(bounds)))
+        return
+    experts = _SharedExperts(expert_order(bounds))
     workers = _get_workers(num_threads)
-    futures = [
-        workers.submit(i, _marked, fn, lo, hi, scratch(_most_rows(bounds, lo, hi))) for i, (lo, hi) in enumerate(ranges)
-    ]
+    rows = _most_rows(bounds)
+    futures = [workers.submit(i, _take_experts, fn, experts, scratch(rows)) for i in range(num_threads)]
     try:
-        return [f.result() for f in futures]
+        for f in futures:
+            f.result()
     finally:
-        for f in futures:  # every task has finished (or failed) before the caller's thread count comes back
+        experts.failed = True  # after a failure the other workers take no further expert ...
+        for f in futures:  # ... and all have stopped before the caller's thread count comes back
             f.exception()
         torch.set_num_threads(num_threads)
 
 
-def _marked(fn: Callable[[int, int, S], T], lo: int, hi: int, scratch: S) -> T:
-    """``fn(lo, hi, scratch)`` with this worker marked, so that nested calls run inline instead of waiting on
-    themselves."""
+def _take_experts(fn: Callable[[int, int, S], None], experts: _SharedExperts, scratch: S) -> None:
+    """Run ``fn`` on experts taken from ``experts`` until none is left, with this worker marked so that a
+    nested :func:`run_over_experts` runs inline instead of waiting on itself."""
     _worker_local.inside = True
     try:
-        return fn(lo, hi, scratch)
+        while (e := experts.take()) is not None:
+            try:
+                fn(e, e + 1, scratch)
+            except BaseException:
+                experts.failed = True
+                raise
     finally:
         _worker_local.inside = False

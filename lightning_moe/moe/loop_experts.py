@@ -11,7 +11,7 @@ Each runs its experts one after the other, so the ``[n_e, h]`` intermediates are
 allocated per expert (never a full ``[N, h]`` buffer); only the inputs and each expert's pre-activations are
 saved, the activation is recomputed in backward. Weight gradients are written straight into one ``[E, ...]``
 tensor each: indexing ``w[e]`` under autograd would build a full-size zero gradient per expert (O(E^2 d h)).
-When the experts get few rows each, contiguous ranges of experts run on separate threads
+When the experts get few rows each, whole experts run on separate threads
 (:mod:`lightning_moe.moe.expert_threads`); weight gradients on CPU reuse the memory of the previous step's
 (:mod:`lightning_moe.moe.gradient_memory`).
 """

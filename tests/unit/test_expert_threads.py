@@ -6,6 +6,7 @@ from __future__ import annotations
 import multiprocessing
 import threading
 from collections.abc import Iterator
+from typing import Optional
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from torch import Tensor
 
 from lightning_moe.moe import expert_threads
 from lightning_moe.moe.activations import ACTIVATIONS
-from lightning_moe.moe.expert_threads import expert_ranges, run_over_experts, splits_over_threads
+from lightning_moe.moe.expert_threads import expert_order, run_over_experts, splits_over_threads
 from lightning_moe.moe.experts import GroupedFFNExperts, GroupedGLUExperts, grouped_mm
 
 COUNTS = [0, 7, 3, 0, 9, 1, 4, 0, 6, 2]  # empty groups first, in the middle and last
@@ -36,29 +37,11 @@ def threads_forced(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     torch.set_num_threads(previous)
 
 
-# --------------------------------------------------------------------------------------------- split
+# ------------------------------------------------------------------------------------- the schedule
 
 
-@pytest.mark.parametrize("parts", [1, 2, 3, 4, 16])
-@pytest.mark.parametrize("counts", [COUNTS, [5], [0, 0, 0], [100, 1, 1, 1], [1, 1, 1, 100]])
-def test_ranges_cover_every_expert_once_in_order(counts: list[int], parts: int) -> None:
-    ranges = expert_ranges(_bounds(counts), parts)
-    assert 1 <= len(ranges) <= parts
-    assert ranges[0][0] == 0 and ranges[-1][1] == len(counts)
-    for (_, hi), (lo, _) in zip(ranges, ranges[1:]):
-        assert hi == lo
-    assert all(hi > lo for lo, hi in ranges)
-
-
-def test_ranges_balance_rows_and_weight_work() -> None:
-    counts = [64] * 64
-    ranges = expert_ranges(_bounds(counts), 2)
-    assert ranges == [(0, 32), (32, 64)]
-    skewed = [200] + [10] * 20  # one big expert against many small ones (each also costs its weights)
-    (first, second) = expert_ranges(_bounds(skewed), 2)
-    cost = lambda lo, hi: sum(skewed[lo:hi]) + expert_threads.WEIGHT_COST_ROWS * (hi - lo)  # noqa: E731
-    total = cost(0, len(skewed))
-    assert abs(cost(*first) - total / 2) <= max(skewed) + expert_threads.WEIGHT_COST_ROWS
+def test_workers_take_the_largest_experts_first() -> None:
+    assert expert_order(_bounds(COUNTS)) == [4, 1, 8, 6, 2, 9, 5, 0, 3, 7]
 
 
 def test_split_only_for_small_groups_with_enough_work() -> None:
@@ -74,57 +57,87 @@ def test_split_only_for_small_groups_with_enough_work() -> None:
 # ------------------------------------------------------------------------------------------ the pool
 
 
-def test_runs_ranges_on_worker_threads_in_expert_order_and_restores_threads(threads_forced: None) -> None:
+def test_every_expert_runs_once_on_worker_threads_and_threads_are_restored(threads_forced: None) -> None:
     seen: list[tuple[int, int, str, int, bool]] = []
+    lock = threading.Lock()
 
-    def fn(lo: int, hi: int, scratch: Tensor) -> tuple[int, int]:
-        seen.append((lo, hi, threading.current_thread().name, torch.get_num_threads(), torch.is_grad_enabled()))
-        assert scratch.shape == (max(COUNTS[lo:hi]), 3)
-        return lo, hi
+    def fn(lo: int, hi: int, scratch: Tensor) -> None:
+        assert scratch.shape == (max(COUNTS), 3)
+        with lock:
+            seen.append((lo, hi, threading.current_thread().name, torch.get_num_threads(), torch.is_grad_enabled()))
 
-    results = run_over_experts(fn, _bounds(COUNTS), 1, scratch=lambda rows: torch.empty(rows, 3))
-    assert [r[0] for r in results] == sorted(r[0] for r in results) and results[-1][1] == len(COUNTS)
-    assert len(seen) == 2
+    run_over_experts(fn, _bounds(COUNTS), 1, scratch=lambda rows: torch.empty(rows, 3))
+    assert sorted((lo, hi) for lo, hi, *_ in seen) == [(e, e + 1) for e in range(len(COUNTS))]
     for _, _, name, threads, grad_enabled in seen:
         assert name.startswith("lightning_moe-experts") and threads == 1 and not grad_enabled
     assert torch.get_num_threads() == 2  # the caller's count is back
 
 
-def test_worker_exception_reaches_the_caller(threads_forced: None) -> None:
-    def fn(lo: int, hi: int, scratch: None) -> None:
-        if lo > 0:
-            raise RuntimeError(f"expert range {lo}..{hi} failed")
+def test_without_a_split_fn_runs_once_over_all_experts_in_the_caller() -> None:
+    calls: list[tuple[int, int, str]] = []
+    run_over_experts(lambda lo, hi, s: calls.append((lo, hi, threading.current_thread().name)), _bounds(COUNTS), 1)
+    assert calls == [(0, len(COUNTS), threading.current_thread().name)]
 
-    with pytest.raises(RuntimeError, match="expert range"):
+
+def _count_experts(counted: list[int], threads: Optional[set[str]] = None) -> None:
+    lock = threading.Lock()
+
+    def fn(lo: int, hi: int, scratch: None) -> None:
+        with lock:
+            counted.extend(range(lo, hi))
+            if threads is not None:
+                threads.add(threading.current_thread().name)
+
+    run_over_experts(fn, _bounds(COUNTS), 1)
+
+
+def test_worker_exception_reaches_the_caller_and_stops_the_others(threads_forced: None) -> None:
+    taken: list[int] = []
+
+    def fn(lo: int, hi: int, scratch: None) -> None:
+        taken.append(lo)
+        if lo == 4:  # the largest expert: taken first
+            raise RuntimeError(f"expert {lo} failed")
+
+    with pytest.raises(RuntimeError, match="expert 4 failed"):
         run_over_experts(fn, _bounds(COUNTS), 1)
+    assert len(taken) < len(COUNTS)  # the other worker stopped taking experts
     assert torch.get_num_threads() == 2
-    assert sum(run_over_experts(lambda lo, hi, s: hi - lo, _bounds(COUNTS), 1)) == len(COUNTS)  # still serves
+    counted: list[int] = []
+    _count_experts(counted)  # the workers still serve
+    assert sorted(counted) == list(range(len(COUNTS)))
 
 
 def test_nested_call_runs_inline(threads_forced: None) -> None:
-    def inner(lo: int, hi: int, scratch: None) -> str:
-        return threading.current_thread().name
+    names: list[str] = []
 
-    def outer(lo: int, hi: int, scratch: None) -> list[str]:
-        return run_over_experts(inner, _bounds(COUNTS), 1)  # would wait on its own worker if not inline
+    def inner(lo: int, hi: int, scratch: None) -> None:
+        names.append(f"{lo}-{hi}")
 
-    names = run_over_experts(outer, _bounds(COUNTS), 1)
-    assert all(len(inner_names) == 1 for inner_names in names)
+    def outer(lo: int, hi: int, scratch: None) -> None:
+        run_over_experts(inner, _bounds(COUNTS), 1)  # would wait on its own worker if not inline
+
+    run_over_experts(outer, _bounds(COUNTS), 1)
+    assert names == [f"0-{len(COUNTS)}"] * len(COUNTS)
 
 
-def _child_sum(queue: multiprocessing.Queue) -> None:
-    queue.put(sum(run_over_experts(lambda lo, hi, s: hi - lo, _bounds(COUNTS), 1)))
+def _child_count(queue: multiprocessing.Queue) -> None:
+    counted: list[int] = []
+    threads: set[str] = set()
+    _count_experts(counted, threads)
+    queue.put((sorted(counted), all(name.startswith("lightning_moe-experts") for name in threads)))
 
 
 def test_forked_child_gets_its_own_workers(threads_forced: None) -> None:
-    run_over_experts(lambda lo, hi, s: None, _bounds(COUNTS), 1)  # the parent's workers exist
+    _count_experts([])  # the parent's workers exist
     context = multiprocessing.get_context("fork")
     queue = context.Queue()
-    child = context.Process(target=_child_sum, args=(queue,))
+    child = context.Process(target=_child_count, args=(queue,))
     child.start()
     child.join(timeout=60)
     assert child.exitcode == 0
-    assert queue.get(timeout=5) == len(COUNTS)
+    counted, on_workers = queue.get(timeout=5)
+    assert counted == list(range(len(COUNTS))) and on_workers
 
 
 # ---------------------------------------------------------------------------------- parity, threads on
