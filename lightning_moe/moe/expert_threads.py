@@ -30,7 +30,6 @@ import torch
 
 __all__ = ["run_over_experts", "expert_order", "splits_over_threads", "MAX_ROWS_PER_EXPERT", "MIN_SPLIT_WORK"]
 
-T = TypeVar("T")
 S = TypeVar("S")
 
 MAX_ROWS_PER_EXPERT = 256
@@ -83,7 +82,7 @@ class _Workers:
         for i, q in enumerate(self._queues):
             threading.Thread(target=_serve, args=(q,), name=f"lightning_moe-experts-{i}", daemon=True).start()
 
-    def submit(self, worker: int, fn: Callable[..., T], *args: object) -> Future:
+    def submit(self, worker: int, fn: Callable[..., None], *args: object) -> Future:
         future: Future = Future()
         self._queues[worker].put((fn, args, future))
         return future
@@ -99,20 +98,22 @@ def _serve(tasks: queue.SimpleQueue) -> None:
         if task is None:
             return
         fn, args, future = task
-        if not future.set_running_or_notify_cancel():
-            continue
+        error: Optional[BaseException] = None
         try:
             torch.set_num_threads(1)  # this thread's products run on one core; the caller restores its count
             with torch.no_grad():
-                result = fn(*args)
+                fn(*args)
         except BaseException as exc:  # handed to the caller, which re-raises it
-            future.set_exception(exc)
+            error = exc
+        # Drop the task before reporting that it is done: its closure refers to the caller's tensors, and a
+        # gradient that still has another reference when the caller returns it is copied by autograd instead
+        # of being handed to the parameter.
+        del task, fn, args
+        if error is None:
+            future.set_result(None)
         else:
-            future.set_result(result)
-        # Drop the task before waiting for the next: its closure refers to the caller's tensors, and a gradient
-        # with an extra reference is copied by autograd instead of being handed to the parameter.
-        del task, fn, args, future
-        result = None
+            future.set_exception(error)
+        del future, error
 
 
 _workers: Optional[_Workers] = None

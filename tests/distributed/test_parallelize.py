@@ -61,6 +61,9 @@ def _names_and_recompute(rank: int, world_size: int, activation_checkpointing: b
     return {
         "same_names": names_before == list(model.state_dict().keys()),
         "block_forwards": len(calls),
+        # ZeRO-2: the experts' full-size gradients must not be kept between steps
+        "gradient_memory_kept": [layer.experts.gradient_memory.nbytes() for _, layer in find_moe_layers(model)],
+        "gradient_memory_on": [layer.experts.gradient_memory.enabled for _, layer in find_moe_layers(model)],
     }
 
 
@@ -69,5 +72,6 @@ def _names_and_recompute(rank: int, world_size: int, activation_checkpointing: b
 def test_parameter_names_unchanged_and_blocks_recomputed(activation_checkpointing: bool) -> None:
     for result in run_ranks(_names_and_recompute, 2, activation_checkpointing):
         assert result["same_names"]
+        assert result["gradient_memory_kept"] == [0, 0] and result["gradient_memory_on"] == [False, False]
         # With checkpointing the block's forward runs again in backward.
         assert result["block_forwards"] == (2 if activation_checkpointing else 1)

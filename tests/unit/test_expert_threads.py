@@ -220,8 +220,9 @@ def test_weight_gradients_from_threads_go_to_the_parameter_without_a_copy(thread
     it into a new tensor instead of handing it to ``.grad`` (the copy and the fresh memory cost time)."""
     experts = GroupedFFNExperts(len(COUNTS), 6, 10)
     x = torch.randn(sum(COUNTS), 6)
-    for _ in range(2):
+    for _ in range(30):  # the worker must let go before it reports the task done, not just soon after
         experts.zero_grad(set_to_none=True)
         experts(x, torch.tensor(COUNTS)).sum().backward()
-    kept = {s.data_ptr() for storages in experts.gradient_memory._storages.values() for s in storages}
-    assert experts.w1.grad.data_ptr() in kept and experts.w2.grad.data_ptr() in kept
+        kept = {s.data_ptr() for storages in experts.gradient_memory._storages.values() for s in storages}
+        assert experts.w1.grad.data_ptr() in kept and experts.w2.grad.data_ptr() in kept
+        assert len(kept) == 2
