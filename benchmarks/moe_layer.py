@@ -2,7 +2,8 @@
 
 For each (E, k): forward+backward time of ``lightning_moe.MoE`` (T tokens, capacity factor 1.25) and
 of one dense FFN ``d -> h -> d`` run on ``T*k`` tokens (the same useful FLOPs), alternating the two,
-so machine noise hits both alike. Efficiency = dense time / MoE time (1.0 = no MoE overhead).
+so machine noise hits both alike. Efficiency = dense time / MoE time (1.0 = no MoE overhead), the median
+of the ratios of each round's back-to-back pair (robust to the machine slowing down mid-run).
 Optional peers (``--peers``) implement other libraries' *techniques* in a few lines, for context:
 ``per_expert_loop`` (Switch-style: a mask and an ``nn.Linear`` pair per expert) and ``onehot_einsum``
 (GShard-style: one-hot ``[T, E, C]`` dispatch and combine einsums over capacity buffers).
@@ -246,12 +247,13 @@ def measure(
         for name, fn in runs.items():  # interleaved: noise hits every contender alike
             times[name].append(timed(fn, device))
     result: dict[str, float] = {"E": num_experts, "k": k, "T": tokens, "d": d, "h": h}
-    dense_s = statistics.median(times["dense"])
     for name, samples in times.items():
         med = statistics.median(samples)
         result[f"{name}_ms"] = med * 1e3
-        if name != "dense":
-            result[f"{name}_efficiency"] = dense_s / med
+        if name != "dense":  # median of the per-round ratios: each pair ran back to back
+            result[f"{name}_efficiency"] = statistics.median(
+                dense / other for dense, other in zip(times["dense"], samples)
+            )
     moe_s = statistics.median(times["moe"])
     if args.ceiling:
         # What the expert GEMMs allow: the six FFN products at T*k/E rows per expert against the same at T*k rows.
