@@ -23,8 +23,8 @@ gradients between steps pays (glibc returns blocks over 32 MiB to the OS, and th
 faults cost this much). The layer avoids it by keeping that memory (``GradientMemory``); a per-expert
 ``nn.Linear`` peer's 4 MiB gradients are recycled inside malloc instead.
 
-    python benchmarks/moe_layer.py --peers --ceiling    # the README table (CPU, fp32, 2 threads)
-    python benchmarks/moe_layer.py --peers --retain-freed-memory   # the same with a caching malloc
+    python benchmarks/moe_layer.py --peers --ceiling --repeats 7    # the README table (CPU, fp32, 2 threads)
+    python benchmarks/moe_layer.py --peers --retain-freed-memory --no-memory --repeats 7   # caching malloc
     python benchmarks/moe_layer.py --device cuda --dtype bf16 --large   # the GPU check
 """
 
