@@ -31,6 +31,9 @@ def __getattr__(name: str) -> Any:
 
 
 def _register_strategies() -> None:
+    strategy = sys.modules.get("lightning_moe.strategy")
+    if strategy is not None and getattr(strategy.__spec__, "_initializing", False):
+        return  # Lightning is being imported by the strategy module, which registers itself once loaded
     from lightning_moe.strategy import register_strategies
 
     register_strategies()

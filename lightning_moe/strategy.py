@@ -650,6 +650,11 @@ def register_strategies(registry: Optional[_StrategyRegistry] = None) -> None:
     MoEZeroStrategy.register_strategies(StrategyRegistry if registry is None else registry)
 
 
+# Idempotent; covers `import lightning_moe.strategy` before Lightning (the package hook then finds this module
+# still loading and leaves the registration to it).
+register_strategies()
+
+
 def _check_strategy_arguments(
     *, activation_checkpointing: Any, save_distributed_checkpoint: Any, process_group_backend: Any, timeout: Any
 ) -> None:
