@@ -22,9 +22,9 @@ Expert gradients are divided by the full data-parallel size: the all-to-all alre
 contributions of the whole ``ep`` group, so dividing by ``efsdp`` alone would scale them by ``ep``.
 
 Why DDP at stage 0: FSDP2's ``replicate`` keeps parameters as ``Replicate()`` DTensors and copies every
-unit's gradients into and out of a flat buffer per step; on the 2-rank CPU benchmark that made stage 0
-1.4x slower than Lightning's ``ddp`` (``benchmarks/strategy_step_time.py``). DDP reduces the gradients
-in place from buckets while backward runs, and the optimizer updates plain tensors.
+unit's gradients into and out of a flat buffer per step, which made stage 0 slower than Lightning's ``ddp``
+(README "Stage 0 against Lightning's DDP", ``benchmarks/strategy_step_time.py``). DDP reduces the
+gradients in place from buckets while backward runs, and the optimizer updates plain tensors.
 """
 
 from __future__ import annotations
