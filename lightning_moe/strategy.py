@@ -102,23 +102,14 @@ class MoEZeroStrategy(ParallelStrategy):
     their expert counts and is built right after ``configure_model``).
 
     A model built under ``Trainer.init_module(empty_init=True)`` (meta device) is materialised after sharding
-    with the weights one process would give from the same seed: the model's own ``init_weights()`` (on the
-    LightningModule or any top-most submodule defining it), else each module's ``reset_parameters()``
-    (:func:`lightning_moe.parallel.init.materialize_meta_model`).
+    with the weights one process would give from the same seed (:mod:`lightning_moe.parallel.init`).
 
-    MoE auxiliary losses are part of the user's loss: the model returns them (``MoEOutput.aux_loss``) and
-    ``training_step`` adds them. With expert parallelism each rank computes its layers' aux losses from its
-    *local* tokens (routing is local; only the expert computation crosses ranks), just as each data-parallel
-    rank computes its own task loss. Gradients are averaged over the data-parallel ranks (expert gradients
-    too: their divide factor is the full data-parallel size), so training equals one process that computes
-    the loss of each rank's batch separately and averages them; the aux loss keeps the same scale whatever
-    the number of ranks. (The balance loss is a product of batch means, so this is the mean of per-rank
-    balance losses, not the balance loss of the concatenated batch.)
-
-    Gradient clipping (``Trainer(gradient_clip_val=..., gradient_clip_algorithm=...)``) goes through the
-    strategy's precision plugin (:mod:`lightning_moe.precision`: one norm over the dense and the expert meshes); ``self.log(..., sync_dist=True)`` and the ``DistributedSampler`` work as with DDP.
-    With ``tensor_parallel_size > 1`` the sampler (``distributed_sampler_kwargs``) counts data-parallel
-    ranks only, so the ``tp`` ranks of one data-parallel rank read the same batch.
+    MoE auxiliary losses are part of the user's loss (``MoEOutput.aux_loss``, added in ``training_step``);
+    each rank computes them from its local tokens, and gradients are averaged over the data-parallel ranks
+    (docs/INTERFACES.md). Gradient clipping goes through the precision plugin (:mod:`lightning_moe.precision`:
+    one norm over the dense and the expert meshes); ``self.log(..., sync_dist=True)`` and the
+    ``DistributedSampler`` work as with DDP, the sampler counting data-parallel ranks only (the ``tp`` ranks
+    of one data-parallel rank read the same batch).
 
     Arguments:
         expert_parallel_size: ranks that split one copy of each MoE layer's experts between them. Must divide
@@ -196,9 +187,7 @@ class MoEZeroStrategy(ParallelStrategy):
             precision_plugin=precision_plugin,
         )
 
-    # ----------------------------------------------------------------------------------------------
-    # settings
-    # ----------------------------------------------------------------------------------------------
+    # --- settings ---
     @property
     def zero_stage(self) -> int:
         """The ZeRO stage (0-3)."""
@@ -285,9 +274,7 @@ class MoEZeroStrategy(ParallelStrategy):
     def lightning_restore_optimizer(self) -> bool:
         return False
 
-    # ----------------------------------------------------------------------------------------------
-    # precision
-    # ----------------------------------------------------------------------------------------------
+    # --- precision ---
     @property  # type: ignore[override]
     def precision_plugin(self) -> Precision:
         return self._precision_plugin if self._precision_plugin is not None else moe_zero_precision(Precision())
@@ -298,9 +285,7 @@ class MoEZeroStrategy(ParallelStrategy):
         # across meshes (lightning_moe.precision). Unsupported precisions fail here, while the Trainer is built.
         self._precision_plugin = None if precision_plugin is None else moe_zero_precision(precision_plugin)
 
-    # ----------------------------------------------------------------------------------------------
-    # processes, mesh
-    # ----------------------------------------------------------------------------------------------
+    # --- processes, mesh ---
     @override
     def _configure_launcher(self) -> None:
         assert self.cluster_environment is not None
@@ -366,9 +351,7 @@ class MoEZeroStrategy(ParallelStrategy):
         self._rank_watch.cover(mesh_groups(self._device_mesh))
         self.lightning_module._device_mesh = self._device_mesh
 
-    # ----------------------------------------------------------------------------------------------
-    # setup
-    # ----------------------------------------------------------------------------------------------
+    # --- setup ---
     @override
     def setup(self, trainer: "Trainer") -> None:
         from torch.distributed.fsdp import FullyShardedDataParallel
@@ -466,9 +449,7 @@ class MoEZeroStrategy(ParallelStrategy):
         with torch.device("meta") if empty_init else nullcontext(), self.precision_plugin.tensor_init_context():
             yield
 
-    # ----------------------------------------------------------------------------------------------
-    # training loop integration
-    # ----------------------------------------------------------------------------------------------
+    # --- training loop integration ---
     @contextmanager
     @override
     def block_backward_sync(self) -> Generator[None, None, None]:
@@ -509,9 +490,7 @@ class MoEZeroStrategy(ParallelStrategy):
         with _no_inference_mode():
             return self._run_step("predict_step", self.precision_plugin.predict_step_context(), *args, **kwargs)
 
-    # ----------------------------------------------------------------------------------------------
-    # collectives (each watched: a failed one names the ranks that stopped, lightning_moe.parallel.health)
-    # ----------------------------------------------------------------------------------------------
+    # --- collectives (each watched: a failed one names the ranks that stopped, lightning_moe.parallel.health) ---
     @override
     def barrier(self, name: Optional[str] = None) -> None:
         if not _distributed_is_initialized():
@@ -632,7 +611,6 @@ class MoEZeroStrategy(ParallelStrategy):
                 weights_only=weights_only,
             )
 
-    # ----------------------------------------------------------------------------------------------
     @classmethod
     @override
     def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
