@@ -48,6 +48,7 @@ from torch.distributed.tensor import DTensor, Shard
 
 from lightning_moe.parallel.dims import ParallelDims, expert_shard_mesh, submesh
 from lightning_moe.parallel.discovery import find_blocks, find_moe_layers
+from lightning_moe.parallel.local import local_shard
 
 __all__ = ["apply_fsdp", "is_data_parallel", "mixed_precision_policy", "no_gradient_sync", "PRECISIONS"]
 
@@ -126,7 +127,7 @@ def _expert_shard_placement(efsdp: int):
     else on dim 1 (e.g. 2 local experts over 4 ranks), else dim 0 with FSDP's padding."""
 
     def placement(param: nn.Parameter) -> Shard:
-        local = param.to_local() if hasattr(param, "to_local") else param
+        local = local_shard(param)
         if local.shape[0] % efsdp == 0:
             return Shard(0)
         if local.ndim > 1 and local.shape[1] % efsdp == 0:

@@ -61,7 +61,7 @@ class _FullTensorRandomFills(TorchDispatchMode):
             full = torch.empty(target.shape, dtype=target.dtype, device=local.device)  # global shape
             func(full, *args[1:], **kwargs)
             shard = distribute_tensor(full, target.device_mesh, target.placements, src_data_rank=None)
-            local.copy_(shard.to_local())
+            local.copy_(local_shard(shard))
             return target
         return func(*args, **kwargs)
 
