@@ -1,7 +1,7 @@
 """AdamW step time on FSDP2's DTensor shards against the same shards as plain tensors (CPU, gloo).
 
 ``MoEZeroStrategy`` switches AdamW groups of DTensor parameters that left ``foreach``/``fused`` to torch to
-``fused=True`` (``strategy._fast_update_for_dtensors``); this measures why. Per ZeRO layout, rank 0's
+``fused=True`` (``lightning_moe.parallel.optim.use_whole_list_update``); this measures why. Per ZeRO layout, rank 0's
 median ``optimizer.step()`` time for each implementation, on the DTensor parameters and on plain copies of
 their local shards (same shapes, same gradients).
 

@@ -137,7 +137,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
             raise torch.OutOfMemoryError(f"simulated: {args.experts} experts > --simulate-oom-above")
         dims = ParallelDims(world_size=1, expert_parallel_size=1, tensor_parallel_size=1,
                             zero_stage=args.zero_stage, offload=args.offload)
-        dims.resolve(expert_counts(model))
+        dims = dims.resolve(expert_counts(model))
         mesh = dims.build_mesh(device.type)
         parallelize(model, mesh, dims, mp_policy=mixed_precision_policy("bf16-mixed"))
         start = time.perf_counter()

@@ -45,8 +45,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lightning_moe.moe import MoE  # noqa: E402
-from lightning_moe.moe.expert_threads import run_over_experts  # noqa: E402
-from lightning_moe.moe.gradient_memory import gradient_memory_of  # noqa: E402
+from lightning_moe.moe.kernels.expert_threads import run_over_experts  # noqa: E402
+from lightning_moe.moe.kernels.gradient_memory import gradient_memory_of  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

@@ -1,24 +1,23 @@
 """``MoEZeroStrategy``: the Lightning face of :mod:`lightning_moe.parallel`.
 
-Expert parallelism (EP) for the MoE layers, tensor parallelism (TP) for the dense layers, plus ZeRO stages
-0-3 mapped onto FSDP2, optional CPU offload, and checkpoints that reshard (:mod:`lightning_moe.checkpoint`). ``import lightning_moe`` registers it as
-``Trainer(strategy="moe_zero")`` together with the presets ``moe_zero_stage1``, ``moe_zero_stage2``,
-``moe_zero_stage3`` and ``moe_zero_offload``.
-
-Hook order (as Lightning's ``ModelParallelStrategy``)::
+Expert parallelism (EP) for the MoE layers, tensor parallelism (TP) for the dense layers, ZeRO stages 0-3 on
+FSDP2, optional CPU offload, and checkpoints that reshard (:mod:`lightning_moe.checkpoint`). ``import
+lightning_moe`` registers it as ``Trainer(strategy="moe_zero")`` with the presets of :data:`STRATEGY_PRESETS`.
+The engine (dims, mesh, parallelize, meta init, optimizer settings, rank health) lives in
+:mod:`lightning_moe.parallel`; this module only maps Lightning's hooks onto it::
 
     setup_environment   process group -> ParallelDims -> device mesh (also ``LightningModule.device_mesh``)
     configure_model     the user's hook, inside the strategy's / precision's init contexts
     setup               parallelize(model, mesh, dims, mp_policy, activation_checkpointing)
                         -> materialise meta weights -> optimizers (offload wrapper) -> precision
     (resume)            load_checkpoint: DCP folder or full file, resharded onto this layout
+
+Not a subclass of Lightning's ``ModelParallelStrategy`` although the hooks follow it: Lightning rejects
+``precision="16-mixed"`` for instances of that class.
 """
 
 from __future__ import annotations
 
-import inspect
-import logging
-import types
 from collections.abc import Generator, Mapping
 from contextlib import contextmanager, nullcontext
 from datetime import timedelta
@@ -42,7 +41,7 @@ from lightning.fabric.utilities.types import _PATH, ReduceOp
 from lightning.pytorch import Trainer
 from lightning.pytorch.accelerators import Accelerator
 from lightning.pytorch.core.optimizer import LightningOptimizer
-from lightning.pytorch.plugins.precision import HalfPrecision, MixedPrecision, Precision
+from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import StrategyRegistry
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from lightning.pytorch.strategies.parallel import ParallelStrategy
@@ -51,14 +50,12 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
-from torch import Tensor, nn
+from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_moe.parallel import (
     ParallelDims,
-    clip_grad_norm_,
-    clip_grad_value_,
     expert_counts,
     mixed_precision_policy,
     no_gradient_sync,
@@ -66,14 +63,16 @@ from lightning_moe.parallel import (
     parallelize,
     submesh,
 )
-from lightning_moe.parallel.dims import OFFLOAD_CHOICES, ZERO_STAGES
+from lightning_moe.parallel.dims import mesh_groups
 from lightning_moe.parallel.fsdp import is_data_parallel
-from lightning_moe.parallel.init import materialize_meta_model
-from lightning_moe.parallel.health import Heartbeat, RankFailureError, rank_failure, set_collective_timeout, store_host_rank
+from lightning_moe.parallel.health import RankWatch, exited_children
+from lightning_moe.parallel.init import has_meta_tensors, materialize_meta_model
+from lightning_moe.parallel.optim import use_whole_list_update
+from lightning_moe.parallel.parallelize import is_parallelized
+from lightning_moe.precision import SUPPORTED_PRECISIONS, moe_zero_precision
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy
 
 __all__ = ["MoEZeroStrategy", "SUPPORTED_PRECISIONS", "STRATEGY_PRESETS", "register_strategies"]
 
@@ -81,13 +80,8 @@ __all__ = ["MoEZeroStrategy", "SUPPORTED_PRECISIONS", "STRATEGY_PRESETS", "regis
 # e.g. fit -> test, must not parallelize it again).
 _LAYOUT_ATTR = "_moe_zero_layout"
 
-log = logging.getLogger(__name__)
-
 DEFAULT_TIMEOUT = timedelta(minutes=10)
 """How long a collective waits for a rank that stopped answering (torch's own default for gloo is 30 min)."""
-
-SUPPORTED_PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed")
-"""Precisions ``MoEZeroStrategy`` accepts. ``16-mixed`` needs CUDA (fp16 autocast + gradient scaler)."""
 
 STRATEGY_PRESETS: dict[str, dict[str, Any]] = {
     "moe_zero": {"zero_stage": 2, "expert_parallel_size": "auto"},
@@ -108,24 +102,14 @@ class MoEZeroStrategy(ParallelStrategy):
     their expert counts and is built right after ``configure_model``).
 
     A model built under ``Trainer.init_module(empty_init=True)`` (meta device) is materialised after sharding
-    with the weights one process would give from the same seed: the model's own ``init_weights()`` (on the
-    LightningModule or any top-most submodule defining it), else each module's ``reset_parameters()``
-    (:func:`lightning_moe.parallel.init.materialize_meta_model`).
+    with the weights one process would give from the same seed (:mod:`lightning_moe.parallel.init`).
 
-    MoE auxiliary losses are part of the user's loss: the model returns them (``MoEOutput.aux_loss``) and
-    ``training_step`` adds them. With expert parallelism each rank computes its layers' aux losses from its
-    *local* tokens (routing is local; only the expert computation crosses ranks), just as each data-parallel
-    rank computes its own task loss. Gradients are averaged over the data-parallel ranks (expert gradients
-    too: their divide factor is the full data-parallel size), so training equals one process that computes
-    the loss of each rank's batch separately and averages them; the aux loss keeps the same scale whatever
-    the number of ranks. (The balance loss is a product of batch means, so this is the mean of per-rank
-    balance losses, not the balance loss of the concatenated batch.)
-
-    Gradient clipping (``Trainer(gradient_clip_val=..., gradient_clip_algorithm=...)``) goes through
-    ``lightning_moe.parallel.clip_grad_norm_`` (one norm over the dense and the expert meshes) or
-    ``clip_grad_value_``; ``self.log(..., sync_dist=True)`` and the ``DistributedSampler`` work as with DDP.
-    With ``tensor_parallel_size > 1`` the sampler (``distributed_sampler_kwargs``) counts data-parallel
-    ranks only, so the ``tp`` ranks of one data-parallel rank read the same batch.
+    MoE auxiliary losses are part of the user's loss (``MoEOutput.aux_loss``, added in ``training_step``);
+    each rank computes them from its local tokens, and gradients are averaged over the data-parallel ranks
+    (docs/INTERFACES.md). Gradient clipping goes through the precision plugin (:mod:`lightning_moe.precision`:
+    one norm over the dense and the expert meshes); ``self.log(..., sync_dist=True)`` and the
+    ``DistributedSampler`` work as with DDP, the sampler counting data-parallel ranks only (the ``tp`` ranks
+    of one data-parallel rank read the same batch).
 
     Arguments:
         expert_parallel_size: ranks that split one copy of each MoE layer's experts between them. Must divide
@@ -171,11 +155,13 @@ class MoEZeroStrategy(ParallelStrategy):
         checkpoint_io: Optional[CheckpointIO] = None,
         precision_plugin: Optional[Precision] = None,
     ) -> None:
-        _validate_arguments(
+        ParallelDims.check_arguments(
             expert_parallel_size=expert_parallel_size,
+            tensor_parallel_size=tensor_parallel_size,
             zero_stage=zero_stage,
             offload=offload,
-            tensor_parallel_size=tensor_parallel_size,
+        )
+        _check_strategy_arguments(
             activation_checkpointing=activation_checkpointing,
             save_distributed_checkpoint=save_distributed_checkpoint,
             process_group_backend=process_group_backend,
@@ -189,8 +175,8 @@ class MoEZeroStrategy(ParallelStrategy):
         self._save_distributed_checkpoint = save_distributed_checkpoint
         self._process_group_backend: Optional[str] = process_group_backend
         self._timeout: Optional[timedelta] = timeout
-        self._heartbeat: Optional[Heartbeat] = None
-        self._num_nodes = 1
+        self._rank_watch = RankWatch(timeout, known_dead=self._exited_children)
+        self.num_nodes = 1
         self._dims: Optional[ParallelDims] = None
         self._device_mesh: Optional[DeviceMesh] = None
         super().__init__(
@@ -201,9 +187,7 @@ class MoEZeroStrategy(ParallelStrategy):
             precision_plugin=precision_plugin,
         )
 
-    # ----------------------------------------------------------------------------------------------
-    # settings
-    # ----------------------------------------------------------------------------------------------
+    # --- settings ---
     @property
     def zero_stage(self) -> int:
         """The ZeRO stage (0-3)."""
@@ -257,15 +241,6 @@ class MoEZeroStrategy(ParallelStrategy):
         return self.parallel_devices[self.local_rank]
 
     @property
-    def num_nodes(self) -> int:
-        """Number of nodes (set by the Trainer's ``num_nodes``)."""
-        return self._num_nodes
-
-    @num_nodes.setter
-    def num_nodes(self, num_nodes: int) -> None:
-        self._num_nodes = num_nodes
-
-    @property
     def num_processes(self) -> int:
         """Processes per node."""
         return len(self.parallel_devices) if self.parallel_devices is not None else 0
@@ -299,27 +274,18 @@ class MoEZeroStrategy(ParallelStrategy):
     def lightning_restore_optimizer(self) -> bool:
         return False
 
-    # ----------------------------------------------------------------------------------------------
-    # precision
-    # ----------------------------------------------------------------------------------------------
+    # --- precision ---
     @property  # type: ignore[override]
     def precision_plugin(self) -> Precision:
-        return self._precision_plugin if self._precision_plugin is not None else Precision()
+        return self._precision_plugin if self._precision_plugin is not None else moe_zero_precision(Precision())
 
     @precision_plugin.setter
     def precision_plugin(self, precision_plugin: Optional[Precision]) -> None:
-        if precision_plugin is not None:
-            _check_precision_plugin(precision_plugin, _requested_precision_flag())
-            _route_gradient_clipping(precision_plugin)
-        self._precision_plugin = precision_plugin
+        # The Trainer builds Lightning's plugin from `precision=...`; ours has the same settings and clips
+        # across meshes (lightning_moe.precision). Unsupported precisions fail here, while the Trainer is built.
+        self._precision_plugin = None if precision_plugin is None else moe_zero_precision(precision_plugin)
 
-    def _mixed_precision_policy(self) -> Optional["MixedPrecisionPolicy"]:
-        """FSDP2's policy for the precision: bf16/fp16 compute from fp32 sharded parameters, fp32 reductions."""
-        return mixed_precision_policy(self.precision_plugin.precision)
-
-    # ----------------------------------------------------------------------------------------------
-    # processes, mesh
-    # ----------------------------------------------------------------------------------------------
+    # --- processes, mesh ---
     @override
     def _configure_launcher(self) -> None:
         assert self.cluster_environment is not None
@@ -327,7 +293,7 @@ class MoEZeroStrategy(ParallelStrategy):
             self._launcher = _SubprocessScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
 
     def set_world_ranks(self) -> None:
-        """Set rank and world size on the cluster environment and validate the layout against the world size.
+        """Set rank and world size on the cluster environment and check the layout against the world size.
 
         Called by the Trainer while it is built, before any process starts, so a bad ``expert_parallel_size``
         fails there.
@@ -351,28 +317,26 @@ class MoEZeroStrategy(ParallelStrategy):
     @override
     def setup_environment(self) -> None:
         super().setup_environment()
-        self._setup_distributed()
+        reset_seed()
+        self.set_world_ranks()
+        self._process_group_backend = self._get_process_group_backend()
+        assert self.cluster_environment is not None
+        device_id = self.root_device if self.root_device.type != "cpu" else None
+        _init_dist_connection(
+            self.cluster_environment, self._process_group_backend, timeout=self._timeout, device_id=device_id
+        )
+        self._rank_watch.start()
         model = self.lightning_module
         assert model is not None
         if self._device_mesh is not None and self._dims is not None and self._dims.world_size == dist.get_world_size():
             model._device_mesh = self._device_mesh  # a later stage of the same Trainer (fit -> test)
             return
         self._dims = self._new_dims(dist.get_world_size())
-        counts = _expert_counts(model)
+        counts = expert_counts(model)
         if counts or self._expert_parallel_size != "auto" or not is_overridden("configure_model", model):
-            self._dims.resolve(counts)
+            self._dims = self._dims.resolve(counts)
             self._build_mesh()
         # else: "auto" with the MoE layers created in `configure_model`: the mesh is built in `setup()`
-
-    def _setup_distributed(self) -> None:
-        reset_seed()
-        self.set_world_ranks()
-        self._process_group_backend = self._get_process_group_backend()
-        assert self.cluster_environment is not None
-        kwargs: dict[str, Any] = {"timeout": self._timeout}
-        kwargs["device_id"] = self.root_device if self.root_device.type != "cpu" else None
-        _init_dist_connection(self.cluster_environment, self._process_group_backend, **kwargs)
-        self._start_health_checks()
 
     def _get_process_group_backend(self) -> str:
         if self._process_group_backend is not None:
@@ -382,39 +346,37 @@ class MoEZeroStrategy(ParallelStrategy):
         return _get_default_process_group_backend_for_device(self.root_device)
 
     def _build_mesh(self) -> None:
-        assert self._dims is not None
+        assert self._dims is not None and self.lightning_module is not None
         self._device_mesh = self._dims.build_mesh(self.root_device.type)
-        if self._timeout is not None:  # the mesh's subgroups are created with torch's default timeout
-            set_collective_timeout(self._timeout, [None, *_mesh_groups(self._device_mesh)])
-        assert self.lightning_module is not None
+        self._rank_watch.cover(mesh_groups(self._device_mesh))
         self.lightning_module._device_mesh = self._device_mesh
 
-    # ----------------------------------------------------------------------------------------------
-    # setup
-    # ----------------------------------------------------------------------------------------------
+    # --- setup ---
     @override
     def setup(self, trainer: "Trainer") -> None:
         from torch.distributed.fsdp import FullyShardedDataParallel
 
-        assert self.model is not None
-        assert self.accelerator is not None
-        assert self._dims is not None
+        assert self.model is not None and self.accelerator is not None and self._dims is not None
         self.accelerator.setup(trainer)
-
         if any(isinstance(m, FullyShardedDataParallel) for m in self.model.modules()):
             raise TypeError(
                 f"Found modules wrapped in FSDP1 (`FullyShardedDataParallel`); `{type(self).__name__}` shards the"
                 " model itself with FSDP2. Build the plain model in `__init__` or `configure_model`."
             )
-        self._check_device_precision()
-        self._dims.resolve(_expert_counts(self.model))  # checks ep against every layer's expert count
-        if self._device_mesh is None:  # "auto" with the MoE layers created in `configure_model`
+        if self.precision_plugin.precision == "16-mixed" and self.root_device.type != "cuda":
+            raise ValueError(
+                f"precision='16-mixed' needs CUDA devices (fp16 autocast + gradient scaler), got"
+                f" {self.root_device.type!r}. On CPU use precision='bf16-mixed' or '32-true'."
+            )
+        # Resolves "auto" when the MoE layers were created in `configure_model`; else checks the expert counts.
+        self._dims = self._dims.resolve(expert_counts(self.model))
+        if self._device_mesh is None:
             self._build_mesh()
 
         layout = self._layout()
         done = getattr(self.model, _LAYOUT_ATTR, None)
         if done is None:
-            if _is_parallelized(self.model):
+            if is_parallelized(self.model):
                 raise TypeError(
                     f"The model is already sharded (`fully_shard` or DTensor parameters found)."
                     f" `{type(self).__name__}` applies expert parallelism and ZeRO itself: only build the model"
@@ -451,28 +413,19 @@ class MoEZeroStrategy(ParallelStrategy):
         """Precision conversion -> device -> ``parallelize`` -> materialise meta weights (once per model)."""
         assert self.model is not None and self._dims is not None
         self.model = self.precision_plugin.convert_module(self.model)  # bf16-true: weights in bf16
-        if self._offload != "params" and not _has_meta_tensors(self.model):
+        if self._offload != "params" and not has_meta_tensors(self.model):
             self.model_to_device()
         parallelize(
             self.model,
             self.device_mesh,
             self._dims,
-            mp_policy=self._mixed_precision_policy(),
+            mp_policy=mixed_precision_policy(self.precision_plugin.precision),
             activation_checkpointing=self._activation_checkpointing,
         )
         # Meta-device weights (`Trainer.init_module(empty_init=True)`): each rank allocates its shards and fills
         # them as one process would (the model's `init_weights()` / `reset_parameters()`, rank 0's seed).
-        init_device = torch.device("cpu") if self._offload == "params" else self.root_device
-        materialize_meta_model(self.model, init_device)
+        materialize_meta_model(self.model, torch.device("cpu") if self._offload == "params" else self.root_device)
         setattr(self.model, _LAYOUT_ATTR, layout)
-
-    def _check_device_precision(self) -> None:
-        precision = self.precision_plugin.precision
-        if precision == "16-mixed" and self.root_device.type != "cuda":
-            raise ValueError(
-                f"precision='16-mixed' needs CUDA devices (fp16 autocast + gradient scaler), got"
-                f" {self.root_device.type!r}. On CPU use precision='bf16-mixed' or '32-true'."
-            )
 
     @override
     def setup_optimizers(self, trainer: "Trainer") -> None:
@@ -482,7 +435,7 @@ class MoEZeroStrategy(ParallelStrategy):
         if self._offload == "optimizer":
             self.optimizers = [offload_optimizer(opt) for opt in self.optimizers]
         for optimizer in self.optimizers:
-            _fast_update_for_dtensors(_unwrap_optimizer(optimizer))
+            use_whole_list_update(_unwrap_optimizer(optimizer))
 
     @override
     def model_to_device(self) -> None:
@@ -493,22 +446,15 @@ class MoEZeroStrategy(ParallelStrategy):
     @override
     def tensor_init_context(self, empty_init: Optional[bool] = None) -> Generator[None, None, None]:
         # `empty_init=True` (Trainer.init_module(empty_init=True)): meta tensors, materialised in `setup()`
-        empty_init_context = torch.device("meta") if empty_init else nullcontext()
-        with empty_init_context, self.precision_plugin.tensor_init_context():
+        with torch.device("meta") if empty_init else nullcontext(), self.precision_plugin.tensor_init_context():
             yield
 
-    # ----------------------------------------------------------------------------------------------
-    # training loop integration
-    # ----------------------------------------------------------------------------------------------
+    # --- training loop integration ---
     @contextmanager
     @override
     def block_backward_sync(self) -> Generator[None, None, None]:
-        """Context for a gradient-accumulation micro-batch that is not the last one of an optimizer step.
-
-        Stages 0-1 skip the gradient reduction (stage 1 reduces once per optimizer step by definition;
-        stage 0 behaves like DDP's ``no_sync``); stage 2 still reduce-scatters but keeps the parameters
-        unsharded between micro-batches; stage 3 is unchanged. See ``lightning_moe.parallel.fsdp.no_gradient_sync``.
-        """
+        """Context for a gradient-accumulation micro-batch that is not the last one of an optimizer step
+        (what each ZeRO stage skips: ``lightning_moe.parallel.fsdp.no_gradient_sync``)."""
         if self.model is None or not is_data_parallel(self.model):
             yield None
             return
@@ -516,8 +462,7 @@ class MoEZeroStrategy(ParallelStrategy):
             yield None
 
     def _run_step(self, name: str, context: Any, *args: Any, **kwargs: Any) -> Any:
-        assert self.lightning_module is not None
-        assert self.model is not None
+        assert self.lightning_module is not None and self.model is not None
         with self._watch(name), context:
             if is_data_parallel(self.model):
                 # The LightningModule is itself the FSDP (or, at stage 0, DDP) root: call the step through its
@@ -545,9 +490,7 @@ class MoEZeroStrategy(ParallelStrategy):
         with _no_inference_mode():
             return self._run_step("predict_step", self.precision_plugin.predict_step_context(), *args, **kwargs)
 
-    # ----------------------------------------------------------------------------------------------
-    # collectives
-    # ----------------------------------------------------------------------------------------------
+    # --- collectives (each watched: a failed one names the ranks that stopped, lightning_moe.parallel.health) ---
     @override
     def barrier(self, name: Optional[str] = None) -> None:
         if not _distributed_is_initialized():
@@ -590,63 +533,28 @@ class MoEZeroStrategy(ParallelStrategy):
         with self._watch("optimizer step"):  # the closure runs training_step and backward; then clipping, step
             return super().optimizer_step(optimizer, closure, model, **kwargs)
 
-    # ----------------------------------------------------------------------------------------------
-    # dead ranks
-    # ----------------------------------------------------------------------------------------------
-    def _start_health_checks(self) -> None:
-        """Start this rank's heartbeat (once per process group) and apply ``timeout`` to the default group."""
-        if self._timeout is not None:
-            set_collective_timeout(self._timeout, [None])
-        if dist.get_world_size() > 1:
-            self._heartbeat = Heartbeat.running_for_default_group()
-
-    @contextmanager
-    def _watch(self, what: str) -> Generator[None, None, None]:
-        """Turn a failed collective inside the block into a :class:`RankFailureError` naming the ranks that
-        stopped responding (found through the heartbeats); other errors pass through unchanged."""
-        try:
-            yield
-        except RankFailureError:
-            raise
-        except Exception as exc:
-            if self._heartbeat is None or not self._heartbeat.running:
-                raise
-            error = rank_failure(
-                exc,
-                self._heartbeat,
-                self._where(what),
-                timeout=self._timeout,
-                store_host=store_host_rank(),
-                known_dead=self._exited_children,
-            )
-            if error is None:
-                raise
-            # logged before raising: under Lightning's launcher rank 0 may be killed while the error unwinds
-            log.error("[rank %d] %s", self._heartbeat.rank, error)
-            raise error from exc
+    def _watch(self, what: str) -> Any:
+        return self._rank_watch(lambda: self._where(what))
 
     def _exited_children(self) -> list[int]:
-        """The global ranks of the processes Lightning's launcher started from this one that have exited."""
+        # local rank i + 1 is the i-th child of Lightning's launcher on this node
         procs = getattr(self._launcher, "procs", None) or []
-        first = self.node_rank * self.num_processes + 1  # local rank i + 1 is the launcher's i-th child
-        return [first + i for i, proc in enumerate(procs) if proc.poll() is not None]
+        return exited_children(procs, first_rank=self.node_rank * self.num_processes + 1)
 
     def _where(self, what: str) -> str:
         trainer = getattr(self.lightning_module, "_trainer", None) if self.lightning_module is not None else None
-        if trainer is None:
-            return what
-        return f"{what} at global step {trainer.global_step}"
+        return what if trainer is None else f"{what} at global step {trainer.global_step}"
 
     @override
     def teardown(self) -> None:
-        assert self.cluster_environment is not None
-        assert self.accelerator is not None
+        assert self.cluster_environment is not None and self.accelerator is not None
         self.cluster_environment.teardown()
         self.precision_plugin.teardown()
         self.accelerator.teardown()
 
     # ----------------------------------------------------------------------------------------------
-    # checkpoints
+    # checkpoints (lightning_moe.checkpoint, imported late: `python -m lightning_moe.checkpoint` must not find
+    # itself imported already)
     # ----------------------------------------------------------------------------------------------
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
@@ -658,8 +566,7 @@ class MoEZeroStrategy(ParallelStrategy):
 
     @override
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
-        # the weights were already loaded (resharded) in `load_checkpoint()`
-        pass
+        pass  # the weights were already loaded (resharded) in `load_checkpoint()`
 
     @override
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
@@ -667,13 +574,13 @@ class MoEZeroStrategy(ParallelStrategy):
         from lightning_moe import checkpoint as ckpt
 
         assert self.model is not None
-        optimizer = _unwrap_optimizer(optimizer)
-        return ckpt.optimizer_state_dict(self.model, optimizer, full=not self._save_distributed_checkpoint)
+        return ckpt.optimizer_state_dict(
+            self.model, _unwrap_optimizer(optimizer), full=not self._save_distributed_checkpoint
+        )
 
     @override
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
-        # the optimizer states were already loaded (resharded) in `load_checkpoint()`
-        pass
+        pass  # the optimizer states were already loaded (resharded) in `load_checkpoint()`
 
     @override
     def save_checkpoint(
@@ -691,11 +598,9 @@ class MoEZeroStrategy(ParallelStrategy):
 
     @override
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: Optional[bool] = None) -> dict[str, Any]:
-        # imported here so that `python -m lightning_moe.checkpoint` does not find itself imported already
         from lightning_moe import checkpoint as ckpt
 
-        assert self.model is not None
-        assert self.lightning_module is not None
+        assert self.model is not None and self.lightning_module is not None
         path = Path(self.broadcast(str(checkpoint_path)))
         with self._watch("checkpoint load"):
             return ckpt.load_checkpoint(
@@ -706,80 +611,32 @@ class MoEZeroStrategy(ParallelStrategy):
                 weights_only=weights_only,
             )
 
-    # ----------------------------------------------------------------------------------------------
     @classmethod
     @override
     def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
         for name, init_params in STRATEGY_PRESETS.items():
-            strategy_registry.register(
-                name,
-                cls,
-                description=_describe(init_params),
-                override=True,
-                **init_params,
-            )
-
-
-# --------------------------------------------------------------------------------------------------
-# registration
-# --------------------------------------------------------------------------------------------------
-
-
-def _describe(init_params: Mapping[str, Any]) -> str:
-    args = ", ".join(f"{k}={v!r}" for k, v in init_params.items())
-    return f"Expert parallelism + ZeRO via FSDP2 ({args})"
+            args = ", ".join(f"{k}={v!r}" for k, v in init_params.items())
+            description = f"Expert parallelism + ZeRO via FSDP2 ({args})"
+            strategy_registry.register(name, cls, description=description, override=True, **init_params)
 
 
 def register_strategies(registry: Optional[_StrategyRegistry] = None) -> None:
     """Register ``moe_zero`` and its presets (:data:`STRATEGY_PRESETS`) with Lightning's strategy registry.
 
-    Idempotent (``override=True``); ``import lightning_moe`` calls it.
+    Idempotent (``override=True``); ``import lightning_moe`` arranges for it to run.
     """
     MoEZeroStrategy.register_strategies(StrategyRegistry if registry is None else registry)
 
 
-# --------------------------------------------------------------------------------------------------
-# helpers
-# --------------------------------------------------------------------------------------------------
+# Idempotent; covers `import lightning_moe.strategy` before Lightning (the package hook then finds this module
+# still loading and leaves the registration to it).
+register_strategies()
 
 
-def _validate_arguments(
-    *,
-    expert_parallel_size: Any,
-    zero_stage: Any,
-    offload: Any,
-    tensor_parallel_size: Any,
-    activation_checkpointing: Any,
-    save_distributed_checkpoint: Any,
-    process_group_backend: Any,
-    timeout: Any,
+def _check_strategy_arguments(
+    *, activation_checkpointing: Any, save_distributed_checkpoint: Any, process_group_backend: Any, timeout: Any
 ) -> None:
-    """Check the arguments that do not depend on the world size (the rest is checked in ``set_world_ranks``)."""
-    if expert_parallel_size != "auto" and (
-        not isinstance(expert_parallel_size, int) or isinstance(expert_parallel_size, bool) or expert_parallel_size < 1
-    ):
-        raise ValueError(
-            f"expert_parallel_size={expert_parallel_size!r} is not valid; use a positive integer dividing the"
-            " world size and every MoE layer's expert count, or 'auto'"
-        )
-    if isinstance(zero_stage, bool) or zero_stage not in ZERO_STAGES:
-        raise ValueError(f"zero_stage={zero_stage!r} is not a ZeRO stage; use one of {list(ZERO_STAGES)}")
-    if not isinstance(tensor_parallel_size, int) or isinstance(tensor_parallel_size, bool) or tensor_parallel_size < 1:
-        raise ValueError(
-            f"tensor_parallel_size={tensor_parallel_size!r} is not valid; use a positive integer dividing the world"
-            " size and the model's attention heads and layer widths (1 = no tensor parallelism)"
-        )
-    if not isinstance(offload, str) or offload not in OFFLOAD_CHOICES:
-        raise ValueError(f"offload={offload!r} is not supported; use one of {list(OFFLOAD_CHOICES)}")
-    # The world size is not known yet; a world of one expert-parallel group is enough for ParallelDims to
-    # check the combinations (offload vs. zero stage). The world size is checked in `set_world_ranks`.
-    ParallelDims(
-        world_size=(expert_parallel_size if isinstance(expert_parallel_size, int) else 1) * tensor_parallel_size,
-        expert_parallel_size=expert_parallel_size,
-        tensor_parallel_size=tensor_parallel_size,
-        zero_stage=zero_stage,
-        offload=offload,
-    )
+    """Check the strategy's own arguments (the parallel sizes are checked by :class:`ParallelDims`)."""
     for name, value in (
         ("activation_checkpointing", activation_checkpointing),
         ("save_distributed_checkpoint", save_distributed_checkpoint),
@@ -793,129 +650,6 @@ def _validate_arguments(
         )
     if timeout is not None and (not isinstance(timeout, timedelta) or timeout.total_seconds() <= 0):
         raise ValueError(f"timeout={timeout!r} must be a positive datetime.timedelta (or None for torch's default)")
-
-
-def _requested_precision_flag() -> Optional[str]:
-    """The ``precision`` the user passed to ``Trainer(...)``, if a Trainer is being built right now.
-
-    Lightning turns ``precision="16-mixed"`` on CPU into ``"bf16-mixed"`` (with a warning) before the
-    strategy sees its precision plugin, so the plugin alone cannot tell the two apart. While the Trainer is
-    being built, the original argument is still a local of ``_AcceleratorConnector.__init__`` further up the
-    stack; this reads it from there. Returns ``None`` when no such frame exists (plugin set directly).
-    """
-    from lightning.pytorch.trainer.connectors.accelerator_connector import _AcceleratorConnector
-
-    frame = inspect.currentframe()
-    try:
-        while frame is not None:
-            if frame.f_code.co_name == "__init__" and isinstance(frame.f_locals.get("self"), _AcceleratorConnector):
-                precision = frame.f_locals.get("precision")
-                if precision is None:
-                    return None
-                try:
-                    from lightning.fabric.connector import _convert_precision_to_unified_args
-
-                    return _convert_precision_to_unified_args(precision)
-                except Exception:  # noqa: BLE001 - an unknown value is reported by Lightning itself
-                    return str(precision)
-            frame = frame.f_back
-        return None
-    finally:
-        del frame
-
-
-def _check_precision_plugin(plugin: Precision, requested: Optional[str]) -> None:
-    """Reject precision plugins the strategy cannot honour, with the list of supported ones."""
-    supported = ", ".join(repr(p) for p in SUPPORTED_PRECISIONS)
-    precision = getattr(plugin, "precision", None)
-    device = getattr(plugin, "device", None)
-    if requested == "16-mixed" and precision == "bf16-mixed":
-        raise ValueError(
-            "precision='16-mixed' was requested on CPU, where Lightning silently switches to 'bf16-mixed'."
-            " `MoEZeroStrategy` does not change precision behind your back: pass precision='bf16-mixed'"
-            " explicitly (or '32-true'); '16-mixed' needs CUDA devices."
-        )
-    allowed_type = type(plugin) is Precision or isinstance(plugin, (MixedPrecision, HalfPrecision))
-    if not allowed_type or precision not in SUPPORTED_PRECISIONS:
-        raise ValueError(
-            f"`MoEZeroStrategy` does not support precision={precision!r} ({type(plugin).__name__}). Choose one of"
-            f" {supported} ('16-mixed' on CUDA only)."
-        )
-    if precision == "16-mixed" and device is not None and device != "cuda":
-        raise ValueError(
-            f"precision='16-mixed' needs CUDA devices (fp16 autocast + gradient scaler), got device={device!r}."
-            " On CPU use precision='bf16-mixed' or '32-true'."
-        )
-
-
-def _route_gradient_clipping(plugin: Precision) -> None:
-    """Make the precision plugin clip through ``lightning_moe.parallel`` (Lightning routes clipping there).
-
-    ``LightningModule.clip_gradients`` calls ``precision_plugin.clip_gradients``, which calls
-    ``clip_grad_by_norm`` / ``clip_grad_by_value``; torch's versions cannot take the norm over parameters
-    living on different meshes (dense over ``dp``, experts over ``efsdp x ep``).
-    """
-
-    def clip_grad_by_norm(self: Precision, optimizer: Optimizer, clip_val: Union[int, float]) -> None:
-        clip_grad_norm_(list(self.main_params(optimizer)), max_norm=float(clip_val))
-
-    def clip_grad_by_value(self: Precision, optimizer: Optimizer, clip_val: Union[int, float]) -> None:
-        clip_grad_value_(list(self.main_params(optimizer)), float(clip_val))
-
-    plugin.clip_grad_by_norm = types.MethodType(clip_grad_by_norm, plugin)  # type: ignore[method-assign]
-    plugin.clip_grad_by_value = types.MethodType(clip_grad_by_value, plugin)  # type: ignore[method-assign]
-
-
-def _expert_counts(model: nn.Module) -> list[int]:
-    """The expert count of every MoE layer in ``model`` (empty if it has none yet)."""
-    return [int(c) for c in expert_counts(model)]
-
-
-def _is_parallelized(model: nn.Module) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return any(is_data_parallel(m) for m in model.modules()) or any(isinstance(p, DTensor) for p in model.parameters())
-
-
-def _has_meta_tensors(model: nn.Module) -> bool:
-    return any(t.is_meta for t in model.parameters()) or any(t.is_meta for t in model.buffers())
-
-
-def _fast_update_for_dtensors(optimizer: Optimizer) -> None:
-    """Pick a whole-list optimizer update for DTensor parameters where torch would pick the per-parameter loop.
-
-    With ``foreach=None`` and ``fused=None`` torch runs the per-parameter loop on CPU tensors, which for
-    DTensor parameters costs one DTensor dispatch per parameter and per operation. Measured on 2 CPU ranks
-    (``python benchmarks/dtensor_optimizer_step.py``, stages 0/2/3): on DTensors the per-parameter loop took
-    6-33x, ``foreach`` 3.6-9.5x, ``fused`` 0.9-2.6x the time of the fused step on plain tensors. So
-    ``torch.optim.Adam`` / ``AdamW`` get ``fused=True`` when every parameter of the group is a floating-point
-    tensor on a device with fused kernels, other optimizers ``foreach=True``. Only groups that left both
-    choices to torch (``None``) and are not ``differentiable`` are changed; plain-tensor groups are left alone.
-    """
-    from torch.distributed.tensor import DTensor
-    from torch.optim.optimizer import _get_fused_kernels_supported_devices
-
-    defaults = getattr(optimizer, "defaults", {})
-    if "foreach" not in defaults:
-        return
-    fused_devices = set(_get_fused_kernels_supported_devices())
-    can_fuse = type(optimizer) in (torch.optim.Adam, torch.optim.AdamW) and "fused" in defaults
-    for group in optimizer.param_groups:
-        params = group["params"]
-        if group.get("foreach") is not None or group.get("fused") or group.get("differentiable", False):
-            continue
-        if not any(isinstance(p, DTensor) for p in params):
-            continue
-        if can_fuse and all(p.device.type in fused_devices and torch.is_floating_point(p) for p in params):
-            group["fused"] = True
-        else:
-            group["foreach"] = True
-
-
-def _mesh_groups(mesh: "DeviceMesh") -> list[dist.ProcessGroup]:
-    """The process groups of every dim of ``mesh``, flattened ones included (``dp``, ``efsdp_tp``)."""
-    names = [*mesh.mesh_dim_names, "dp"] + (["efsdp_tp"] if "tp" in mesh.mesh_dim_names and mesh["tp"].size() > 1 else [])
-    return [submesh(mesh, name).get_group() for name in names]
 
 
 def _unwrap_optimizer(optimizer: Any) -> Optimizer:

@@ -8,14 +8,17 @@ from lightning_moe.moe.experts import (
     grouped_mm,
     local_tensor,
 )
-from lightning_moe.moe.layer import MoE, MoEOutput, MoEStats
+from lightning_moe.moe.layer import MoE, MoEOutput, MoEStats, find_moe_layers
 from lightning_moe.moe.router import TopKRouter
+from lightning_moe.moe.token_dispatcher import TokenDispatcher
 
 __all__ = [
     "MoE",
     "MoEOutput",
     "MoEStats",
     "TopKRouter",
+    "TokenDispatcher",
+    "find_moe_layers",
     "GroupedFFNExperts",
     "GroupedGLUExperts",
     "ReplicatedExperts",

@@ -3,8 +3,9 @@
 The experts receive token rows already sorted by expert (rows of expert 0 first, then expert 1, ...)
 and a ``[E]`` count of rows per expert. They compute only those rows: no capacity padding, no one-hot
 dispatch. Keeping every weight as one grouped tensor lets the parallel code shard the experts over the
-``ep`` mesh axis (``Shard(0)``) and run the all-to-all around :meth:`forward` without this module
-knowing about it.
+``ep`` mesh axis (``Shard(0)``) and move rows between ranks around :meth:`forward` (the layer's token
+dispatcher) without this module knowing about it. The output depends on the input and on every parameter
+even for zero rows, so that a rank which receives no rows still takes part in the backward collectives.
 
 Parameters are read through :func:`local_tensor`, so a parameter that the parallel code turned into a
 DTensor (sharded over ``ep``) is used through its local shard; the local expert count is the local
@@ -20,7 +21,7 @@ Two ways to compute the grouped products:
   that are not multiples of 16 bytes, other GPUs); it reads the group sizes on the host once per call
   and runs eagerly under ``torch.compile``. The FFN and GLU experts run their whole expert as one autograd
   node, experts with few rows are spread over threads, and CPU weight gradients reuse the previous step's
-  memory (:mod:`lightning_moe.moe.loop_experts`).
+  memory (:mod:`lightning_moe.moe.kernels.loop_experts`).
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ import torch
 from torch import Tensor, nn
 
 from lightning_moe.moe.activations import ACTIVATION_BACKWARD, ACTIVATIONS
-from lightning_moe.moe.gradient_memory import GradientMemory
-from lightning_moe.moe.loop_experts import loop_expert_ffn, loop_expert_glu, loop_grouped_mm
+from lightning_moe.moe.kernels.gradient_memory import GradientMemory
+from lightning_moe.moe.kernels.loop_experts import loop_expert_ffn, loop_expert_glu, loop_grouped_mm
 
 __all__ = [
     "local_tensor",
@@ -281,7 +282,7 @@ class GroupedFFNExperts(nn.Module):
 
     Attributes:
         gradient_memory: where the CPU loop path takes its weight gradients from
-            (:class:`~lightning_moe.moe.gradient_memory.GradientMemory`; ``gradient_memory.enabled = False``
+            (:class:`~lightning_moe.moe.kernels.gradient_memory.GradientMemory`; ``gradient_memory.enabled = False``
             frees the gradients' memory between steps instead of reusing it).
     """
 
@@ -412,7 +413,10 @@ class ReplicatedExperts(nn.Module):
             outputs.append(torch.func.functional_call(template, params, (x[start : start + count],)))
             start += count
         if not outputs:
-            return x.new_zeros(x.shape)
+            # No rows: still depend on x and every parameter (zero gradients), as the grouped experts do, so a
+            # rank without rows joins the backward collectives of its peers (all-to-all, gradient reduction).
+            zero = sum((p.sum() * 0 for p in stacked if p.requires_grad), x.sum() * 0)
+            return x.new_zeros(x.shape) + zero.to(x.dtype)
         return torch.cat(outputs, dim=0)  # [N, d]
 
 

@@ -10,9 +10,11 @@ from torch import Tensor, nn
 
 from lightning_moe.moe.dispatch import compute_capacity, permute_tokens, plan_dispatch, unpermute_tokens
 from lightning_moe.moe.experts import ACTIVATIONS, build_experts
+from lightning_moe.moe.kernels.gradient_memory import gradient_memory_of
 from lightning_moe.moe.router import TopKRouter, normalize_noisy_gate_policy, router_losses
+from lightning_moe.moe.token_dispatcher import TokenDispatcher
 
-__all__ = ["MoE", "MoEOutput", "MoEStats"]
+__all__ = ["MoE", "MoEOutput", "MoEStats", "find_moe_layers"]
 
 
 class MoEOutput(NamedTuple):
@@ -132,6 +134,8 @@ class MoE(nn.Module):
             normalize_weights=normalize_weights,
         )
         self.experts = build_experts(expert, num_experts, hidden_size, ffn_hidden_size, activation)
+        # Runs the experts on the sorted rows; lightning_moe.parallel swaps it for a distributed one.
+        self.token_dispatcher: TokenDispatcher = TokenDispatcher()
         if self.use_residual:
             self.residual_mlp = _DenseFFN(hidden_size, ffn_hidden_size, activation or "gelu")
             self.residual_coef = nn.Linear(hidden_size, 2)
@@ -150,6 +154,17 @@ class MoE(nn.Module):
             self.residual_mlp.fc1.reset_parameters()
             self.residual_mlp.fc2.reset_parameters()
             self.residual_coef.reset_parameters()
+
+    def keep_gradient_memory(self, keep: bool) -> None:
+        """Whether the CPU experts reuse one step's weight-gradient memory at the next
+        (:mod:`lightning_moe.moe.kernels.gradient_memory`); ``False`` also frees what is kept. Sharded-gradient
+        training turns it off: there the full-size gradients should exist only until they are reduced."""
+        memory = gradient_memory_of(self.experts)
+        if memory is None:
+            return
+        memory.enabled = keep
+        if not keep:
+            memory.release()
 
     def capacity(self, num_tokens: Union[int, Tensor]) -> Union[int, Tensor, None]:
         """Per-expert capacity for ``num_tokens`` real tokens in the current mode (None if dropless).
@@ -186,7 +201,7 @@ class MoE(nn.Module):
             random_priority=self.use_rts and self.training and self.drop_tokens,
         )
         expert_in = permute_tokens(tokens, plan)  # [M, d]
-        expert_out = self.experts(expert_in, plan.tokens_per_expert)  # [M, d]
+        expert_out = self.token_dispatcher(self.experts, expert_in, plan.tokens_per_expert)  # [M, d]
         output = unpermute_tokens(expert_out, plan, num_tokens)  # [T, d]
 
         if self.use_residual:
@@ -248,3 +263,8 @@ def _validate_arguments(
     for name, value in (("aux_loss_coef", aux_loss_coef), ("z_loss_coef", z_loss_coef)):
         if not value >= 0:
             raise ValueError(f"{name}={value!r} must be >= 0 (0 disables that loss)")
+
+
+def find_moe_layers(model: nn.Module) -> list[tuple[str, MoE]]:
+    """``(qualified name, layer)`` of every :class:`MoE` layer in ``model``, in module order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]

@@ -17,13 +17,11 @@ from torch import Tensor
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
+from lightning_moe.parallel.local import local_shard
+
 __all__ = ["clip_grad_norm_", "clip_grad_value_", "grad_norm"]
 
 _Params = Union[Tensor, Iterable[Tensor]]
-
-
-def _local(t: Tensor) -> Tensor:
-    return t._local_tensor if isinstance(t, DTensor) else t
 
 
 def _grads(parameters: _Params) -> list[Tensor]:
@@ -35,7 +33,7 @@ def _group(grads: list[Tensor]) -> dict[tuple, list[Tensor]]:
     """Gradients keyed by (mesh, placements, local device); plain tensors under ``(None, (), device)``."""
     groups: dict[tuple, list[Tensor]] = {}
     for g in grads:
-        key = (g.device_mesh, tuple(g.placements), _local(g).device) if isinstance(g, DTensor) else (None, (), g.device)
+        key = (g.device_mesh, tuple(g.placements), local_shard(g).device) if isinstance(g, DTensor) else (None, (), g.device)
         groups.setdefault(key, []).append(g)
     return groups
 
@@ -54,7 +52,7 @@ def _group_norm(key: tuple, grads: list[Tensor], norm_type: float) -> Tensor:
     dims already hold the same values): one small all-reduce per sharded dim, no DTensor dispatch.
     """
     mesh, placements, device = key
-    locals_ = [_local(g) for g in grads]
+    locals_ = [local_shard(g) for g in grads]
     if math.isinf(norm_type):
         maxima = [t.abs().max().float() if t.numel() else torch.zeros((), device=device) for t in locals_]
         partial = torch.stack(maxima).max()
@@ -122,7 +120,7 @@ def clip_grad_norm_(
         )
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
     for (_, _, device), gs in _group(grads).items():
-        torch._foreach_mul_([_local(g) for g in gs], coef.to(device))
+        torch._foreach_mul_([local_shard(g) for g in gs], coef.to(device))
     return total
 
 
@@ -132,4 +130,4 @@ def clip_grad_value_(parameters: _Params, clip_value: float) -> None:
     if not clip_value > 0:
         raise ValueError(f"clip_value={clip_value!r} must be > 0")
     for g in _grads(parameters):
-        _local(g).clamp_(min=-clip_value, max=clip_value)
+        local_shard(g).clamp_(min=-clip_value, max=clip_value)

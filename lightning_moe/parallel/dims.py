@@ -15,13 +15,21 @@ Mesh layout (outermost first)::
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterable, Literal, Union
+from dataclasses import dataclass, replace
+from typing import Any, Iterable, Literal, Union
 
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-__all__ = ["ParallelDims", "submesh", "expert_shard_mesh", "ZERO_STAGES", "OFFLOAD_CHOICES", "MESH_DIM_NAMES"]
+__all__ = [
+    "ParallelDims",
+    "submesh",
+    "expert_shard_mesh",
+    "mesh_groups",
+    "ZERO_STAGES",
+    "OFFLOAD_CHOICES",
+    "MESH_DIM_NAMES",
+]
 
 ZERO_STAGES = (0, 1, 2, 3)
 OFFLOAD_CHOICES = ("none", "optimizer", "params")
@@ -37,11 +45,13 @@ def _is_positive_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
-@dataclass
+@dataclass(frozen=True)
 class ParallelDims:
     """How ``world_size`` ranks are split, and how much ZeRO sharding / offloading to apply.
 
-    Validated on construction (``ValueError`` naming the field and a valid choice).
+    Immutable and validated on construction (``ValueError`` naming the field and a valid choice).
+    ``expert_parallel_size="auto"`` becomes a number in the object :meth:`resolve` returns; only resolved
+    dims build a mesh or parallelize a model.
     """
 
     world_size: int
@@ -70,36 +80,55 @@ class ParallelDims:
     for each use; needs ``zero_stage == 3``, the only stage that does not keep unsharded parameters on
     the device between forward and backward)."""
 
+    @staticmethod
+    def check_arguments(
+        *, expert_parallel_size: Any = 1, tensor_parallel_size: Any = 1, zero_stage: Any = 3, offload: Any = "none"
+    ) -> None:
+        """Check the choices that do not depend on the world size (the one place that does; the strategy
+        calls it before the world size is known)."""
+        ep = expert_parallel_size
+        if ep != "auto" and not _is_positive_int(ep):
+            raise ValueError(
+                f"expert_parallel_size={ep!r} must be a positive integer or 'auto' (a size dividing the"
+                " data-parallel size and every MoE layer's expert count)"
+            )
+        if not _is_positive_int(tensor_parallel_size):
+            raise ValueError(
+                f"tensor_parallel_size={tensor_parallel_size!r} must be a positive integer dividing the world size"
+                " and the model's attention heads and layer widths (1 = no tensor parallelism)"
+            )
+        if isinstance(zero_stage, bool) or zero_stage not in ZERO_STAGES:
+            raise ValueError(f"zero_stage={zero_stage!r} is not a ZeRO stage; use one of {list(ZERO_STAGES)}")
+        if not isinstance(offload, str) or offload not in OFFLOAD_CHOICES:
+            raise ValueError(f"offload={offload!r} is not supported; use one of {list(OFFLOAD_CHOICES)}")
+        if offload == "optimizer" and zero_stage < 1:
+            raise ValueError(
+                "offload='optimizer' needs zero_stage >= 1 (each rank offloads its shard of the optimizer "
+                "state); set zero_stage to 1, 2 or 3, or offload='none'"
+            )
+        if offload == "params" and zero_stage != 3:
+            raise ValueError(
+                f"offload='params' needs zero_stage=3 (stages 1-2 keep unsharded parameters on the device "
+                f"between forward and backward), got zero_stage={zero_stage}; set zero_stage=3, "
+                f"or use offload='optimizer'"
+            )
+
     def __post_init__(self) -> None:
         if not _is_positive_int(self.world_size):
             raise ValueError(f"world_size={self.world_size!r} must be a positive integer (the number of ranks)")
-        if not _is_positive_int(self.tensor_parallel_size):
-            raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size!r} must be a positive integer")
+        self.check_arguments(
+            expert_parallel_size=self.expert_parallel_size,
+            tensor_parallel_size=self.tensor_parallel_size,
+            zero_stage=self.zero_stage,
+            offload=self.offload,
+        )
         if self.world_size % self.tensor_parallel_size != 0:
             raise ValueError(
                 f"tensor_parallel_size={self.tensor_parallel_size} does not divide world_size={self.world_size}; "
                 f"use one of {_divisors(self.world_size)}"
             )
-        ep = self.expert_parallel_size
-        if ep != "auto":
-            if not _is_positive_int(ep):
-                raise ValueError(f"expert_parallel_size={ep!r} must be a positive integer or 'auto'")
-            self._check_ep_divides_dp(ep)
-        if self.zero_stage not in ZERO_STAGES or isinstance(self.zero_stage, bool):
-            raise ValueError(f"zero_stage={self.zero_stage!r} is not a ZeRO stage; use one of {list(ZERO_STAGES)}")
-        if self.offload not in OFFLOAD_CHOICES:
-            raise ValueError(f"offload={self.offload!r} is not supported; use one of {list(OFFLOAD_CHOICES)}")
-        if self.offload == "optimizer" and self.zero_stage < 1:
-            raise ValueError(
-                "offload='optimizer' needs zero_stage >= 1 (each rank offloads its shard of the optimizer "
-                "state); set zero_stage to 1, 2 or 3, or offload='none'"
-            )
-        if self.offload == "params" and self.zero_stage != 3:
-            raise ValueError(
-                f"offload='params' needs zero_stage=3 (stages 1-2 keep unsharded parameters on the device "
-                f"between forward and backward), got zero_stage={self.zero_stage}; set zero_stage=3, "
-                f"or use offload='optimizer'"
-            )
+        if self.expert_parallel_size != "auto":
+            self._check_ep_divides_dp(int(self.expert_parallel_size))
 
     # ----------------------------------------------------------------------------------------------
     @property
@@ -143,28 +172,27 @@ class ParallelDims:
             )
 
     def resolve(self, num_experts: Union[int, Iterable[int]]) -> "ParallelDims":
-        """Fix ``"auto"`` and check that the expert-parallel size divides every MoE layer's expert count.
+        """The resolved dims: ``"auto"`` fixed, and the expert-parallel size checked against every MoE
+        layer's expert count.
 
         Args:
             num_experts: the expert count of every MoE layer (or one count). Empty: no MoE layer, so
                 ``"auto"`` resolves to 1.
 
         Returns:
-            ``self`` (updated in place), for chaining.
+            A new :class:`ParallelDims` when ``"auto"`` was fixed, else ``self`` (checked).
         """
         counts = [num_experts] if isinstance(num_experts, int) else list(num_experts)
         for i, count in enumerate(counts):
             if not _is_positive_int(count):
                 raise ValueError(f"num_experts[{i}]={count!r} must be a positive integer")
         dp = self.data_parallel_size
+        valid = [d for d in _divisors(dp) if all(c % d == 0 for c in counts)]
         if self.expert_parallel_size == "auto":
-            candidates = [d for d in _divisors(dp) if all(c % d == 0 for c in counts)]
-            self.expert_parallel_size = max(candidates) if counts else 1
-            return self
+            return replace(self, expert_parallel_size=max(valid) if counts else 1)
         ep = self.ep
         for i, count in enumerate(counts):
             if count % ep != 0:
-                valid = [d for d in _divisors(dp) if all(c % d == 0 for c in counts)]
                 raise ValueError(
                     f"expert_parallel_size={ep} does not divide num_experts={count} of MoE layer {i}; "
                     f"use one of {valid} (sizes dividing the data-parallel size {dp} and every expert count)"
@@ -216,3 +244,9 @@ def expert_shard_mesh(mesh: DeviceMesh) -> DeviceMesh:
     both gives that reduction and ``1/tp`` of the expert memory per rank.
     """
     return submesh(mesh, "efsdp_tp") if mesh["tp"].size() > 1 else submesh(mesh, "efsdp")
+
+
+def mesh_groups(mesh: DeviceMesh) -> list[dist.ProcessGroup]:
+    """The process groups of every dim of ``mesh``, the flattened ones included (``dp``, ``efsdp_tp``)."""
+    names = [*(mesh.mesh_dim_names or ()), "dp"] + (["efsdp_tp"] if mesh["tp"].size() > 1 else [])
+    return [submesh(mesh, name).get_group() for name in names]

@@ -10,14 +10,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from lightning_moe.moe import MoE
+from lightning_moe.moe import find_moe_layers
 
 __all__ = ["find_moe_layers", "find_blocks", "expert_counts"]
-
-
-def find_moe_layers(model: nn.Module) -> list[tuple[str, MoE]]:
-    """``(qualified name, layer)`` of every MoE layer in ``model``, in module order."""
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]
 
 
 def expert_counts(model: nn.Module) -> list[int]:

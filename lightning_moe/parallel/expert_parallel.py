@@ -8,14 +8,15 @@ Token rows travel to the rank owning their expert and back with two all-to-alls 
       -> re-order to (local expert, source rank)  -> experts on the local shard -> undo the re-order
       -> combine all-to-all (the inverse splits)  -> y_sorted [N, d] in the input's row order
 
-The experts module keeps its FQNs and its forward contract; only its parameters become DTensors
-``Shard(0)`` over ``ep`` (rank ``r`` holds global experts ``r*E/ep .. (r+1)*E/ep - 1``), read inside
-the experts through ``local_tensor``.
+The layer's ``token_dispatcher`` becomes an :class:`AllToAllTokenDispatcher` that runs these steps; the
+experts module keeps its FQNs and its forward contract, only its parameters become DTensors ``Shard(0)``
+over ``ep`` (rank ``r`` holds global experts ``r*E/ep .. (r+1)*E/ep - 1``), read inside the experts
+through ``local_tensor``.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -23,6 +24,7 @@ from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
+from lightning_moe.moe import MoE, TokenDispatcher
 from lightning_moe.parallel.discovery import find_moe_layers
 
 __all__ = [
@@ -31,7 +33,7 @@ __all__ = [
     "combine_tokens",
     "exchange_counts",
     "source_major_to_expert_major",
-    "ExpertParallelForward",
+    "AllToAllTokenDispatcher",
     "apply_expert_parallel",
     "is_expert_parallel",
     "local_expert_range",
@@ -105,43 +107,26 @@ def source_major_to_expert_major(counts: Tensor, num_rows: int) -> Tensor:
     return offset + torch.arange(num_rows, device=counts.device)
 
 
-def _local_of(t: Tensor) -> Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
 def _inverse_permutation(perm: Tensor) -> Tensor:
     inverse = torch.empty_like(perm)
     inverse[perm] = torch.arange(perm.numel(), device=perm.device)
     return inverse
 
 
-class ExpertParallelForward:
-    """The replacement ``forward`` of an expert-parallel experts module (see the module docstring).
+class AllToAllTokenDispatcher(TokenDispatcher):
+    """The token dispatcher of an expert-parallel MoE layer (see the module docstring).
 
-    Holds the original bound ``forward``, which then runs on the local expert shard with local counts.
+    Sends each row to the ``ep`` rank holding its expert, runs the experts on the local shard with local
+    counts, and sends the outputs back, in the input's row order.
     """
 
-    def __init__(
-        self, experts: nn.Module, inner: Callable[[Tensor, Tensor], Tensor], num_experts: int, ep_mesh: DeviceMesh
-    ) -> None:
-        self.experts = experts
-        self.inner = inner
+    def __init__(self, num_experts: int, ep_mesh: DeviceMesh) -> None:
+        super().__init__()
         self.num_experts = num_experts
         self.ep_mesh = ep_mesh
 
-    def _connect_graph(self, y_local: Tensor, x_recv: Tensor) -> Tensor:
-        """With zero rows received, make the (empty) output still depend on the input and on every
-        local expert parameter. Otherwise experts that return a constant for zero rows would leave this
-        rank without the backward all-to-all its peers run (a hang), and FSDP would see no gradient for
-        parameters whose gradient its peers reduce (mismatched collectives)."""
-        zero = x_recv.sum() * 0 if x_recv.requires_grad else None  # scalar 0 with a grad_fn
-        for p in self.experts.parameters():
-            if p.requires_grad:
-                term = _local_of(p).sum() * 0
-                zero = term if zero is None else zero + term
-        return y_local if zero is None else y_local + zero.to(y_local.dtype)
-
-    def __call__(self, x: Tensor, tokens_per_expert: Tensor) -> Tensor:
+    def forward(self, experts: nn.Module, x: Tensor, tokens_per_expert: Tensor) -> Tensor:
+        """``x [N, d]`` sorted by global expert, ``tokens_per_expert [E]`` -> ``[N, d]``."""
         group = self.ep_mesh.get_group()
         ep = self.ep_mesh.size()
         if tokens_per_expert.numel() != self.num_experts:
@@ -162,16 +147,24 @@ class ExpertParallelForward:
         else:
             perm = None
             x_local = x_recv
-        y_local = self.inner(x_local, local_counts)  # [M, d]
-        if num_recv == 0 and torch.is_grad_enabled():
-            y_local = self._connect_graph(y_local, x_recv)
+        # With zero rows received the experts' output still depends on x_local and their parameters (their
+        # contract), so this rank joins the backward all-to-all and gradient reduction of its peers.
+        y_local = experts(x_local, local_counts)  # [M, d]
         y_recv = y_local if perm is None else y_local.index_select(0, _inverse_permutation(perm))  # [M, d]
         return combine_tokens(y_recv, send_splits, recv_splits, group)  # [N, d]
 
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, ep={self.ep_mesh.size()}"
 
-def is_expert_parallel(experts: nn.Module) -> bool:
-    """Whether :func:`apply_expert_parallel` already wrapped this experts module."""
-    return isinstance(experts.__dict__.get("forward"), ExpertParallelForward)
+
+def is_expert_parallel(layer: MoE) -> bool:
+    """Whether :func:`apply_expert_parallel` made this MoE layer expert-parallel."""
+    dispatcher: Optional[nn.Module] = layer.token_dispatcher
+    while dispatcher is not None:  # the tensor-parallel row split wraps the all-to-all
+        if isinstance(dispatcher, AllToAllTokenDispatcher):
+            return True
+        dispatcher = getattr(dispatcher, "inner", None)
+    return False
 
 
 def _shard_experts_(experts: nn.Module, num_experts: int, ep_mesh: DeviceMesh) -> None:
@@ -214,7 +207,7 @@ def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh) -> nn.Module:
         return model
     for name, layer in find_moe_layers(model):
         experts = layer.experts
-        if is_expert_parallel(experts):
+        if is_expert_parallel(layer):
             raise ValueError(f"MoE layer {name!r} is already expert-parallel; apply_expert_parallel once")
         if layer.num_experts % ep != 0:
             raise ValueError(
@@ -222,7 +215,7 @@ def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh) -> nn.Module:
                 f"use a size dividing every layer's expert count"
             )
         _shard_experts_(experts, layer.num_experts, ep_mesh)
-        experts.forward = ExpertParallelForward(experts, experts.forward, layer.num_experts, ep_mesh)
+        layer.token_dispatcher = AllToAllTokenDispatcher(layer.num_experts, ep_mesh)
     return model
 
 

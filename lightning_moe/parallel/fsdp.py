@@ -22,9 +22,9 @@ Expert gradients are divided by the full data-parallel size: the all-to-all alre
 contributions of the whole ``ep`` group, so dividing by ``efsdp`` alone would scale them by ``ep``.
 
 Why DDP at stage 0: FSDP2's ``replicate`` keeps parameters as ``Replicate()`` DTensors and copies every
-unit's gradients into and out of a flat buffer per step; on the 2-rank CPU benchmark that made stage 0
-1.4x slower than Lightning's ``ddp`` (``benchmarks/strategy_step_time.py``). DDP reduces the gradients
-in place from buckets while backward runs, and the optimizer updates plain tensors.
+unit's gradients into and out of a flat buffer per step, which made stage 0 slower than Lightning's ``ddp``
+(README "Stage 0 against Lightning's DDP", ``benchmarks/strategy_step_time.py``). DDP reduces the
+gradients in place from buckets while backward runs, and the optimizer updates plain tensors.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ from torch.distributed.tensor import DTensor, Shard
 
 from lightning_moe.parallel.dims import ParallelDims, expert_shard_mesh, submesh
 from lightning_moe.parallel.discovery import find_blocks, find_moe_layers
+from lightning_moe.parallel.local import local_shard
 
 __all__ = ["apply_fsdp", "is_data_parallel", "mixed_precision_policy", "no_gradient_sync", "PRECISIONS"]
 
@@ -126,7 +127,7 @@ def _expert_shard_placement(efsdp: int):
     else on dim 1 (e.g. 2 local experts over 4 ranks), else dim 0 with FSDP's padding."""
 
     def placement(param: nn.Parameter) -> Shard:
-        local = param.to_local() if hasattr(param, "to_local") else param
+        local = local_shard(param)
         if local.shape[0] % efsdp == 0:
             return Shard(0)
         if local.ndim > 1 and local.shape[1] % efsdp == 0:

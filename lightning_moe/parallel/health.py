@@ -21,13 +21,16 @@ most ``check_intervals * interval`` seconds.
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import re
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch.distributed as dist
 from torch.distributed.distributed_c10d import _get_default_store, _set_pg_timeout
@@ -36,6 +39,8 @@ __all__ = [
     "Heartbeat",
     "HealthReport",
     "RankFailureError",
+    "RankWatch",
+    "exited_children",
     "is_communication_error",
     "rank_failure",
     "set_collective_timeout",
@@ -43,6 +48,8 @@ __all__ = [
 ]
 
 HEARTBEAT_PREFIX = "lightning_moe/heartbeat"
+
+log = logging.getLogger(__name__)
 
 _PROCESS_HEARTBEAT: Optional["Heartbeat"] = None  # see Heartbeat.running_for_default_group
 
@@ -306,3 +313,61 @@ def _first_line(exc: BaseException) -> str:
     text = _SOURCE_PREFIX.sub("", lines[0]) if lines else type(exc).__name__
     text = text.split(". ")[0]  # gloo goes on with "This is typically caused by ..."
     return text if len(text) <= 200 else text[:197] + "..."
+
+
+def exited_children(procs: Sequence[Any], first_rank: int) -> list[int]:
+    """The global ranks of the child processes in ``procs`` (``subprocess.Popen`` s, the i-th one running rank
+    ``first_rank + i``) that have exited: a launcher's children whose death this rank can see directly."""
+    return [first_rank + i for i, proc in enumerate(procs) if proc.poll() is not None]
+
+
+class RankWatch:
+    """Bounded collective timeouts and this rank's heartbeat, and a context that names the ranks behind a
+    failed collective.
+
+    Arguments:
+        timeout: the collective timeout of every group (``None``: torch's default).
+        known_dead: ranks known to have exited without asking the store (see :meth:`Heartbeat.check`).
+    """
+
+    def __init__(self, timeout: Optional[timedelta], known_dead: Optional[Callable[[], Iterable[int]]] = None) -> None:
+        self.timeout = timeout
+        self.known_dead = known_dead
+        self.heartbeat: Optional[Heartbeat] = None
+
+    def start(self) -> None:
+        """Apply ``timeout`` to the default group and start the heartbeat (once per process group)."""
+        if self.timeout is not None:
+            set_collective_timeout(self.timeout, [None])
+        if dist.get_world_size() > 1:
+            self.heartbeat = Heartbeat.running_for_default_group()
+
+    def cover(self, groups: Iterable[Optional[dist.ProcessGroup]]) -> None:
+        """Apply ``timeout`` to more groups (a device mesh's subgroups are created with torch's default)."""
+        if self.timeout is not None:
+            set_collective_timeout(self.timeout, groups)
+
+    @contextmanager
+    def __call__(self, where: Callable[[], str]) -> Iterator[None]:
+        """Turn a failed collective inside the block into a :class:`RankFailureError` naming the ranks that
+        stopped responding; other errors pass through unchanged. ``where()`` says what this rank was doing."""
+        try:
+            yield
+        except RankFailureError:
+            raise
+        except Exception as exc:
+            if self.heartbeat is None or not self.heartbeat.running:
+                raise
+            error = rank_failure(
+                exc,
+                self.heartbeat,
+                where(),
+                timeout=self.timeout,
+                store_host=store_host_rank(),
+                known_dead=self.known_dead,
+            )
+            if error is None:
+                raise
+            # logged before raising: under Lightning's launcher rank 0 may be killed while the error unwinds
+            log.error("[rank %d] %s", self.heartbeat.rank, error)
+            raise error from exc

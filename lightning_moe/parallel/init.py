@@ -26,6 +26,8 @@ from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from lightning_moe.parallel.local import local_shard
+
 __all__ = ["materialize_meta_model", "has_meta_tensors", "INIT_HOOK"]
 
 INIT_HOOK = "init_weights"
@@ -55,11 +57,11 @@ class _FullTensorRandomFills(TorchDispatchMode):
         kwargs = kwargs or {}
         target = args[0] if args else None
         if func in _RANDOM_FILLS and isinstance(target, DTensor):
-            local = target._local_tensor
+            local = local_shard(target)
             full = torch.empty(target.shape, dtype=target.dtype, device=local.device)  # global shape
             func(full, *args[1:], **kwargs)
             shard = distribute_tensor(full, target.device_mesh, target.placements, src_data_rank=None)
-            local.copy_(shard.to_local())
+            local.copy_(local_shard(shard))
             return target
         return func(*args, **kwargs)
 
@@ -67,7 +69,7 @@ class _FullTensorRandomFills(TorchDispatchMode):
 def has_meta_tensors(model: nn.Module) -> bool:
     """Whether any parameter or buffer of ``model`` is on the meta device (DTensors: their local shard)."""
     tensors = itertools.chain(model.parameters(), model.buffers())
-    return any((t._local_tensor if isinstance(t, DTensor) else t).is_meta for t in tensors)
+    return any(local_shard(t).is_meta for t in tensors)
 
 
 def _init_calls(model: nn.Module) -> list[Callable[[], None]]:

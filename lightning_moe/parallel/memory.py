@@ -1,6 +1,6 @@
 """Per-rank byte counts of parameters, gradients and optimizer state (what ZeRO stages promise to shrink).
 
-DTensors count their local shard (``_local_tensor``), plain tensors their full size. Storage shared by
+DTensors count their local shard (:func:`~lightning_moe.parallel.local.local_shard`), plain tensors their full size. Storage shared by
 several tensors is counted once.
 """
 
@@ -10,7 +10,8 @@ from typing import Iterable, Optional, Union
 
 import torch
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor
+
+from lightning_moe.parallel.local import local_shard
 
 __all__ = [
     "local_bytes",
@@ -23,10 +24,6 @@ __all__ = [
 ]
 
 
-def _local(t: Tensor) -> Tensor:
-    return t._local_tensor if isinstance(t, DTensor) else t
-
-
 def local_bytes(tensors: Iterable[Optional[Tensor]]) -> int:
     """Bytes of the local parts of ``tensors`` (None skipped, each tensor counted once)."""
     seen: set[int] = set()
@@ -34,7 +31,7 @@ def local_bytes(tensors: Iterable[Optional[Tensor]]) -> int:
     for t in tensors:
         if t is None:
             continue
-        local = _local(t)
+        local = local_shard(t)
         if id(local) in seen:
             continue
         seen.add(id(local))

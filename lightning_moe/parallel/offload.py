@@ -20,14 +20,12 @@ from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 from torch.optim.adamw import adamw
 
+from lightning_moe.parallel.local import local_shard
+
 __all__ = ["CPUOffloadAdamW", "offload_optimizer"]
 
 _MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 _IMPLEMENTATIONS = ("fused", "foreach", "for-loop")
-
-
-def _local(t: Tensor) -> Tensor:
-    return t._local_tensor if isinstance(t, DTensor) else t
 
 
 def _like_param(local_cpu: Tensor, param: Tensor) -> Tensor:
@@ -104,7 +102,7 @@ class CPUOffloadAdamW(Optimizer):
     def _master(self, param: Tensor) -> Tensor:
         """The fp32 CPU master of ``param``'s local shard, refreshed if the parameter was changed
         outside this optimizer (e.g. a checkpoint was loaded into the model)."""
-        local = _local(param)
+        local = local_shard(param)
         master = self._masters.get(param)
         if master is None or self._master_versions.get(param) != local._version:
             master = local.detach().to("cpu", torch.float32, copy=True)
@@ -113,7 +111,7 @@ class CPUOffloadAdamW(Optimizer):
         return master
 
     def _grad_on_cpu(self, param: Tensor) -> Tensor:
-        grad = _local(param.grad)  # type: ignore[arg-type]
+        grad = local_shard(param.grad)  # type: ignore[arg-type]
         buffer = self._grad_buffers.get(param)
         if buffer is None or buffer.shape != grad.shape:
             buffer = torch.empty(grad.shape, dtype=torch.float32, device="cpu", pin_memory=_pin_memory())
@@ -147,16 +145,16 @@ class CPUOffloadAdamW(Optimizer):
                     raise ValueError("CPUOffloadAdamW does not support sparse gradients; use dense gradients")
             masters = [self._master(p) for p in params]
             grads = [self._grad_on_cpu(p) for p in params]
-            for device in {_local(p).device for p in params}:
+            for device in {local_shard(p).device for p in params}:
                 _synchronize(device)  # the non-blocking device-to-host copies have landed
             states = [self._init_state(p, m, group["amsgrad"]) for p, m in zip(params, masters)]
             beta1, beta2 = group["betas"]
             adamw(
                 masters,
                 grads,
-                [_local(s["exp_avg"]) for s in states],
-                [_local(s["exp_avg_sq"]) for s in states],
-                [_local(s["max_exp_avg_sq"]) for s in states] if group["amsgrad"] else [],
+                [local_shard(s["exp_avg"]) for s in states],
+                [local_shard(s["exp_avg_sq"]) for s in states],
+                [local_shard(s["max_exp_avg_sq"]) for s in states] if group["amsgrad"] else [],
                 [s["step"] for s in states],
                 foreach=self.implementation == "foreach",
                 fused=self.implementation == "fused",
@@ -169,7 +167,7 @@ class CPUOffloadAdamW(Optimizer):
                 maximize=group["maximize"],
             )
             for p, master in zip(params, masters):
-                local = _local(p)
+                local = local_shard(p)
                 local.copy_(master, non_blocking=True)
                 self._master_versions[p] = local._version
         return loss
@@ -180,10 +178,10 @@ class CPUOffloadAdamW(Optimizer):
         for param, state in self.state.items():
             for key in _MOMENTS:
                 if key in state:
-                    cpu = _local(state[key]).detach().to("cpu", torch.float32)
+                    cpu = local_shard(state[key]).detach().to("cpu", torch.float32)
                     state[key] = _like_param(cpu, param)
             if "step" in state:
-                state["step"] = _local(state["step"]).detach().to("cpu", torch.float32).reshape(())
+                state["step"] = local_shard(state["step"]).detach().to("cpu", torch.float32).reshape(())
         self._masters.clear()
         self._master_versions.clear()
 

@@ -1,8 +1,9 @@
 """The one ordered place where a model becomes parallel.
 
 Order matters: tensor parallelism first splits the dense layers over ``tp`` (DTensors over ``tp``), expert
-parallelism turns the expert weights into ``ep``-sharded DTensors, the expert token split (``tp > 1``) wraps
-the expert-parallel forward so that each ``tp`` rank dispatches only its share of the rows, activation
+parallelism turns the expert weights into ``ep``-sharded DTensors and gives each MoE layer the all-to-all
+token dispatcher, the expert token split (``tp > 1``) wraps that dispatcher so that each ``tp`` rank
+dispatches only its share of the rows, activation
 checkpointing wraps blocks (FQNs unchanged), the CPU experts stop keeping full-size gradient memory under
 ZeRO-2/3, and FSDP then shards whatever is there, bottom-up, over the
 data-parallel axes (``dp`` for dense weights: FSDP2 over a 1-D submesh of TP DTensors is the standard 2-D
@@ -18,13 +19,12 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy
 
 from lightning_moe.parallel.dims import ParallelDims, submesh
-from lightning_moe.parallel.discovery import expert_counts, find_blocks
+from lightning_moe.parallel.discovery import expert_counts, find_blocks, find_moe_layers
 from lightning_moe.parallel.expert_parallel import apply_expert_parallel
-from lightning_moe.parallel.fsdp import apply_fsdp
-from lightning_moe.moe.gradient_memory import gradient_memory_of
+from lightning_moe.parallel.fsdp import apply_fsdp, is_data_parallel
 from lightning_moe.parallel.tensor_parallel import apply_expert_token_split, apply_tensor_parallel
 
-__all__ = ["parallelize", "apply_activation_checkpointing", "apply_gradient_memory"]
+__all__ = ["parallelize", "apply_activation_checkpointing", "apply_gradient_memory", "is_parallelized"]
 
 
 def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
@@ -46,20 +46,18 @@ def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
 
 
 def apply_gradient_memory(model: nn.Module, zero_stage: int) -> nn.Module:
-    """Let the experts keep their weight gradients' memory between steps only where gradients are not sharded.
-
-    The CPU experts reuse one step's ``[E, ...]`` gradient memory at the next (no page faults; see
-    :mod:`lightning_moe.moe.gradient_memory`). Under ZeRO-2/3 the full-size gradients exist only until they
-    are reduce-scattered, so keeping them would undo the sharding: stages 2 and 3 turn the reuse off.
-    """
-    keep = zero_stage < 2
-    for module in model.modules():
-        memory = gradient_memory_of(module)
-        if memory is not None:
-            memory.enabled = keep
-            if not keep:
-                memory.release()
+    """Let the MoE layers keep their experts' weight-gradient memory between steps only where gradients are not
+    sharded: under ZeRO-2/3 the full-size gradients should exist only until they are reduce-scattered."""
+    for _, layer in find_moe_layers(model):
+        layer.keep_gradient_memory(zero_stage < 2)
     return model
+
+
+def is_parallelized(model: nn.Module) -> bool:
+    """Whether ``model`` is already data parallel or holds DTensor parameters (sharded by someone)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(is_data_parallel(m) for m in model.modules()) or any(isinstance(p, DTensor) for p in model.parameters())
 
 
 def parallelize(
@@ -76,15 +74,20 @@ def parallelize(
     Args:
         model: a model containing :class:`lightning_moe.moe.MoE` layers (or none).
         mesh: from ``dims.build_mesh(device_type)``.
-        dims: resolved parallel dims (``dims.resolve(expert_counts(model))``; done here if still
-            ``"auto"``, which is only correct if ``mesh`` was built for the resolved size).
+        dims: resolved parallel dims (``dims.resolve(expert_counts(model))``), checked here against the
+            model's expert counts.
         mp_policy: FSDP2 mixed precision (see :func:`lightning_moe.parallel.fsdp.mixed_precision_policy`).
         activation_checkpointing: recompute each block in backward.
 
     Returns:
         ``model``.
     """
-    dims.resolve(expert_counts(model))
+    if not dims.is_resolved:
+        raise ValueError(
+            "parallelize needs resolved dims (expert_parallel_size is 'auto'); pass"
+            " dims.resolve(expert_counts(model)) and a mesh built from it"
+        )
+    dims.resolve(expert_counts(model))  # resolved dims: only checks every layer's expert count
     if tuple(mesh.mesh_dim_names or ()) != ("efsdp", "ep", "tp") or tuple(mesh.shape) != (dims.efsdp, dims.ep, dims.tp):
         raise ValueError(
             f"mesh {tuple(mesh.mesh_dim_names or ())} of shape {tuple(mesh.shape)} does not match dims "

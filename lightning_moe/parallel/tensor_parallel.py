@@ -46,7 +46,7 @@ Experts (:func:`apply_expert_token_split`)
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Optional
+from typing import Mapping, Optional
 
 import torch
 import torch.distributed as dist
@@ -61,6 +61,7 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
+from lightning_moe.moe import TokenDispatcher
 from lightning_moe.parallel.discovery import find_moe_layers
 
 __all__ = [
@@ -68,7 +69,7 @@ __all__ = [
     "tensor_parallel_plan",
     "apply_tensor_parallel",
     "apply_expert_token_split",
-    "ExpertTokenSplitForward",
+    "TokenSplitDispatcher",
     "sync_rng_over_tp",
     "row_split_sizes",
 ]
@@ -283,54 +284,47 @@ def _local_counts(tokens_per_expert: Tensor, lo: int, hi: int) -> Tensor:
     return (ends.clamp(max=hi) - starts.clamp(min=lo)).clamp_min(0)  # [E]
 
 
-class ExpertTokenSplitForward:
-    """The replacement ``forward`` of an experts module under tensor parallelism (see the module docstring).
+class TokenSplitDispatcher(TokenDispatcher):
+    """The token dispatcher of an MoE layer under tensor parallelism (see the module docstring).
 
     ``x [N, d]`` (identical on every ``tp`` rank) -> this rank's ``1/tp`` of the rows, with their per-expert
-    counts -> the wrapped forward (expert-parallel or not) -> every rank's rows all-gathered -> ``[N, d]``.
+    counts -> the ``inner`` dispatcher (the all-to-all of expert parallelism, or the local one) -> every
+    rank's rows all-gathered -> ``[N, d]``.
     """
 
-    def __init__(self, experts: nn.Module, inner: Callable[[Tensor, Tensor], Tensor], tp_mesh: DeviceMesh) -> None:
-        self.experts = experts
+    def __init__(self, inner: TokenDispatcher, tp_mesh: DeviceMesh) -> None:
+        super().__init__()
         self.inner = inner
         self.tp_mesh = tp_mesh
 
-    def _connect_graph(self, y: Tensor, x: Tensor) -> Tensor:
-        """With no local rows, keep the empty output attached to the input and every expert parameter, so
-        this rank still joins the backward collectives its ``tp`` / ZeRO peers run."""
-        zero = x.sum() * 0 if x.requires_grad else None
-        for p in self.experts.parameters():
-            if p.requires_grad:
-                local = p.to_local() if hasattr(p, "to_local") else p
-                term = local.sum() * 0
-                zero = term if zero is None else zero + term
-        return y if zero is None else y + zero.to(y.dtype)
-
-    def __call__(self, x: Tensor, tokens_per_expert: Tensor) -> Tensor:
+    def forward(self, experts: nn.Module, x: Tensor, tokens_per_expert: Tensor) -> Tensor:
+        """``x [N, d]`` sorted by expert, ``tokens_per_expert [E]`` -> ``[N, d]``."""
         group, rank = self.tp_mesh.get_group(), self.tp_mesh.get_local_rank()
         sizes = row_split_sizes(x.shape[0], self.tp_mesh.size())
         lo = sum(sizes[:rank])
         local_counts = _local_counts(tokens_per_expert, lo, lo + sizes[rank])  # [E]
         x_local = _ScatterRows.apply(x, sizes, rank, group)  # [sizes[rank], d]
-        y_local = self.inner(x_local, local_counts)  # [sizes[rank], d]
-        if sizes[rank] == 0 and torch.is_grad_enabled():
-            y_local = self._connect_graph(y_local, x_local)
+        # Without local rows the experts' output still depends on x_local and their parameters (their
+        # contract), so this rank joins the backward collectives of its tp / ZeRO peers.
+        y_local = self.inner(experts, x_local, local_counts)  # [sizes[rank], d]
         return _GatherRows.apply(y_local, sizes, rank, group)  # [N, d]
+
+    def extra_repr(self) -> str:
+        return f"tp={self.tp_mesh.size()}"
 
 
 def apply_expert_token_split(model: nn.Module, tp_mesh: DeviceMesh) -> nn.Module:
     """Make every MoE layer's experts process only this ``tp`` rank's share of the rows (in place).
 
     Call after :func:`lightning_moe.parallel.expert_parallel.apply_expert_parallel`, so the split happens
-    before the all-to-all. Size 1: nothing changes.
+    before the all-to-all (it wraps the layer's dispatcher). Size 1: nothing changes.
     """
     if tp_mesh.ndim != 1:
         raise ValueError(f"tp_mesh must be the 1-D 'tp' mesh, got a {tp_mesh.ndim}-D mesh; pass submesh(mesh, 'tp')")
     if tp_mesh.size() == 1:
         return model
     for name, layer in find_moe_layers(model):
-        experts = layer.experts
-        if isinstance(experts.__dict__.get("forward"), ExpertTokenSplitForward):
+        if isinstance(layer.token_dispatcher, TokenSplitDispatcher):
             raise ValueError(f"MoE layer {name!r} already splits its rows over tp; apply_expert_token_split once")
-        experts.forward = ExpertTokenSplitForward(experts, experts.forward, tp_mesh)
+        layer.token_dispatcher = TokenSplitDispatcher(layer.token_dispatcher, tp_mesh)
     return model

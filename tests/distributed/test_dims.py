@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 import torch.distributed as dist
 
 from lightning_moe.parallel import ParallelDims, submesh
@@ -41,9 +42,26 @@ def test_bad_dims_name_the_key_and_the_fix(kwargs: dict, message: str) -> None:
 def test_auto_ep_is_largest_common_divisor(world_size: int, experts, expected: int) -> None:
     dims = ParallelDims(world_size=world_size, expert_parallel_size="auto")
     assert not dims.is_resolved
-    assert dims.resolve(experts) is dims
-    assert dims.ep == expected
-    assert dims.efsdp == world_size // expected
+    resolved = dims.resolve(experts)
+    assert resolved is not dims and dims.expert_parallel_size == "auto"  # immutable: resolved into a new object
+    assert resolved.ep == expected
+    assert resolved.efsdp == world_size // expected
+    assert resolved.resolve(experts) is resolved  # resolved dims only check the counts
+
+
+def test_dims_are_immutable() -> None:
+    import dataclasses
+
+    dims = ParallelDims(world_size=4, expert_parallel_size="auto")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        dims.expert_parallel_size = 2  # type: ignore[misc]
+
+
+def test_parallelize_takes_only_resolved_dims() -> None:
+    from lightning_moe.parallel import parallelize
+
+    with pytest.raises(ValueError, match=r"parallelize needs resolved dims"):
+        parallelize(torch.nn.Linear(2, 2), None, ParallelDims(world_size=1, expert_parallel_size="auto"))  # type: ignore[arg-type]
 
 
 def test_explicit_ep_must_divide_every_expert_count() -> None:

@@ -8,8 +8,9 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
-from lightning_moe.moe import MoE
+from lightning_moe.moe import MoE, TokenDispatcher
 from lightning_moe.parallel.expert_parallel import (
+    AllToAllTokenDispatcher,
     apply_expert_parallel,
     dispatch_tokens,
     combine_tokens,
@@ -82,9 +83,13 @@ def _ep_experts_match_local(rank: int, world_size: int, num_experts: int, expert
     mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("ep",))
     layer = _make_layer(num_experts, expert)
     reference = _make_layer(num_experts, expert).experts
+    keys = list(layer.state_dict())
     apply_expert_parallel(layer, mesh)
     experts = layer.experts
-    assert is_expert_parallel(experts)
+    assert is_expert_parallel(layer)
+    assert isinstance(layer.token_dispatcher, AllToAllTokenDispatcher)
+    assert f"(token_dispatcher): AllToAllTokenDispatcher(num_experts={num_experts}, ep={world_size})" in repr(layer)
+    assert list(layer.state_dict()) == keys  # the dispatcher holds no state: checkpoints keep their keys
     for name, p in experts.named_parameters():
         assert isinstance(p, DTensor) and p.to_local().shape[0] == num_experts // world_size, name
 
@@ -97,7 +102,7 @@ def _ep_experts_match_local(rank: int, world_size: int, num_experts: int, expert
     x_ref = x.detach().clone().requires_grad_(True)
     weight = torch.randn(x.shape, generator=gen)
 
-    y = experts(x, counts)
+    y = layer.token_dispatcher(experts, x, counts)
     y_ref = reference(x_ref, counts)
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
     (y * weight).sum().backward()
@@ -155,7 +160,8 @@ def _ep_size_one_is_identity(rank: int, world_size: int) -> None:
     mesh = init_device_mesh("cpu", (1, world_size), mesh_dim_names=("ep", "dp"))
     layer = _make_layer(4, "ffn")
     apply_expert_parallel(layer, mesh["ep"])
-    assert not is_expert_parallel(layer.experts)
+    assert not is_expert_parallel(layer)
+    assert type(layer.token_dispatcher) is TokenDispatcher
     assert not any(isinstance(p, DTensor) for p in layer.parameters())
 
 

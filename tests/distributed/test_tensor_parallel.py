@@ -29,7 +29,14 @@ from lightning_moe.parallel import (
     parallelize,
     submesh,
 )
-from lightning_moe.parallel.tensor_parallel import apply_tensor_parallel, row_split_sizes, tensor_parallel_plan
+from lightning_moe.moe import TokenDispatcher, find_moe_layers
+from lightning_moe.parallel.expert_parallel import AllToAllTokenDispatcher
+from lightning_moe.parallel.tensor_parallel import (
+    TokenSplitDispatcher,
+    apply_tensor_parallel,
+    row_split_sizes,
+    tensor_parallel_plan,
+)
 from tests.distributed.harness import run_ranks
 
 pytestmark = pytest.mark.distributed
@@ -115,11 +122,15 @@ def _train(
 ) -> dict[str, Any]:
     model = _model(tie=tie, aux=aux)
     dims = ParallelDims(world_size, ep, tensor_parallel_size=tp, zero_stage=stage, offload=offload)
-    dims.resolve(expert_counts(model))
+    dims = dims.resolve(expert_counts(model))
     mesh = dims.build_mesh("cpu")
     parallelize(
         model, mesh, dims, mp_policy=mixed_precision_policy(precision), activation_checkpointing=activation_checkpointing
     )
+    for _, layer in find_moe_layers(model):  # the row split wraps the all-to-all (or the local dispatcher)
+        assert isinstance(layer.token_dispatcher, TokenSplitDispatcher) == (tp > 1)
+        inner = layer.token_dispatcher.inner if tp > 1 else layer.token_dispatcher
+        assert type(inner) is (AllToAllTokenDispatcher if dims.ep > 1 else TokenDispatcher)
     opt = _optimizer(model)
     if offload == "optimizer":
         opt = offload_optimizer(opt)
@@ -490,7 +501,7 @@ def test_strategy_rejects_bad_tensor_parallel_size_before_training() -> None:
     from lightning_moe.strategy import MoEZeroStrategy
     from tests.distributed.test_strategy_models import make_trainer
 
-    with pytest.raises(ValueError, match="tensor_parallel_size=0 is not valid"):
+    with pytest.raises(ValueError, match="tensor_parallel_size=0 must be a positive integer dividing the world size"):
         MoEZeroStrategy(tensor_parallel_size=0)
     with pytest.raises(ValueError, match="tensor_parallel_size=3 does not divide world_size=2"):
         make_trainer(2, MoEZeroStrategy(tensor_parallel_size=3))

@@ -12,9 +12,9 @@ import pytest
 import torch
 from torch import Tensor
 
-from lightning_moe.moe import expert_threads
+from lightning_moe.moe.kernels import expert_threads
 from lightning_moe.moe.activations import ACTIVATIONS
-from lightning_moe.moe.expert_threads import expert_order, run_over_experts, splits_over_threads
+from lightning_moe.moe.kernels.expert_threads import expert_order, run_over_experts, splits_over_threads
 from lightning_moe.moe.experts import GroupedFFNExperts, GroupedGLUExperts, grouped_mm
 
 COUNTS = [0, 7, 3, 0, 9, 1, 4, 0, 6, 2]  # empty groups first, in the middle and last
@@ -205,7 +205,7 @@ def test_grouped_mm_on_threads_equals_per_expert_reference(threads_forced: None)
 
 
 def test_glu_gradcheck_float64() -> None:
-    from lightning_moe.moe.loop_experts import loop_expert_glu
+    from lightning_moe.moe.kernels.loop_experts import loop_expert_glu
 
     torch.manual_seed(0)
     counts = torch.tensor([2, 0, 3])

@@ -12,7 +12,7 @@ from torch import nn
 
 from lightning_moe.moe import MoE
 from lightning_moe.moe.experts import GroupedFFNExperts, GroupedGLUExperts
-from lightning_moe.moe.gradient_memory import GradientMemory
+from lightning_moe.moe.kernels.gradient_memory import GradientMemory
 from lightning_moe.parallel.parallelize import apply_gradient_memory
 
 COUNTS = torch.tensor([3, 0, 5, 2])

@@ -374,3 +374,46 @@ def test_wrong_input_width_and_mask_shape():
         layer(torch.randn(3, 9))
     with pytest.raises(ValueError, match="padding_mask"):
         layer(torch.randn(2, 3, 8), torch.zeros(3, 2, dtype=torch.bool))
+
+
+def test_layer_runs_its_experts_through_the_token_dispatcher():
+    from lightning_moe.moe import TokenDispatcher
+
+    torch.manual_seed(0)
+    layer = MoE(hidden_size=8, num_experts=4, ffn_hidden_size=16, k=2).eval()  # eval: no random token selection
+    assert type(layer.token_dispatcher) is TokenDispatcher and "(token_dispatcher): TokenDispatcher()" in repr(layer)
+    assert not any(k.startswith("token_dispatcher") for k in layer.state_dict())  # no state: keys unchanged
+    x = torch.randn(2, 5, 8)
+    expected = layer(x).output
+
+    class Doubling(TokenDispatcher):  # a swapped dispatcher sees the experts, the rows and the counts
+        def forward(self, experts, rows, tokens_per_expert):
+            assert int(tokens_per_expert.sum()) == rows.shape[0] and tokens_per_expert.numel() == 4
+            return 2 * experts(rows, tokens_per_expert)
+
+    layer.token_dispatcher = Doubling()
+    torch.testing.assert_close(layer(x).output, 2 * expected)
+
+
+def test_replicated_experts_with_no_rows_still_reach_every_parameter():
+    # A rank that receives no rows must still produce gradients (zeros) for its peers' collectives.
+    layer = MoE(hidden_size=8, num_experts=2, ffn_hidden_size=8, expert=nn.Linear(8, 8))
+    x = torch.zeros(0, 8, requires_grad=True)
+    y = layer.experts(x, torch.zeros(2, dtype=torch.long))
+    y.sum().backward()
+    assert x.grad is not None
+    for name, p in layer.experts.named_parameters():
+        assert p.grad is not None and not p.grad.any(), name
+
+
+@pytest.mark.parametrize("expert", ["ffn", "glu"])
+def test_keep_gradient_memory_switches_the_experts_memory(expert):
+    layer = MoE(hidden_size=8, num_experts=2, ffn_hidden_size=8, expert=expert)
+    layer(torch.randn(6, 8)).output.sum().backward()
+    memory = layer.experts.gradient_memory
+    assert memory.enabled and memory.nbytes() > 0
+    layer.keep_gradient_memory(False)
+    assert not memory.enabled and memory.nbytes() == 0
+    layer.keep_gradient_memory(True)
+    assert memory.enabled
+    MoE(hidden_size=8, num_experts=2, ffn_hidden_size=8, expert=nn.Linear(8, 8)).keep_gradient_memory(False)  # none kept

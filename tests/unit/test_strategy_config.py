@@ -13,6 +13,7 @@ from lightning.pytorch.strategies import StrategyRegistry
 from lightning.pytorch.utilities.enums import GradClipAlgorithmType
 
 import lightning_moe  # noqa: F401 - registers the strategies
+from lightning_moe.precision import MoEZeroHalfPrecision, MoEZeroMixedPrecision, MoEZeroPrecision
 from lightning_moe.strategy import STRATEGY_PRESETS, SUPPORTED_PRECISIONS, MoEZeroStrategy, register_strategies
 
 
@@ -90,9 +91,11 @@ def test_unsupported_precisions_list_the_supported_ones(precision: str) -> None:
 
 
 @pytest.mark.parametrize("precision", ["16-mixed", 16, "16"])
-def test_16_mixed_on_cpu_is_rejected_not_silently_switched(precision: Any) -> None:
-    with pytest.raises(ValueError, match=r"'16-mixed' was requested on CPU.*'bf16-mixed'"):
-        _trainer(strategy="moe_zero", precision=precision)
+def test_16_mixed_on_cpu_becomes_bf16_mixed_with_lightnings_warning(precision: Any) -> None:
+    # Lightning turns '16-mixed' on CPU into 'bf16-mixed' before any strategy sees the plugin, and says so.
+    with pytest.warns(UserWarning, match=r"precision='16-mixed'.*Using `precision='bf16-mixed'` instead"):
+        plugin = _trainer(strategy="moe_zero", precision=precision).strategy.precision_plugin
+    assert isinstance(plugin, MoEZeroMixedPrecision) and plugin.precision == "bf16-mixed" and plugin.device == "cpu"
 
 
 def test_16_mixed_plugin_for_cpu_passed_directly_is_rejected() -> None:
@@ -101,7 +104,20 @@ def test_16_mixed_plugin_for_cpu_passed_directly_is_rejected() -> None:
     # the same plugin for CUDA is accepted (nothing touches a GPU here)
     plugin = MixedPrecision("16-mixed", device="cuda", scaler=None) if torch.cuda.is_available() else None
     if plugin is not None:
-        assert MoEZeroStrategy(precision_plugin=plugin).precision_plugin is plugin
+        ours = MoEZeroStrategy(precision_plugin=plugin).precision_plugin
+        assert isinstance(ours, MoEZeroMixedPrecision) and ours.precision == "16-mixed"
+        assert ours.device == "cuda" and ours.scaler is plugin.scaler
+        assert MoEZeroStrategy(precision_plugin=ours).precision_plugin is ours
+
+
+@pytest.mark.parametrize(
+    ("precision", "plugin_type"),
+    [("32-true", MoEZeroPrecision), ("bf16-mixed", MoEZeroMixedPrecision), ("bf16-true", MoEZeroHalfPrecision)],
+)
+def test_trainer_precision_becomes_the_strategys_plugin(precision: str, plugin_type: type) -> None:
+    trainer = _trainer(strategy="moe_zero", precision=precision)
+    assert type(trainer.strategy.precision_plugin) is plugin_type
+    assert trainer.strategy.precision_plugin.precision == precision
 
 
 def test_process_group_backend_choice() -> None:
@@ -129,7 +145,7 @@ def test_sampler_kwargs_before_the_mesh_exists() -> None:
 def test_clipping_is_routed_through_the_multi_mesh_clipping(
     algorithm: GradClipAlgorithmType, clip_val: float, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import lightning_moe.strategy as strategy_module
+    import lightning_moe.precision as strategy_module
 
     calls: list[str] = []
     real_norm, real_value = strategy_module.clip_grad_norm_, strategy_module.clip_grad_value_

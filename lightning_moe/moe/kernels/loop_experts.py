@@ -12,8 +12,8 @@ allocated per expert (never a full ``[N, h]`` buffer); only the inputs and each 
 saved, the activation is recomputed in backward. Weight gradients are written straight into one ``[E, ...]``
 tensor each: indexing ``w[e]`` under autograd would build a full-size zero gradient per expert (O(E^2 d h)).
 When the experts get few rows each, whole experts run on separate threads
-(:mod:`lightning_moe.moe.expert_threads`); weight gradients on CPU reuse the memory of the previous step's
-(:mod:`lightning_moe.moe.gradient_memory`).
+(:mod:`lightning_moe.moe.kernels.expert_threads`); weight gradients on CPU reuse the memory of the previous step's
+(:mod:`lightning_moe.moe.kernels.gradient_memory`).
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from lightning_moe.moe.activations import ACTIVATION_BACKWARD_OUT, ACTIVATION_OUT
-from lightning_moe.moe.expert_threads import run_over_experts
-from lightning_moe.moe.gradient_memory import GradientMemory
+from lightning_moe.moe.kernels.expert_threads import run_over_experts
+from lightning_moe.moe.kernels.gradient_memory import GradientMemory
 
 __all__ = ["group_bounds", "LoopExpertFFN", "LoopExpertGLU", "LoopGroupedMM", "loop_expert_ffn", "loop_expert_glu",
            "loop_grouped_mm"]
@@ -47,7 +47,7 @@ def _weight_grad(memory: Optional[GradientMemory], key: str, w: Tensor) -> Tenso
 
 def _rows_buffers(like: Tensor, bounds: list[int], width: int, per_expert: int) -> list[Tensor]:
     """``per_expert`` uninitialised ``[n_e, width]`` tensors for each expert with rows, allocated by the caller's
-    thread (see :func:`~lightning_moe.moe.expert_threads.run_over_experts` on why)."""
+    thread (see :func:`~lightning_moe.moe.kernels.expert_threads.run_over_experts` on why)."""
     return [
         like.new_empty(bounds[e + 1] - bounds[e], width)
         for e in range(len(bounds) - 1)

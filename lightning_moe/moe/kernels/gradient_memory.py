@@ -1,18 +1,18 @@
 """Memory for the experts' weight gradients, kept from one backward pass for the next (CPU).
 
-Each ``[E, d, h]`` weight gradient is one large block (over 32 MiB at E=64, d=512, h=2048). glibc's
-malloc maps blocks that large straight from the OS and unmaps them when freed, so with gradients set to
-None between steps (``zero_grad()``'s default) every backward pays a page fault per 4 KiB of fresh
-gradient: 0.12 s per step at E=64 on the CPU machine, a fifth of the whole layer's time. Per-expert
-``nn.Linear`` gradients (4 MiB each) avoid this only because they are small enough for malloc to recycle.
+Each ``[E, d, h]`` weight gradient is one large block. glibc's malloc maps blocks that large straight from
+the OS and unmaps them when freed, so with gradients set to None between steps (``zero_grad()``'s default)
+every backward pays a page fault per 4 KiB of fresh gradient; per-expert ``nn.Linear`` gradients avoid
+this only because they are small enough for malloc to recycle. Figures: README ("MoE layer against an
+equal-FLOP dense FFN", ``python benchmarks/moe_layer.py``).
 
 :class:`GradientMemory` keeps the storage of each gradient it hands out and hands the same storage out
 again once nobody else refers to it (the parameter's ``.grad`` was set to None, or the gradient was added
 into an existing ``.grad`` and dropped). A storage still in use is never touched: a new block is handed
 out instead. This is what DDP's persistent gradient buckets and GPU caching allocators do; the cost is
-that the gradients' memory stays allocated between steps. Sharded-gradient training (ZeRO-2/3) turns it
-off, because there the full-size gradients exist only for a moment (see ``lightning_moe.parallel``).
-CUDA tensors never go through it (the CUDA caching allocator already reuses memory).
+that the gradients' memory stays allocated between steps, so sharded-gradient training (ZeRO-2/3) turns
+it off (:meth:`lightning_moe.moe.MoE.keep_gradient_memory`). CUDA tensors never go through it (the CUDA
+caching allocator already reuses memory).
 """
 
 from __future__ import annotations

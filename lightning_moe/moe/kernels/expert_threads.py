@@ -1,21 +1,18 @@
 """Run the experts of the CPU loop path on several threads, whole experts per thread.
 
-A matrix product over the few rows one expert receives (``T*k/E`` of them: 64 at T=4096, E=64, top-1)
-divides badly between intra-op threads, which then spend much of each product waiting for each other.
-Giving each thread whole experts instead - what a batched GEMM does with its batch - runs every
-product on one core at that core's full rate. Measured on the 2-core CPU machine (the six FFN products,
-d=512, h=2048, against one large product): 0.82 of the large-matmul rate instead of 0.74 at 64 rows per
-expert, 0.90 instead of 0.71 at 128 rows, 0.97-0.99 instead of 0.84-0.85 at 256 rows; at 512 rows the
-two ways tie, so larger groups stay on the intra-op threads.
+A matrix product over the few rows one expert receives divides badly between intra-op threads, which
+then wait for each other; giving each thread whole experts instead (what a batched GEMM does with its
+batch) runs every product on one core at full rate. Larger groups already use the intra-op threads well
+and stay there. Figures: README ("MoE layer against an equal-FLOP dense FFN",
+``python benchmarks/moe_layer.py``).
 
 There are as many workers as the calling thread has intra-op threads (``torch.get_num_threads()``). They
-take the experts one at a time from a shared list, largest first, until none is left, so that a worker
-slowed down by anything (an uneven expert, another process on its core) simply takes fewer: with fixed
-ranges of equal rows, the two halves' times still differed by up to 28% on the CPU machine. The workers
-are daemon threads created once per process (again after a fork, or when the thread count changes); each
-sets itself to one intra-op thread for the task and the caller's count is restored afterwards
-(``torch.set_num_threads`` also changes the default that new threads start with). Tasks run under
-``torch.no_grad()``: they are the inside of an autograd node.
+take the experts one at a time from a shared list, largest first, so that a worker slowed down by anything
+(an uneven expert, another process on its core) simply takes fewer. The workers are daemon threads created
+once per process (again after a fork, or when the thread count changes); each sets itself to one intra-op
+thread for the task and the caller's count is restored afterwards (``torch.set_num_threads`` also changes
+the default that new threads start with). Tasks run under ``torch.no_grad()``: they are the inside of an
+autograd node.
 """
 
 from __future__ import annotations
@@ -161,7 +158,7 @@ def run_over_experts(
         scratch: makes working memory for experts of at most ``rows`` rows, one per worker. It runs in the
             calling thread: memory that worker threads allocate and free comes from malloc's per-thread
             arenas, which hand blocks of this size back to the OS, and every step pays the page faults
-            again (measured: slower than not splitting at all).
+            again (slower than not splitting at all).
     """
     num_threads = torch.get_num_threads()
     if getattr(_worker_local, "inside", False) or not splits_over_threads(bounds, matrix_size, num_threads):
