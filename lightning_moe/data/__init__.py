@@ -1,11 +1,9 @@
-"""Data pipeline: corpus reading, download, the shared tokenizer, token-bucket batching and the data module.
+"""Data pipeline: corpus reading, download, the shared tokenizer and token-bucket batching.
 
-``MultitaskDataModule``, ``DataConfig``, ``DATA_PRESETS`` and ``get_data_preset`` live in
-:mod:`lightning_moe.data.datamodule` and are imported on first access (that module imports
-``lightning_moe.tasks``, which imports this package's lower layers).
+The data module (``MultitaskDataModule``, ``DataConfig``, ``DATA_PRESETS``, ``get_data_preset``) is imported
+from :mod:`lightning_moe.data.datamodule`: it builds on ``lightning_moe.tasks``, which builds on this
+package's lower layers, so this package does not import it.
 """
-
-from typing import Any
 
 from lightning_moe.data.batching import Collator, SampleIndex, TokenBucketBatchSampler, pad_sequences
 from lightning_moe.data.corpus import (
@@ -24,12 +22,11 @@ from lightning_moe.data.download import (
     default_cache_dir,
     download_file,
     download_multi30k,
+    cache_lock,
     resolve_data_root,
 )
 from lightning_moe.data.examples import Example, TokenizedCorpus
 from lightning_moe.data.tokenizer import SubwordTokenizer, build_tokenizer, lang_tag
-
-_LAZY = {"MultitaskDataModule", "DataConfig", "DATA_PRESETS", "get_data_preset"}
 
 __all__ = [
     "Collator",
@@ -46,6 +43,7 @@ __all__ = [
     "write_split",
     "SAMPLE_DIR",
     "ChecksumError",
+    "cache_lock",
     "default_cache_dir",
     "download_file",
     "download_multi30k",
@@ -55,13 +53,5 @@ __all__ = [
     "SubwordTokenizer",
     "build_tokenizer",
     "lang_tag",
-    *sorted(_LAZY),
 ]
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        from lightning_moe.data import datamodule
-
-        return getattr(datamodule, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -7,11 +7,11 @@
 3. Otherwise ``{cache_dir}/multi30k``: files already there are verified and kept, missing or corrupt ones are
    downloaded from :data:`BASE_URL` (only with ``download=True``). No other local copy is searched for.
 
-Each file is fetched into ``<name>.part`` and moved into place with ``os.replace`` only after its checksum
-matched, so a reader never sees a half-written file. An interrupted download resumes from the bytes already
-in ``<name>.part`` (an HTTP range request; a server that ignores ranges restarts the file). A file whose
-checksum does not match is removed and reported. A file lock (``.locks/`` beside the files) makes processes
-that fetch the same file at once download it once; the others wait and reuse it.
+Each file is fetched by ``torch.hub.download_url_to_file`` into ``<name>.part`` and moved into place with
+``os.replace`` only after its size and SHA-256 matched, so a reader never sees a half-written file. A file
+whose checksum does not match is removed and reported. A file lock (``.locks/`` beside the files, see
+:func:`cache_lock`) makes processes that fetch the same file at once download it once; the others wait and
+reuse it.
 """
 
 from __future__ import annotations
@@ -19,14 +19,15 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import sys
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Optional, Union
 from urllib.error import HTTPError, URLError
-from urllib.request import Request, urlopen
 
-from lightning_moe.data.locking import file_lock
+from filelock import FileLock
+from torch.hub import download_url_to_file
 
 __all__ = [
     "BASE_URL",
@@ -35,6 +36,7 @@ __all__ = [
     "MULTI30K_FILES",
     "SAMPLE_DIR",
     "ChecksumError",
+    "cache_lock",
     "default_cache_dir",
     "download_file",
     "download_multi30k",
@@ -128,30 +130,34 @@ def _verified(path: Path, sha256: str, size: int) -> bool:
     return path.is_file() and path.stat().st_size == size and sha256_file(path) == sha256
 
 
-def download_file(
-    url: str, dest: Union[str, os.PathLike], sha256: str, size: int, *, timeout: float = 60.0, retries: int = 3
-) -> Path:
+def cache_lock(target: Union[str, os.PathLike]) -> FileLock:
+    """An inter-process lock for preparing the cached file ``target`` (the lock file is
+    ``<folder>/.locks/<name>.lock``), so that processes preparing the same file do the work once."""
+    target = Path(target)
+    lock_dir = target.parent / ".locks"
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    return FileLock(lock_dir / f"{target.name}.lock")
+
+
+def download_file(url: str, dest: Union[str, os.PathLike], sha256: str, size: int, *, retries: int = 3) -> Path:
     """Fetch ``url`` to ``dest`` unless ``dest`` already holds the expected bytes; return ``dest``.
 
-    Bytes go to ``dest + ".part"`` (resumed from its current length when the server honours a range
-    request) and are moved into place with ``os.replace`` once the size and SHA-256 match.
-
     Raises:
-        ChecksumError: the downloaded bytes do not match; the partial file is removed.
-        OSError: the network failed ``retries`` times in a row (``urllib.error.URLError`` is an OSError).
+        ChecksumError: the downloaded bytes do not match; the downloaded file is removed.
+        OSError: the network failed ``retries`` times in a row, or the server refused the file (HTTP 4xx).
     """
     if retries < 1:
         raise ValueError(f"retries={retries!r} is invalid: use an integer >= 1")
     dest = Path(dest)
     if _verified(dest, sha256, size):
         return dest
-    with file_lock(dest):  # another process may be fetching the same file: wait, then re-check
+    with cache_lock(dest):  # another process may be fetching the same file: wait, then re-check
         if _verified(dest, sha256, size):
             return dest
-        return _download_locked(url, dest, sha256, size, timeout, retries)
+        return _download_locked(url, dest, sha256, size, retries)
 
 
-def _download_locked(url: str, dest: Path, sha256: str, size: int, timeout: float, retries: int) -> Path:
+def _download_locked(url: str, dest: Path, sha256: str, size: int, retries: int) -> Path:
     if dest.exists():
         log.warning("%s does not match its checksum: downloading it again", dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -159,17 +165,21 @@ def _download_locked(url: str, dest: Path, sha256: str, size: int, timeout: floa
     last_error: Optional[BaseException] = None
     for attempt in range(1, retries + 1):
         try:
-            _fetch(url, part, size, timeout)
+            # writes to a temporary name of its own and moves it to `part` only once the body is read
+            download_url_to_file(url, os.fspath(part), progress=sys.stderr.isatty())
             break
         except (URLError, TimeoutError, ConnectionError) as err:
-            if isinstance(err, HTTPError) and 400 <= err.code < 500 and err.code not in (408, 416, 429):
+            if isinstance(err, HTTPError) and 400 <= err.code < 500 and err.code not in (408, 429):
                 raise OSError(f"could not download {url}: HTTP {err.code} {err.reason}") from err
             last_error = err
             log.warning("downloading %s failed (attempt %d of %d): %s", url, attempt, retries, err)
             if attempt < retries:
                 time.sleep(min(2.0 ** (attempt - 1), 8.0))
     else:
-        raise OSError(f"could not download {url} after {retries} attempts: {last_error}") from last_error
+        raise OSError(
+            f"could not download {url} after {retries} attempts ({last_error}): check the network connection, "
+            f"or pass root= (or ${DATA_ENV}) pointing to a local copy of the corpus"
+        ) from last_error
 
     got_size = part.stat().st_size
     got_sha = sha256_file(part)
@@ -177,34 +187,11 @@ def _download_locked(url: str, dest: Path, sha256: str, size: int, timeout: floa
         part.unlink(missing_ok=True)
         raise ChecksumError(
             f"{url} does not match its checksum (got sha256 {got_sha}, {got_size} bytes; expected {sha256}, "
-            f"{size} bytes); the partial file was removed. Try again; if it persists the upstream file changed: "
+            f"{size} bytes); the downloaded file was removed. Try again; if it persists the upstream file changed: "
             f"download it by hand and pass its folder as root"
         )
     os.replace(part, dest)
     return dest
-
-
-def _fetch(url: str, part: Path, size: int, timeout: float) -> None:
-    """Append the missing bytes of ``url`` to ``part`` (or rewrite it when the server sends the whole file)."""
-    have = part.stat().st_size if part.exists() else 0
-    if have >= size:  # too long or complete but unverified: start over
-        part.unlink()
-        have = 0
-    headers = {"User-Agent": "lightning-moe"}
-    if have:
-        headers["Range"] = f"bytes={have}-"
-    try:
-        response = urlopen(Request(url, headers=headers), timeout=timeout)
-    except HTTPError as err:
-        if err.code == 416 and have:  # range not satisfiable: the partial file is unusable
-            part.unlink(missing_ok=True)
-        raise
-    with response:
-        status = getattr(response, "status", None) or response.getcode()
-        mode = "ab" if have and status == 206 else "wb"
-        with open(part, mode) as handle:
-            for chunk in iter(lambda: response.read(_CHUNK), b""):
-                handle.write(chunk)
 
 
 def download_multi30k(
@@ -213,14 +200,13 @@ def download_multi30k(
     splits: Optional[Iterable[str]] = None,
     *,
     base_url: str = BASE_URL,
-    timeout: float = 60.0,
     retries: int = 3,
 ) -> Path:
     """Make sure ``dest`` holds the verified Multi30k files of ``langs`` x ``splits`` (None = all); return it."""
     dest = Path(dest)
     for name in multi30k_files(langs, splits):
         sha256, size = MULTI30K_FILES[name]
-        download_file(base_url + name, dest / name, sha256, size, timeout=timeout, retries=retries)
+        download_file(base_url + name, dest / name, sha256, size, retries=retries)
     return dest
 
 

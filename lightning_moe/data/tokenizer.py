@@ -29,7 +29,7 @@ from typing import Optional, Union
 import numpy as np
 import sentencepiece as spm
 
-from lightning_moe.data.locking import file_lock
+from lightning_moe.data.download import cache_lock
 
 __all__ = [
     "MODEL_TYPES",
@@ -330,7 +330,7 @@ def build_tokenizer(
     cached = _load_cached(path, langs, vocab_size)
     if cached is not None:
         return cached
-    with file_lock(path):  # other processes wait here, then load what the first one trained
+    with cache_lock(path):  # other processes wait here, then load what the first one trained
         cached = _load_cached(path, langs, vocab_size)
         if cached is not None:
             return cached

@@ -16,6 +16,7 @@ from lightning.fabric.utilities.data import AttributeDict
 from torch import nn
 
 from lightning_moe import checkpoint as ckpt
+from lightning_moe.checkpoint.state import to_plain
 from lightning_moe.moe import MoE
 
 
@@ -205,24 +206,52 @@ def test_consolidate_gives_a_plain_weights_only_file(tmp_path: Path, capsys: pyt
     assert "wrote" in capsys.readouterr().out
 
     loaded = torch.load(out, weights_only=True)  # no process group, no model code, plain types only
-    assert set(loaded) == {"state_dict", "optimizer_states", "meta"}
+    # Lightning's layout: the tensors beside everything else, nothing nested
+    assert set(loaded) == {"state_dict", "optimizer_states", "global_step", "epoch", "loops", "hyper_parameters",
+                           "lr_schedulers"}
     assert loaded["state_dict"].keys() == net.state_dict().keys()
     for name, value in net.state_dict().items():
         torch.testing.assert_close(loaded["state_dict"][name], value, rtol=0, atol=0)
     exp_avg = loaded["optimizer_states"][0]["state"]["moe.experts.w1"]["exp_avg"]  # keyed by name
     torch.testing.assert_close(exp_avg, opt.state[net.moe.experts.w1]["exp_avg"])
-    assert loaded["meta"]["global_step"] == 7
-    assert type(loaded["meta"]["hyper_parameters"]) is dict
+    assert loaded["global_step"] == 7
+    assert type(loaded["hyper_parameters"]) is dict
 
     # the consolidated file resumes like a full checkpoint
     other, other_opt = _trained(seed=3, steps=1)
     assert ckpt.load_checkpoint(out, other, [other_opt], weights_only=True)["global_step"] == 7
     _assert_same(net, other, opt, other_opt)
+    assert _leftovers(tmp_path) == []
+
+
+def test_consolidate_takes_files_and_older_consolidated_files_still_load(tmp_path: Path) -> None:
+    net, opt = _trained()
+    full = tmp_path / "full.ckpt"
+    ckpt.save_checkpoint(_checkpoint(net, opt, full=True), full, distributed=False)
+    out = tmp_path / "from-file.pt"
+    written = ckpt.consolidate(full, out)
+    loaded = torch.load(out, weights_only=True)
+    assert loaded.keys() == written.keys() and loaded["global_step"] == 7
+    for name, value in net.state_dict().items():
+        torch.testing.assert_close(loaded["state_dict"][name], value, rtol=0, atol=0)
+
+    # the layout `consolidate` wrote before: everything but the tensors nested under "meta"
+    legacy = tmp_path / "legacy.pt"
+    meta = {k: v for k, v in loaded.items() if k not in ("state_dict", "optimizer_states")}
+    torch.save({"state_dict": loaded["state_dict"], "optimizer_states": loaded["optimizer_states"], "meta": meta},
+               legacy)
+    other, other_opt = _trained(seed=3, steps=1)
+    assert ckpt.load_checkpoint(legacy, other, [other_opt], weights_only=True)["global_step"] == 7
+    _assert_same(net, other, opt, other_opt)
+    ckpt.consolidate(legacy, tmp_path / "again.pt")  # and consolidates into the flat layout
+    again = torch.load(tmp_path / "again.pt", weights_only=True)
+    assert "meta" not in again and again["global_step"] == 7
 
 
 def test_consolidate_cli_reports_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert ckpt.consolidate_main([str(tmp_path / "nope"), str(tmp_path / "out.pt")]) == 1
-    assert "in_dir" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("error: checkpoint=") and err.count("\n") == 1
 
 
 def test_to_plain_keeps_only_weights_only_types() -> None:
@@ -233,7 +262,7 @@ def test_to_plain_keeps_only_weights_only_types() -> None:
         def __str__(self) -> str:
             return "custom!"
 
-    plain = ckpt._to_plain(
+    plain = to_plain(
         {"a": AttributeDict(x=1), "b": (1, [2.0, Color.RED]), "c": Path("/x"), "d": Custom(), "t": torch.ones(2),
          "dtype": torch.float16, 3: None}
     )

@@ -103,7 +103,7 @@ def test_consolidated_folder_equals_the_gathered_state(
     out = tmp_path / "consolidated.pt"
     assert ckpt.consolidate_main(["consolidate", path, str(out)]) == 0
     loaded = torch.load(out, weights_only=True)
-    assert loaded["meta"]["global_step"] == saved["global_step"]
+    assert loaded["global_step"] == saved["global_step"]
     state = loaded["state_dict"]
     assert state.keys() == saved["state"].keys()
     for name, value in saved["state"].items():

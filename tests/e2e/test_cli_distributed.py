@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_moe.resume import COMPLETE_MARKER
+from lightning_moe.checkpoint import COMPLETE_MARKER
 from tests.e2e.test_cli import TINY, _run, _steps
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]

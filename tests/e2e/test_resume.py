@@ -13,7 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_moe.resume import COMPLETE_MARKER, find_latest_checkpoint, prune_checkpoints, resolve_resume
+from lightning_moe.checkpoint import (
+    COMPLETE_MARKER,
+    find_latest_checkpoint,
+    is_complete_distributed_checkpoint,
+    prune_checkpoints,
+    resolve_resume,
+)
 from tests.e2e.test_cli import TINY
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
@@ -66,13 +72,19 @@ def test_incomplete_checkpoints_are_never_the_latest(tmp_path: Path):
     folder.mkdir()
     torch.save({"x": 1}, folder / "step-000004.ckpt")
     (folder / "step-000008.ckpt.tmp-1234").write_bytes(b"half a file")  # killed during an atomic file write
-    (folder / "step-000012.ckpt").mkdir()  # a sharded folder without its completion marker
-    (folder / "step-000012.ckpt" / "__0_0.distcp").write_bytes(b"")
+    (folder / "step-000012.ckpt").mkdir()  # a sharded folder without its completion marker (written last)
+    for name in ("__0_0.distcp", ".metadata", "meta.pt"):
+        (folder / "step-000012.ckpt" / name).write_bytes(b"")
     assert find_latest_checkpoint(folder) == folder / "step-000004.ckpt"
     assert resolve_resume("auto", folder) == str(folder / "step-000004.ckpt")
     with pytest.raises(ValueError, match="incomplete checkpoint"):
         resolve_resume(str(folder / "step-000012.ckpt"), folder)
     (folder / "step-000012.ckpt" / COMPLETE_MARKER).write_text("complete\n")
+    assert find_latest_checkpoint(folder) == folder / "step-000012.ckpt"
+    # one completeness rule for resuming and loading: a marker without the DCP index is not a checkpoint
+    (folder / "step-000016.ckpt").mkdir()
+    (folder / "step-000016.ckpt" / COMPLETE_MARKER).write_text("complete\n")
+    assert not is_complete_distributed_checkpoint(folder / "step-000016.ckpt")
     assert find_latest_checkpoint(folder) == folder / "step-000012.ckpt"
     assert resolve_resume("never", folder) is None
     with pytest.raises(FileNotFoundError, match="does not exist"):

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_moe.data import SAMPLE_DIR, DataConfig, MultitaskDataModule, get_data_preset, write_split
+from lightning_moe.data import SAMPLE_DIR, write_split
+from lightning_moe.data.datamodule import DataConfig, MultitaskDataModule, get_data_preset
 from lightning_moe.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 MULTI30K = Path(os.environ.get("MULTI30K_ROOT", Path(__file__).resolve().parents[2].parent / "shared/data/multi30k"))

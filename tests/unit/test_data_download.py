@@ -1,4 +1,4 @@
-"""Multi30k checksums, the mocked download path (atomic, resumable, verified) and data-root resolution."""
+"""Multi30k checksums, the mocked download path (atomic, verified, locked) and data-root resolution."""
 
 from __future__ import annotations
 
@@ -7,11 +7,13 @@ import io
 import os
 import threading
 import time
+from email.message import Message
 from pathlib import Path
 from typing import Any, Optional
 from urllib.error import HTTPError, URLError
 
 import pytest
+import torch.hub
 
 from lightning_moe.data import download as dl
 
@@ -19,38 +21,48 @@ MULTI30K = Path(os.environ.get("MULTI30K_ROOT", Path(__file__).resolve().parents
 
 
 class FakeResponse(io.BytesIO):
-    def __init__(self, data: bytes, status: int) -> None:
-        super().__init__(data)
-        self.status = status
+    """What ``urlopen`` returns, enough for ``torch.hub.download_url_to_file``."""
 
-    def getcode(self) -> int:
-        return self.status
+    def __init__(self, data: bytes) -> None:
+        super().__init__(data)
+        self.headers = Message()
+        self.headers["Content-Length"] = str(len(data))
+
+    def info(self) -> Message:
+        return self.headers
 
 
 class FakeServer:
-    """Serves ``files`` (name -> bytes) like GitHub raw, honouring ``Range``; records requests."""
+    """Serves ``files`` (name -> bytes) like GitHub raw; records the requested URLs.
 
-    def __init__(self, files: dict[str, bytes], honour_range: bool = True, fail_first: int = 0) -> None:
-        self.files, self.honour_range, self.fail_left = files, honour_range, fail_first
-        self.requests: list[tuple[str, Optional[str]]] = []
+    ``download`` stands in for ``torch.hub.download_url_to_file`` and ``urlopen`` for the ``urlopen`` it
+    calls (to run the real downloader against this server).
+    """
+
+    def __init__(self, files: dict[str, bytes], fail_first: int = 0) -> None:
+        self.files, self.fail_left = files, fail_first
+        self.requests: list[str] = []
         self.stop_after: Optional[int] = None  # cut the body after this many bytes (a dropped connection)
 
-    def urlopen(self, request: Any, timeout: float = 0) -> FakeResponse:
-        url = request.full_url
-        rng = request.headers.get("Range")
-        self.requests.append((url, rng))
+    def _body(self, url: str) -> bytes:
+        self.requests.append(url)
         if self.fail_left:
             self.fail_left -= 1
             raise URLError("connection reset")
         name = url.rsplit("/", 1)[-1]
         if name not in self.files:
-            raise HTTPError(url, 404, "Not Found", {}, None)  # type: ignore[arg-type]
-        data, status = self.files[name], 200
-        if rng and self.honour_range:
-            data, status = data[int(rng.split("=")[1].rstrip("-")) :], 206
+            raise HTTPError(url, 404, "Not Found", Message(), None)
+        data = self.files[name]
         if self.stop_after is not None:
             data, self.stop_after = data[: self.stop_after], None
-        return FakeResponse(data, status)
+        return data
+
+    def download(self, url: str, dst: str, hash_prefix: Optional[str] = None, progress: bool = True) -> None:
+        data = self._body(url)
+        Path(dst).write_bytes(data)
+
+    def urlopen(self, request: Any, timeout: float = 0) -> FakeResponse:
+        return FakeResponse(self._body(request.full_url))
 
 
 @pytest.fixture
@@ -64,8 +76,23 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("a test tried to use the network")
 
-    monkeypatch.setattr(dl, "urlopen", refuse)
+    monkeypatch.setattr(dl, "download_url_to_file", refuse)
+    monkeypatch.setattr(torch.hub, "urlopen", refuse)
     monkeypatch.setattr(dl.time, "sleep", lambda s: None)
+
+
+def test_real_downloader_against_a_fake_server(monkeypatch, tmp_path, payload) -> None:
+    data, sha, size = payload
+    server = FakeServer({"f.bin": data})
+    monkeypatch.setattr(dl, "download_url_to_file", torch.hub.download_url_to_file)
+    monkeypatch.setattr(torch.hub, "urlopen", server.urlopen)
+    out = dl.download_file("https://host/f.bin", tmp_path / "f.bin", sha, size)
+    assert out.read_bytes() == data and server.requests == ["https://host/f.bin"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["f.bin"]  # no temporary files left
+    server.stop_after = 1000  # a connection that drops: torch.hub keeps the short body, the checksum catches it
+    with pytest.raises(dl.ChecksumError):
+        dl.download_file("https://host/f.bin", tmp_path / "g.bin", sha, size)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["f.bin"]
 
 
 def test_embedded_checksums_match_the_shared_files() -> None:
@@ -82,7 +109,7 @@ def test_embedded_checksums_match_the_shared_files() -> None:
 def test_download_writes_verified_file(monkeypatch, tmp_path, payload) -> None:
     data, sha, size = payload
     server = FakeServer({"f.bin": data})
-    monkeypatch.setattr(dl, "urlopen", server.urlopen)
+    monkeypatch.setattr(dl, "download_url_to_file", server.download)
     out = dl.download_file("https://host/f.bin", tmp_path / "sub" / "f.bin", sha, size)
     assert out.read_bytes() == data
     assert not (tmp_path / "sub" / "f.bin.part").exists()
@@ -95,7 +122,7 @@ def test_checksum_mismatch_raises_and_removes_the_download(monkeypatch, tmp_path
     data, sha, size = payload
     corrupt = bytearray(data)
     corrupt[100] ^= 1
-    monkeypatch.setattr(dl, "urlopen", FakeServer({"f.bin": bytes(corrupt)}).urlopen)
+    monkeypatch.setattr(dl, "download_url_to_file", FakeServer({"f.bin": bytes(corrupt)}).download)
     with pytest.raises(dl.ChecksumError, match="does not match its checksum"):
         dl.download_file("https://host/f.bin", tmp_path / "f.bin", sha, size)
     assert [p for p in tmp_path.iterdir() if p.is_file()] == []  # neither the final name nor the .part file
@@ -105,46 +132,39 @@ def test_write_is_atomic_when_the_connection_drops(monkeypatch, tmp_path, payloa
     data, sha, size = payload
     server = FakeServer({"f.bin": data})
     server.stop_after = 1000  # the first response ends early
-    monkeypatch.setattr(dl, "urlopen", server.urlopen)
+    monkeypatch.setattr(dl, "download_url_to_file", server.download)
     with pytest.raises(dl.ChecksumError):
         dl.download_file("https://host/f.bin", tmp_path / "f.bin", sha, size)
     assert not (tmp_path / "f.bin").exists()  # never a half-written file under the final name
 
 
-def test_resume_from_partial_file_with_range(monkeypatch, tmp_path, payload) -> None:
+def test_stale_partial_file_is_replaced(monkeypatch, tmp_path, payload) -> None:
     data, sha, size = payload
-    (tmp_path / "f.bin.part").write_bytes(data[:5000])
+    (tmp_path / "f.bin.part").write_bytes(b"garbage" * 10)  # left by a killed download
     server = FakeServer({"f.bin": data})
-    monkeypatch.setattr(dl, "urlopen", server.urlopen)
+    monkeypatch.setattr(dl, "download_url_to_file", server.download)
     assert dl.download_file("https://host/f.bin", tmp_path / "f.bin", sha, size).read_bytes() == data
-    assert server.requests == [("https://host/f.bin", "bytes=5000-")]
-
-
-def test_server_ignoring_range_restarts_the_file(monkeypatch, tmp_path, payload) -> None:
-    data, sha, size = payload
-    (tmp_path / "f.bin.part").write_bytes(b"garbage" * 10)
-    monkeypatch.setattr(dl, "urlopen", FakeServer({"f.bin": data}, honour_range=False).urlopen)
-    assert dl.download_file("https://host/f.bin", tmp_path / "f.bin", sha, size).read_bytes() == data
+    assert server.requests == ["https://host/f.bin"] and not (tmp_path / "f.bin.part").exists()
 
 
 def test_corrupt_existing_file_is_replaced(monkeypatch, tmp_path, payload) -> None:
     data, sha, size = payload
     (tmp_path / "f.bin").write_bytes(b"old and wrong")
-    monkeypatch.setattr(dl, "urlopen", FakeServer({"f.bin": data}).urlopen)
+    monkeypatch.setattr(dl, "download_url_to_file", FakeServer({"f.bin": data}).download)
     assert dl.download_file("https://host/f.bin", tmp_path / "f.bin", sha, size).read_bytes() == data
 
 
 def test_transient_errors_are_retried_and_404_is_not(monkeypatch, tmp_path, payload) -> None:
     data, sha, size = payload
     server = FakeServer({"f.bin": data}, fail_first=2)
-    monkeypatch.setattr(dl, "urlopen", server.urlopen)
+    monkeypatch.setattr(dl, "download_url_to_file", server.download)
     dl.download_file("https://host/f.bin", tmp_path / "f.bin", sha, size, retries=3)
     assert len(server.requests) == 3
-    monkeypatch.setattr(dl, "urlopen", FakeServer({"g": data}, fail_first=5).urlopen)
-    with pytest.raises(OSError, match="after 2 attempts"):
+    monkeypatch.setattr(dl, "download_url_to_file", FakeServer({"g": data}, fail_first=5).download)
+    with pytest.raises(OSError, match="after 2 attempts .*check the network connection"):
         dl.download_file("https://host/g", tmp_path / "g", sha, size, retries=2)
     missing = FakeServer({})
-    monkeypatch.setattr(dl, "urlopen", missing.urlopen)
+    monkeypatch.setattr(dl, "download_url_to_file", missing.download)
     with pytest.raises(OSError, match="HTTP 404"):
         dl.download_file("https://host/h", tmp_path / "h", sha, size, retries=3)
     assert len(missing.requests) == 1
@@ -155,7 +175,7 @@ def _fake_multi30k(monkeypatch: pytest.MonkeyPatch, names: list[str]) -> FakeSer
     table = {name: (hashlib.sha256(b).hexdigest(), len(b)) for name, b in files.items()}
     monkeypatch.setattr(dl, "MULTI30K_FILES", table)
     server = FakeServer(files)
-    monkeypatch.setattr(dl, "urlopen", server.urlopen)
+    monkeypatch.setattr(dl, "download_url_to_file", server.download)
     return server
 
 
@@ -166,7 +186,7 @@ def test_resolve_downloads_missing_files_into_cache(monkeypatch, tmp_path) -> No
     root = dl.resolve_data_root(None, tmp_path, langs=["en", "de"], splits=["train"])
     assert root == tmp_path / "multi30k"
     assert sorted(p.name for p in root.iterdir() if p.is_file()) == ["train.de.gz", "train.en.gz"]
-    assert all(url.startswith(dl.BASE_URL) for url, _ in server.requests)
+    assert all(url.startswith(dl.BASE_URL) for url in server.requests)
     # second call: everything verified locally, nothing fetched
     before = len(server.requests)
     assert dl.resolve_data_root(None, tmp_path, langs=["en", "de"], splits=["train"]) == root
@@ -207,13 +227,13 @@ def test_file_selection_validates() -> None:
 def test_concurrent_downloads_fetch_once(monkeypatch, tmp_path, payload) -> None:
     data, sha, size = payload
     server = FakeServer({"f.bin": data})
-    slow = server.urlopen
+    fast = server.download
 
-    def slow_urlopen(*args, **kwargs):
+    def slow_download(*args, **kwargs):
         time.sleep(0.2)  # long enough for the second thread to arrive while the first holds the lock
-        return slow(*args, **kwargs)
+        return fast(*args, **kwargs)
 
-    monkeypatch.setattr(dl, "urlopen", slow_urlopen)
+    monkeypatch.setattr(dl, "download_url_to_file", slow_download)
     errors: list[BaseException] = []
 
     def fetch() -> None:
