@@ -7,9 +7,11 @@ CPU process. Every config group can be overridden, e.g.::
         strategy=moe_zero trainer.devices=2 data=multi30k data.root=PATH
     python -m lightning_moe.train -m moe.num_experts=4,8          # a multirun sweep
     python -m lightning_moe.train experiment=finetune init_from=runs/default/checkpoints/step-000300.ckpt
+    python -m lightning_moe.train logger=csv callbacks=[early_stopping]   # loggers/callbacks by name
     python -m lightning_moe.train --help                          # the groups and their options
 
-A re-run of the same command resumes from the newest complete checkpoint (``checkpoint.resume=auto``).
+A re-run of the same command resumes from the newest complete checkpoint (``checkpoint.resume=auto``) and
+keeps logging to the same logger version.
 """
 
 from __future__ import annotations

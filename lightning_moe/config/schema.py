@@ -38,13 +38,16 @@ SAMPLE_DATA_DIR = SAMPLE_DIR
 """The embedded Multi30k sample (``data=sample``)."""
 
 
+# Generated from TransformerConfig so the architecture's fields, types and defaults have one home.
 ModelConfig = make_dataclass(
     "ModelConfig",
-    [(f.name, f.type, field(default=getattr(TransformerConfig(), f.name))) for f in fields(TransformerConfig) if f.name != "moe"],
-    namespace={"__doc__": "The ``model`` group: the fields of :class:`TransformerConfig` except ``moe``, which is the "
-               "top-level ``moe`` group (one place for it on the command line)."},
+    [(f.name, f.type, field(default=f.default)) for f in fields(TransformerConfig) if f.name != "moe"],
+    namespace={
+        "__doc__": "The ``model`` group: the fields of :class:`TransformerConfig` (documented there) except "
+        "``moe``, which is the top-level ``moe`` group, its one place on the command line."
+    },
 )
-"""Architecture of a training run without its MoE settings (see :class:`TransformerConfig` for the fields)."""
+ModelConfig.__module__ = __name__
 
 
 def _architecture(config: TransformerConfig) -> Any:
@@ -167,8 +170,22 @@ def _instantiable(cfg: DictConfig, key: str, output_dir: str) -> dict[str, Any]:
     return result
 
 
+def _lift_nested_moe(values: Any) -> dict[str, Any]:
+    """A plain mapping in the older layout (``model.moe``) moved to the top-level ``moe``."""
+    values = dict(values)
+    model = dict(values.get("model") or {})
+    if "moe" not in model:
+        return values
+    if "moe" in values:
+        raise ConfigError("invalid configuration: both model.moe and moe are set; keep only the top-level moe")
+    values["moe"] = model.pop("moe")
+    values["model"] = model
+    return values
+
+
 def to_train_config(cfg: Any) -> TrainConfig:
-    """Validate a composed Hydra config (or a plain mapping) into a :class:`TrainConfig`.
+    """Validate a composed Hydra config (or a plain mapping) into a :class:`TrainConfig`. A plain mapping
+    may still nest the MoE settings as ``model.moe`` (the layout before the top-level group was their home).
 
     Raises:
         ConfigError: naming the offending key and a valid alternative.
@@ -176,7 +193,7 @@ def to_train_config(cfg: Any) -> TrainConfig:
     if isinstance(cfg, TrainConfig):
         cfg = OmegaConf.structured(cfg)
     if not isinstance(cfg, DictConfig):
-        cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.create(cfg))
+        cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.create(_lift_nested_moe(cfg)))
     known = {f.name for f in fields(TrainConfig)}
     unknown = set(cfg.keys()) - known - {"hydra"}
     if unknown:

@@ -160,3 +160,10 @@ def test_tensor_parallel_size_reaches_the_strategy():
     assert build_strategy(cfg).tensor_parallel_size == 2
     with pytest.raises(ConfigError, match="strategy.name=moe_zero"):
         to_train_config(_compose(["strategy=single", "strategy.tensor_parallel_size=2"]))
+
+
+def test_plain_mapping_with_nested_model_moe_still_validates():
+    cfg = to_train_config({"model": {"d_model": 64, "moe": {"num_experts": 4, "k": 1}}, "strategy": {"name": "single"}})
+    assert cfg.moe.num_experts == 4 and cfg.transformer.moe.k == 1 and cfg.model.d_model == 64
+    with pytest.raises(ConfigError, match="keep only the top-level moe"):
+        to_train_config({"model": {"moe": {"num_experts": 4}}, "moe": {"num_experts": 8}})
