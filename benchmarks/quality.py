@@ -201,7 +201,7 @@ def run_overrides(args: argparse.Namespace, experts: int, run_dir: Path, max_ste
         f"trainer.max_steps={max_steps}",
         f"trainer.val_check_interval={args.val_every}",
         "trainer.limit_val_batches=1.0",
-        "trainer.logger=csv",
+        "logger=csv",
         "trainer.enable_progress_bar=false",
         f"trainer.log_every_n_steps={max(1, min(50, args.val_every))}",
         f"optim.warmup_steps={args.warmup_steps}",
@@ -401,8 +401,8 @@ def extra_callbacks(callbacks: list[pl.Callback]) -> Iterator[None]:
     """Make ``lightning_moe.train.run`` build its Trainer with ``callbacks`` added (``run`` has no such argument)."""
     original = train_module.build_trainer
 
-    def build_trainer(cfg: TrainConfig, extra: Optional[list] = None) -> pl.Trainer:
-        return original(cfg, [*(extra or []), *callbacks])
+    def build_trainer(cfg: TrainConfig, extra: Optional[list] = None, **kwargs: Any) -> pl.Trainer:
+        return original(cfg, [*(extra or []), *callbacks], **kwargs)
 
     train_module.build_trainer = build_trainer
     try:

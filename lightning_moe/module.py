@@ -1,8 +1,9 @@
 """The multitask MoE translator as a LightningModule: loss = token cross entropy + MoE aux losses.
 
 Training batches mix tasks (translation directions and denoising); the loss of each task is logged
-apart. Validation has one dataloader per translation direction: loss, and BLEU/chrF (sacrebleu via
-torchmetrics, synchronised across ranks) on decoded sentences.
+apart. Validation has one dataloader per translation direction: loss, and BLEU/chrF on decoded sentences,
+computed by sacrebleu with its defaults on the hypotheses of every rank (so the logged scores are what
+``sacrebleu`` prints for the same outputs); the signatures are logged once and kept in checkpoints.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from typing import Any, Callable, Optional, Union
 import lightning.pytorch as pl
 import torch
 from torch import Tensor
-from torchmetrics.text import CHRFScore, SacreBLEUScore
+from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_moe.config.run import GenerationConfig, OptimConfig
+from lightning_moe.metrics import corpus_scores
 from lightning_moe.models import MoEConfig, MoETransformer, TransformerConfig, generate, sequence_cross_entropy
 
 __all__ = ["MultitaskTranslationModule", "transformer_config_from_dict"]
@@ -72,6 +74,11 @@ class MultitaskTranslationModule(pl.LightningModule):
         self.tokenizer_model = tokenizer_model
         self._tokenizer = None
         self._decoded: set[str] = set()
+        # direction -> this rank's (hypothesis, reference) pairs of the current validation
+        self._val_pairs: dict[str, list[tuple[str, str]]] = {}
+        self.metric_signatures: dict[str, str] = {}
+        """sacrebleu's signatures of the logged ``bleu`` and ``chrf`` (set at the first validation that decodes)."""
+        self._signatures_logged = False
         self.save_hyperparameters(
             {
                 "model": asdict(self.model_config),
@@ -83,8 +90,6 @@ class MultitaskTranslationModule(pl.LightningModule):
             }
         )
         self.model = MoETransformer(self.model_config)
-        self.bleu = torch.nn.ModuleDict({_key(d): SacreBLEUScore(tokenize="13a") for d in self.val_directions})
-        self.chrf = torch.nn.ModuleDict({_key(d): CHRFScore() for d in self.val_directions})
 
     # ------------------------------------------------------------------------------------ tokenizer
 
@@ -100,12 +105,15 @@ class MultitaskTranslationModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.tokenizer_model is not None:
             checkpoint["tokenizer_model"] = torch.frombuffer(bytearray(self.tokenizer_model), dtype=torch.uint8).clone()
+        if self.metric_signatures:
+            checkpoint["metric_signatures"] = dict(self.metric_signatures)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         stored = checkpoint.get("tokenizer_model")
         if stored is not None:
             self.tokenizer_model = bytes(stored.numpy().tobytes()) if isinstance(stored, Tensor) else bytes(stored)
             self._tokenizer = None
+        self.metric_signatures = dict(checkpoint.get("metric_signatures") or {})
 
     # -------------------------------------------------------------------------------------- training
 
@@ -113,17 +121,13 @@ class MultitaskTranslationModule(pl.LightningModule):
         return self.model(batch["src"], batch.get("src_padding_mask"), batch["tgt_in"], batch.get("tgt_padding_mask"))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        out = self(batch)
-        ce, nll, num_tokens = sequence_cross_entropy(
-            out.logits, batch["tgt_out"], batch.get("tgt_padding_mask"), self.optim_config.label_smoothing
-        )
-        loss = ce + out.aux_loss if self.model.has_moe else ce
+        loss, details = self.model.loss(batch, self.optim_config.label_smoothing)
         batch_size = batch["src"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
-        self.log("train/nll", nll, batch_size=batch_size)
+        self.log("train/nll", details["nll"], batch_size=batch_size)
         if self.model.has_moe:
-            self.log("train/aux_loss", out.aux_loss, batch_size=batch_size)
-        for task, task_nll in self._per_task_nll(out.logits.detach(), batch).items():
+            self.log("train/aux_loss", details["aux_loss"], batch_size=batch_size)
+        for task, task_nll in self._per_task_nll(details["logits"], batch).items():
             self.log(f"train/{task}/nll", task_nll, batch_size=batch_size)
         return loss
 
@@ -153,7 +157,7 @@ class MultitaskTranslationModule(pl.LightningModule):
         self._val_nll_sum += nll.detach().double() * num_tokens
         self._val_tokens += num_tokens
         limit = self.generation_config.val_max_sentences
-        if limit == 0 or "ref_text" not in batch or self.tokenizer is None or _key(direction) not in self.bleu:
+        if limit == 0 or "ref_text" not in batch or self.tokenizer is None or direction not in self.val_directions:
             return
         # The decision to decode a batch depends on batch_idx only, so every rank decodes the same
         # batches (sharded models need all ranks in each forward).
@@ -164,34 +168,61 @@ class MultitaskTranslationModule(pl.LightningModule):
         self._decoded.add(direction)  # the same on every rank: metrics are computed (a collective) together
         if batch.get("is_repeat"):
             return
-        self.bleu[_key(direction)].update(hypotheses, [[r] for r in batch["ref_text"]])
-        self.chrf[_key(direction)].update(hypotheses, [[r] for r in batch["ref_text"]])
+        self._val_pairs.setdefault(direction, []).extend(zip(hypotheses, batch["ref_text"]))
 
     def on_validation_epoch_start(self) -> None:
         self._val_nll_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         self._val_tokens = torch.zeros((), dtype=torch.float64, device=self.device)
+        self._val_pairs = {}
 
     def on_validation_epoch_end(self) -> None:
         totals = torch.stack([self._val_nll_sum, self._val_tokens]).float()
         if self.trainer.world_size > 1:
             totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
         self.log("val/nll", totals[0] / totals[1].clamp_min(1.0), prog_bar=True)
-        bleus, chrfs = [], []
-        for direction in self.val_directions:
-            key = _key(direction)
-            if direction not in self._decoded:
-                continue
-            bleu, chrf = self.bleu[key].compute() * 100.0, self.chrf[key].compute() * 100.0
-            self.log(f"val/{direction}/bleu", bleu, add_dataloader_idx=False)
-            self.log(f"val/{direction}/chrf", chrf, add_dataloader_idx=False)
-            bleus.append(bleu)
-            chrfs.append(chrf)
-            self.bleu[key].reset()
-            self.chrf[key].reset()
+        decoded = [d for d in self.val_directions if d in self._decoded]
         self._decoded.clear()
+        if not decoded:
+            return
+        pairs = self._gather_pairs({d: self._val_pairs.get(d, []) for d in decoded})
+        self._val_pairs = {}
+        bleus, chrfs = [], []
+        for direction in decoded:
+            if not pairs[direction]:
+                continue
+            hypotheses, references = zip(*pairs[direction])
+            scores = corpus_scores(hypotheses, references)
+            # The same on every rank (each has every rank's sentences): no reduction needed.
+            self.log(f"val/{direction}/bleu", scores.bleu, add_dataloader_idx=False)
+            self.log(f"val/{direction}/chrf", scores.chrf, add_dataloader_idx=False)
+            bleus.append(scores.bleu)
+            chrfs.append(scores.chrf)
+            self._record_signatures(scores.bleu_signature, scores.chrf_signature)
         if bleus:
-            self.log("val/bleu", torch.stack(bleus).mean(), prog_bar=True, add_dataloader_idx=False)
-            self.log("val/chrf", torch.stack(chrfs).mean(), add_dataloader_idx=False)
+            self.log("val/bleu", sum(bleus) / len(bleus), prog_bar=True, add_dataloader_idx=False)
+            self.log("val/chrf", sum(chrfs) / len(chrfs), add_dataloader_idx=False)
+
+    def _gather_pairs(self, pairs: dict[str, list[tuple[str, str]]]) -> dict[str, list[tuple[str, str]]]:
+        """Every rank's decoded pairs, per direction (one collective; sentences are strings, not tensors)."""
+        if self._trainer is None or self.trainer.world_size <= 1:
+            return pairs
+        import torch.distributed as dist
+
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, pairs)
+        return {d: [pair for part in gathered for pair in part[d]] for d in pairs}
+
+    def _record_signatures(self, bleu: str, chrf: str) -> None:
+        """Keep the metrics' signatures (checkpoints) and log them once, or again if they change."""
+        signatures = {"bleu": bleu, "chrf": chrf}
+        if signatures == self.metric_signatures and self._signatures_logged:
+            return
+        self.metric_signatures = signatures
+        self._signatures_logged = True
+        rank_zero_info(f"validation BLEU signature: {bleu}; chrF signature: {chrf}")
+        if self._trainer is not None:
+            for logger in self.loggers:
+                logger.log_hyperparams({"val_bleu_signature": bleu, "val_chrf_signature": chrf})
 
     # ------------------------------------------------------------------------------------ generation
 
@@ -252,9 +283,4 @@ def _schedule(o: OptimConfig, max_steps: int) -> Callable[[int], float]:
         return 1.0
 
     return factor
-
-
-def _key(direction: str) -> str:
-    """A ModuleDict-safe key for a direction name."""
-    return direction.replace("-", "_").replace(".", "_").replace(":", "_")
 

@@ -7,14 +7,17 @@ CPU process. Every config group can be overridden, e.g.::
         strategy=moe_zero trainer.devices=2 data=multi30k data.root=PATH
     python -m lightning_moe.train -m moe.num_experts=4,8          # a multirun sweep
     python -m lightning_moe.train experiment=finetune init_from=runs/default/checkpoints/step-000300.ckpt
+    python -m lightning_moe.train logger=csv callbacks=[early_stopping]   # loggers/callbacks by name
     python -m lightning_moe.train --help                          # the groups and their options
 
-A re-run of the same command resumes from the newest complete checkpoint (``checkpoint.resume=auto``).
+A re-run of the same command resumes from the newest complete checkpoint (``checkpoint.resume=auto``) and
+keeps logging to the same logger version.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
@@ -26,7 +29,9 @@ from omegaconf import DictConfig
 
 import lightning_moe  # noqa: F401  (registers the moe_zero strategies)
 from lightning_moe.callbacks import ExpertLoadMonitor, NonFiniteGuard, RNGStateCheckpoint
-from lightning_moe.config import TrainConfig, register_configs, to_train_config
+from lightning_moe.config import ConfigError, TrainConfig, register_configs, to_train_config
+from lightning_moe.config.launch import check_group_options, check_multirun
+from lightning_moe.config.loggers import instantiate_callbacks, instantiate_loggers
 from lightning_moe.data.datamodule import MultitaskDataModule
 from lightning_moe.module import MultitaskTranslationModule
 from lightning_moe.resume import AtomicCheckpointIO, RetainingModelCheckpoint, prune_checkpoints, resolve_resume
@@ -42,7 +47,8 @@ def build_strategy(cfg: TrainConfig) -> Any:
     """The ``Trainer(strategy=...)`` argument for ``cfg.strategy``."""
     s = cfg.strategy
     if s.is_moe_zero:
-        from lightning_moe.strategy import STRATEGY_PRESETS, MoEZeroStrategy
+        from lightning_moe.strategy import MoEZeroStrategy
+        from lightning_moe.strategy_presets import STRATEGY_PRESETS
 
         kwargs = dict(STRATEGY_PRESETS.get(s.name, {}))
         kwargs["expert_parallel_size"] = s.expert_parallel_size
@@ -74,10 +80,11 @@ def checkpoint_dir(cfg: TrainConfig) -> Path:
     return Path(cfg.checkpoint.dirpath) if cfg.checkpoint.dirpath else Path(cfg.output_dir) / "checkpoints"
 
 
-def build_trainer(cfg: TrainConfig, extra_callbacks: Optional[list] = None) -> pl.Trainer:
-    """A ``lightning.Trainer`` for ``cfg`` with checkpointing, expert-load logging and the non-finite guard."""
+def build_trainer(cfg: TrainConfig, extra_callbacks: Optional[list] = None, resuming: bool = False) -> pl.Trainer:
+    """A ``lightning.Trainer`` for ``cfg`` with checkpointing, expert-load logging and the non-finite guard,
+    plus the loggers and callbacks of the ``logger`` and ``callbacks`` groups. ``resuming``: the loggers
+    continue the version the run wrote before."""
     from lightning.pytorch.callbacks import LearningRateMonitor
-    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
     t = cfg.trainer
     callbacks: list = [
@@ -93,14 +100,10 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: Optional[list] = None) -> p
         NonFiniteGuard(policy=t.nonfinite, max_skips=t.nonfinite_max),
         RNGStateCheckpoint(),
     ]
-    if t.logger == "tensorboard":
-        logger: Any = TensorBoardLogger(save_dir=cfg.output_dir, name="logs", default_hp_metric=False)
-    elif t.logger == "csv":
-        logger = CSVLogger(save_dir=cfg.output_dir, name="logs")
-    else:
-        logger = False
-    if logger:
+    loggers = instantiate_loggers(cfg.logger, cfg.output_dir, resuming)
+    if loggers:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
+    callbacks.extend(instantiate_callbacks(cfg.callbacks))
     callbacks.extend(extra_callbacks or [])
     return pl.Trainer(
         accelerator=t.accelerator,
@@ -117,7 +120,7 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: Optional[list] = None) -> p
         gradient_clip_val=t.gradient_clip_val,
         gradient_clip_algorithm=t.gradient_clip_algorithm,
         log_every_n_steps=t.log_every_n_steps,
-        logger=logger,
+        logger=loggers or False,
         callbacks=callbacks,
         enable_progress_bar=t.enable_progress_bar,
         deterministic=t.deterministic,
@@ -133,7 +136,7 @@ def build_module(
     """The LightningModule for ``cfg``, with the datamodule's tokenizer and validation directions;
     initialised from ``init_checkpoint`` (read from ``cfg.init_from``) when fine-tuning."""
     tokenizer = datamodule.tokenizer
-    model_config = replace(cfg.model, vocab_size=tokenizer.vocab_size)
+    model_config = replace(cfg.transformer, vocab_size=tokenizer.vocab_size)
     module = MultitaskTranslationModule(
         model=model_config,
         optim=cfg.optim,
@@ -175,11 +178,11 @@ def run(cfg: TrainConfig, extra_callbacks: Optional[list] = None) -> dict[str, f
         if report.num_dropped:
             log.warning("%s: %s", split, report.summary())
     module = build_module(cfg, datamodule, init_checkpoint)
-    trainer = build_trainer(cfg, extra_callbacks)
     # Resuming wins over init_from: an interrupted fine-tuning run continues from its own checkpoints.
     ckpt_path = resolve_resume(cfg.checkpoint.resume, checkpoint_dir(cfg))
     if ckpt_path:
         log.info("resuming from %s", ckpt_path)
+    trainer = build_trainer(cfg, extra_callbacks, resuming=ckpt_path is not None)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
     final = checkpoint_dir(cfg) / f"step-{trainer.global_step:06d}.ckpt"
@@ -217,14 +220,37 @@ def _test(cfg: TrainConfig, checkpoint: Path, datamodule: MultitaskDataModule) -
 
 
 @hydra.main(version_base=None, config_path="pkg://lightning_moe.conf", config_name="config")
-def main(cfg: DictConfig) -> Optional[float]:
-    """Hydra entry point: validate the composed config, then :func:`run`."""
-    typed = to_train_config(cfg)
+def _hydra_main(cfg: DictConfig) -> Optional[float]:
+    """Hydra's job: validate the composed config, then :func:`run`."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    try:
+        typed = to_train_config(cfg)
+        t = typed.trainer
+        check_multirun(HydraConfig.get().mode == RunMode.MULTIRUN, t.devices, t.num_nodes, t.accelerator)
+    except ConfigError as err:
+        _exit(err)
     metrics = run(typed)
     for key in sorted(metrics):
         if key.startswith("val/"):
             print(f"{key}: {metrics[key]:.4f}")
     return metrics.get("val/nll")
+
+
+def _exit(err: ConfigError) -> None:
+    print(f"error: {err}", file=sys.stderr)
+    sys.exit(2)
+
+
+def main() -> None:
+    """``python -m lightning_moe.train`` / ``lightning-moe-train``: Hydra's command line. An invalid
+    configuration (an unknown group option included) ends the process with one line on stderr, exit code 2."""
+    try:
+        check_group_options(sys.argv[1:])
+    except ConfigError as err:
+        _exit(err)
+    _hydra_main()
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from lightning_moe.strategy_presets import OFFLOAD_CHOICES, STRATEGY_PRESETS, SUPPORTED_PRECISIONS, ZERO_STAGES
+
 __all__ = [
     "OptimConfig",
     "GenerationConfig",
@@ -20,10 +22,9 @@ __all__ = [
     "PRECISIONS",
 ]
 
-STRATEGY_NAMES = ("auto", "single", "ddp", "moe_zero", "moe_zero_stage1", "moe_zero_stage2", "moe_zero_stage3", "moe_zero_offload")
-PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed")
+STRATEGY_NAMES = ("auto", "single", "ddp", *STRATEGY_PRESETS)
+PRECISIONS = SUPPORTED_PRECISIONS
 SCHEDULES = ("inverse_sqrt", "cosine", "constant")
-LOGGERS = ("tensorboard", "csv", "none")
 NONFINITE_POLICIES = ("skip", "stop_after", "stop")
 
 
@@ -137,9 +138,9 @@ class StrategyConfig:
                 "(1 = no tensor parallelism)"
             )
         if self.zero_stage is not None:
-            _choice("strategy.zero_stage", self.zero_stage, (0, 1, 2, 3))
+            _choice("strategy.zero_stage", self.zero_stage, ZERO_STAGES)
         if self.offload is not None:
-            _choice("strategy.offload", self.offload, ("none", "optimizer", "params"))
+            _choice("strategy.offload", self.offload, OFFLOAD_CHOICES)
         moe_only = (
             self.zero_stage is not None
             or self.offload not in (None, "none")
@@ -169,7 +170,7 @@ class TrainerConfig:
     num_nodes: int = 1
     """Nodes (multi-node runs start through torchrun or SLURM)."""
     precision: str = "32-true"
-    """``32-true``, ``bf16-mixed``, ``bf16-true``; ``16-mixed`` on GPUs."""
+    """One of ``SUPPORTED_PRECISIONS``: ``32-true``, ``bf16-mixed``, ``bf16-true``; ``16-mixed`` on GPUs."""
     max_steps: int = 600
     """Optimizer steps to train for."""
     val_check_interval: int = 200
@@ -184,8 +185,6 @@ class TrainerConfig:
     """``norm`` or ``value``."""
     log_every_n_steps: int = 20
     """Logging period in optimizer steps."""
-    logger: str = "tensorboard"
-    """``tensorboard``, ``csv`` or ``none``."""
     enable_progress_bar: bool = True
     """Show Lightning's progress bar."""
     deterministic: bool = False
@@ -198,7 +197,6 @@ class TrainerConfig:
     def __post_init__(self) -> None:
         _choice("trainer.precision", self.precision, PRECISIONS)
         _choice("trainer.gradient_clip_algorithm", self.gradient_clip_algorithm, ("norm", "value"))
-        _choice("trainer.logger", self.logger, LOGGERS)
         _choice("trainer.nonfinite", self.nonfinite, NONFINITE_POLICIES)
         _at_least("trainer.max_steps", self.max_steps, 1)
         _at_least("trainer.val_check_interval", self.val_check_interval, 1)

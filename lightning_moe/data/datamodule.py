@@ -149,7 +149,7 @@ def _check_int(key: str, value: Any, minimum: int) -> None:
 
 DATA_PRESETS: Dict[str, DataConfig] = {
     # Full Multi30k (root / $LIGHTNING_MOE_DATA / download into the cache).
-    "default": DataConfig(),
+    "multi30k": DataConfig(),
     # The sample shipped in the package (3000 training lines): offline, a tiny model trains on CPU in minutes.
     "sample": DataConfig(
         root=str(SAMPLE_DIR),

@@ -15,7 +15,17 @@ from typing import Any, Optional
 from lightning_moe.moe.experts import ACTIVATIONS
 from lightning_moe.moe.router import normalize_noisy_gate_policy
 
-__all__ = ["MoEConfig", "TransformerConfig", "PRESETS", "get_preset", "dense_twin", "EXPERT_TYPES", "POSITIONAL"]
+__all__ = [
+    "MoEConfig",
+    "TransformerConfig",
+    "PRESETS",
+    "MOE_PRESETS",
+    "DEFAULT_MOE_PRESET",
+    "get_preset",
+    "dense_twin",
+    "EXPERT_TYPES",
+    "POSITIONAL",
+]
 
 EXPERT_TYPES = ("ffn", "glu")
 """Expert (and dense FFN) kinds: ``ffn`` = ``fc2(act(fc1 x))`` with biases; ``glu`` = ``fc2(act(fc1 x) * fc3 x)``."""
@@ -224,8 +234,25 @@ def dense_twin(config: TransformerConfig) -> TransformerConfig:
     return replace(config, moe=replace(config.moe, num_experts=0))
 
 
+MOE_PRESETS: dict[str, MoEConfig] = {
+    # The dense twin: no experts; the FFNs at MoE positions are k times wider (same active parameters).
+    "dense": MoEConfig(num_experts=0, k=2),
+    # Switch-style: one expert per token.
+    "top1": MoEConfig(num_experts=8, k=1, capacity_factor=1.25, eval_capacity_factor=2.0),
+    # GShard-style: two experts per token, weights renormalised over the two.
+    "top2": MoEConfig(num_experts=8, k=2, capacity_factor=1.25, eval_capacity_factor=2.0),
+    # Every token reaches its experts (no capacity), top-2.
+    "dropless": MoEConfig(num_experts=8, k=2, drop_tokens=False),
+    # Residual MoE (DeepSpeed-MoE's PR-MoE building block): a dense FFN beside top-1 experts.
+    "residual": MoEConfig(num_experts=8, k=1, use_residual=True, capacity_factor=1.25, eval_capacity_factor=2.0),
+}
+"""Named MoE layer settings (the ``moe`` group of the command line). Do not mutate these."""
+
+DEFAULT_MOE_PRESET = "top2"
+"""The MoE settings of every model preset, and the command line's default ``moe`` option."""
+
 PRESETS: dict[str, TransformerConfig] = {
-    # Trains on a laptop CPU in minutes.
+    # Trains on two CPU cores in minutes.
     "tiny": TransformerConfig(
         d_model=128,
         num_heads=4,
@@ -233,7 +260,7 @@ PRESETS: dict[str, TransformerConfig] = {
         encoder_layers=2,
         decoder_layers=2,
         dropout=0.1,
-        moe=MoEConfig(num_experts=4, k=1),
+        moe=MOE_PRESETS[DEFAULT_MOE_PRESET],
     ),
     "small": TransformerConfig(
         d_model=256,
@@ -242,9 +269,9 @@ PRESETS: dict[str, TransformerConfig] = {
         encoder_layers=3,
         decoder_layers=3,
         dropout=0.1,
-        moe=MoEConfig(num_experts=8, k=2),
+        moe=MOE_PRESETS[DEFAULT_MOE_PRESET],
     ),
-    # Transformer-base widths (Vaswani et al.) with every other FFN an MoE layer.
+    # Transformer-base widths (Vaswani et al.); every other FFN is an MoE layer (Z-code style).
     "base": TransformerConfig(
         d_model=512,
         num_heads=8,
@@ -252,10 +279,11 @@ PRESETS: dict[str, TransformerConfig] = {
         encoder_layers=6,
         decoder_layers=6,
         dropout=0.1,
-        moe=MoEConfig(num_experts=8, k=2),
+        moe=MOE_PRESETS[DEFAULT_MOE_PRESET],
     ),
 }
-"""Named architectures. ``get_preset`` returns copies; do not mutate these."""
+"""Named architectures (the ``model`` group of the command line, whose MoE part is the ``moe`` group).
+``get_preset`` returns copies; do not mutate these."""
 
 _MOE_FIELDS = {f.name for f in fields(MoEConfig)}
 _TOP_FIELDS = {f.name for f in fields(TransformerConfig)}

@@ -547,7 +547,7 @@ class MoETransformer(nn.Module):
 
         Returns:
             ``(loss, details)``; ``details`` holds detached ``ce`` (smoothed), ``nll``, ``aux_loss``,
-            ``num_tokens`` and the ``expert_counts`` list.
+            ``num_tokens``, the ``expert_counts`` list and the detached ``logits`` ``[B, T, V]``.
         """
         missing = [key for key in ("src", "tgt_in", "tgt_out") if batch.get(key) is None]
         if missing:
@@ -566,5 +566,6 @@ class MoETransformer(nn.Module):
             "aux_loss": out.aux_loss.detach(),
             "num_tokens": num_tokens,
             "expert_counts": out.expert_counts,
+            "logits": out.logits.detach(),
         }
         return loss, details

@@ -25,7 +25,7 @@ TINY = [
     "data.max_tokens=512",
     "trainer.val_check_interval=4",
     "trainer.limit_val_batches=1",
-    "trainer.logger=csv",
+    "logger=csv",
     "trainer.enable_progress_bar=false",
     "checkpoint.every_n_train_steps=4",
     "generation.val_max_sentences=8",
@@ -54,6 +54,7 @@ def test_train_resume_translate_evaluate_finetune(tmp_path: Path):
     assert _steps(ckpts) == ["step-000004.ckpt", "step-000008.ckpt"]
     first = torch.load(ckpts / "step-000008.ckpt", weights_only=True)
     assert first["global_step"] == 8 and "tokenizer_model" in first
+    assert "tok:13a" in first["metric_signatures"]["bleu"]  # how the logged validation BLEU was computed
 
     # the same command with a longer budget resumes from step 8
     resumed = _run([*train, "trainer.max_steps=12", "checkpoint.keep_last=2"], tmp_path)
@@ -61,6 +62,8 @@ def test_train_resume_translate_evaluate_finetune(tmp_path: Path):
     assert _steps(ckpts) == ["step-000008.ckpt", "step-000012.ckpt"]  # retention: the newest 2
     last = torch.load(ckpts / "step-000012.ckpt", weights_only=True)
     assert last["global_step"] == 12
+    # the resumed run logged into the same version as the first: one continuous set of curves
+    assert sorted(p.name for p in (run_dir / "logs").iterdir()) == ["version_0"]
 
     # translate: stdin -> stdout, one line per line
     out = _run(
@@ -103,3 +106,16 @@ def test_train_rejects_misspelled_key_before_starting(tmp_path: Path):
     bad = _run(["lightning_moe.train", "moe.num_expert=4", f"hydra.run.dir={tmp_path / 'x'}"], tmp_path, check=False)
     assert bad.returncode != 0 and "num_expert" in bad.stderr
     assert not (tmp_path / "x" / "checkpoints").exists()
+
+
+def test_train_rejects_unknown_group_option_in_one_line(tmp_path: Path):
+    bad = _run(["lightning_moe.train", "experiment=finetun", f"hydra.run.dir={tmp_path / 'x'}"], tmp_path, check=False)
+    assert bad.returncode == 2 and "finetune" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "x" / "checkpoints").exists()
+
+
+def test_multirun_of_multi_process_jobs_stops_before_training(tmp_path: Path):
+    sweep = ["strategy=moe_zero", "trainer.devices=2", "moe.num_experts=4,8", f"hydra.sweep.dir={tmp_path / 's'}"]
+    bad = _run(["lightning_moe.train", "-m", *sweep], tmp_path, check=False)
+    assert bad.returncode == 2 and "multirun (-m)" in bad.stderr
+    assert not list((tmp_path / "s").glob("**/checkpoints"))

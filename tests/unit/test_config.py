@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -11,10 +11,13 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from lightning_moe.config import ConfigError, register_configs, to_train_config
+from lightning_moe.config.schema import group_presets
 from lightning_moe.models import PRESETS
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
-GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and not p.name.startswith("_"))
+YAML_GROUPS = {p.name: sorted(q.stem for q in p.glob("*.yaml")) for p in CONF.iterdir() if p.is_dir() and not p.name.startswith("_")}
+PYTHON_GROUPS = {group: sorted(options) for group, options in group_presets().items()}
+OPTIONS = [(g, o) for groups in (YAML_GROUPS, PYTHON_GROUPS) for g, options in sorted(groups.items()) for o in options]
 
 register_configs()
 
@@ -28,39 +31,77 @@ def test_default_config_is_the_tiny_multitask_moe_on_the_embedded_sample():
     cfg = to_train_config(_compose([]))
     assert cfg.model.d_model == PRESETS["tiny"].d_model
     assert cfg.moe.num_experts == 8 and cfg.moe.k == 2
-    assert cfg.model.moe == cfg.moe  # the top-level group is what the model gets
+    assert cfg.transformer.moe == cfg.moe  # the top-level group is what the model gets
+    assert not hasattr(cfg.model, "moe")  # ... and the only place of the MoE settings
     assert Path(cfg.data.root).is_dir() and (Path(cfg.data.root) / "train.en.gz").exists()
     assert cfg.model.vocab_size == cfg.data.vocab_size
     assert cfg.strategy.name == "single"
 
 
-@pytest.mark.parametrize(
-    "group, option",
-    [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))],
-)
+def test_python_preset_groups_have_no_yaml_copy():
+    assert not set(YAML_GROUPS) & set(PYTHON_GROUPS)
+
+
+@pytest.mark.parametrize("group, option", OPTIONS)
 def test_every_group_option_composes_and_validates(group, option):
     overrides = [f"{group}={option}"]
     if group == "experiment" and option == "finetune":
         overrides.append("init_from=some/checkpoint")
-    if group == "strategy" and option.startswith("moe_zero"):
+    if group == "strategy" and option.startswith(("moe_zero", "ddp")):
         overrides.append("trainer.devices=2")
+    if group == "logger" and option in ("wandb", "mlflow"):
+        pytest.importorskip(option)
     cfg = to_train_config(_compose(overrides))
     assert cfg is not None
 
 
-def test_model_yaml_presets_match_python_presets():
-    for option in ("tiny", "small", "base"):
-        cfg = to_train_config(_compose([f"model={option}"]))
-        preset = asdict(PRESETS[option])
-        for key in ("d_model", "num_heads", "ffn_hidden_size", "encoder_layers", "decoder_layers", "dropout"):
-            assert getattr(cfg.model, key) == preset[key], (option, key)
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_model_presets_are_the_same_from_python_and_the_command_line(name):
+    from lightning_moe.models.config import DEFAULT_MOE_PRESET, MOE_PRESETS
+
+    cfg = to_train_config(_compose([f"model={name}"]))
+    # The CLI sets the vocabulary from the data; everything else, the MoE settings included, must agree.
+    assert asdict(replace(cfg.transformer, vocab_size=PRESETS[name].vocab_size)) == asdict(PRESETS[name])
+    assert PRESETS[name].moe == MOE_PRESETS[DEFAULT_MOE_PRESET] == cfg.moe
+
+
+@pytest.mark.parametrize("name", sorted(group_presets()["moe"]))
+def test_moe_presets_are_the_same_from_python_and_the_command_line(name):
+    from lightning_moe.models.config import MOE_PRESETS
+
+    assert to_train_config(_compose([f"moe={name}"])).moe == MOE_PRESETS[name]
+
+
+@pytest.mark.parametrize("name", sorted(group_presets()["data"]))
+def test_data_presets_are_the_same_from_python_and_the_command_line(name):
+    from lightning_moe.data.datamodule import get_data_preset
+
+    assert to_train_config(_compose([f"data={name}"])).data == get_data_preset(name)
+
+
+@pytest.mark.parametrize("name", sorted(group_presets()["strategy"]))
+def test_strategy_presets_are_the_same_from_python_and_the_command_line(name):
+    from lightning_moe.strategy import STRATEGY_PRESETS as REGISTERED
+    from lightning_moe.strategy_presets import STRATEGY_PRESETS
+    from lightning_moe.train import build_strategy
+
+    devices = 1 if name == "single" else 2
+    cfg = to_train_config(_compose([f"strategy={name}", f"trainer.devices={devices}"]))
+    assert cfg.strategy.name == name
+    if name in STRATEGY_PRESETS:
+        assert REGISTERED[name] == STRATEGY_PRESETS[name]  # what Trainer(strategy=name) gets
+        strategy = build_strategy(cfg)
+        for key, value in STRATEGY_PRESETS[name].items():
+            assert getattr(strategy, key) == value, (name, key)
+        assert cfg.strategy.zero_stage == STRATEGY_PRESETS[name]["zero_stage"]
+        assert cfg.strategy.offload == STRATEGY_PRESETS[name].get("offload", "none")
 
 
 def test_command_line_overrides_reach_the_typed_config():
     cfg = to_train_config(
         _compose(["moe.num_experts=16", "moe.k=2", "tasks=multitask", "strategy=moe_zero", "trainer.devices=2"])
     )
-    assert cfg.moe.num_experts == 16 and cfg.model.moe.num_experts == 16
+    assert cfg.moe.num_experts == 16 and cfg.transformer.moe.num_experts == 16
     assert cfg.strategy.name == "moe_zero" and cfg.strategy.zero_stage == 2 and cfg.trainer.devices == 2
 
 
@@ -106,9 +147,9 @@ def test_single_process_strategy_rejects_several_devices():
         to_train_config(_compose(["trainer.devices=2"]))
 
 
-def test_nested_model_moe_is_refused_in_favour_of_top_level_group():
-    with pytest.raises(ConfigError, match="moe.num_experts"):
-        to_train_config(_compose(["model.moe.num_experts=4"]))
+def test_moe_lives_only_in_the_top_level_group():
+    with pytest.raises((ConfigCompositionException, ConfigKeyError), match="moe"):
+        _compose(["model.moe.num_experts=4"])
 
 
 def test_tensor_parallel_size_reaches_the_strategy():
@@ -119,3 +160,10 @@ def test_tensor_parallel_size_reaches_the_strategy():
     assert build_strategy(cfg).tensor_parallel_size == 2
     with pytest.raises(ConfigError, match="strategy.name=moe_zero"):
         to_train_config(_compose(["strategy=single", "strategy.tensor_parallel_size=2"]))
+
+
+def test_plain_mapping_with_nested_model_moe_still_validates():
+    cfg = to_train_config({"model": {"d_model": 64, "moe": {"num_experts": 4, "k": 1}}, "strategy": {"name": "single"}})
+    assert cfg.moe.num_experts == 4 and cfg.transformer.moe.k == 1 and cfg.model.d_model == 64
+    with pytest.raises(ConfigError, match="keep only the top-level moe"):
+        to_train_config({"model": {"moe": {"num_experts": 4}}, "moe": {"num_experts": 8}})

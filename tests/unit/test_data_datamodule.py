@@ -187,7 +187,7 @@ def test_presets() -> None:
     assert small.max_train_sentences == 2000 and small.vocab_size < DataConfig().vocab_size
     assert Path(get_data_preset("sample").root) == SAMPLE_DIR
     assert get_data_preset("small", seed=3).seed == 3
-    with pytest.raises(ValueError, match=r"data preset 'huge' does not exist: use one of \['default', 'sample', 'small'\]"):
+    with pytest.raises(ValueError, match=r"data preset 'huge' does not exist: use one of \['multi30k', 'sample', 'small'\]"):
         get_data_preset("huge")
     with pytest.raises(ValueError, match=r"unknown data config keys \['batch_size'\]"):
         get_data_preset("small", batch_size=32)

@@ -1,0 +1,125 @@
+"""The module's validation BLEU/chrF equal sacrebleu's for the same hypotheses; training uses the model's
+loss; checkpoints keep the metric signatures and the nested ``model.moe`` hparams of older checkpoints."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import sacrebleu
+import torch
+from lightning.pytorch.loggers import CSVLogger
+
+from lightning_moe.config.run import GenerationConfig
+from lightning_moe.models import MoEConfig, TransformerConfig
+from lightning_moe.module import MultitaskTranslationModule
+
+VOCAB = 40
+REFERENCES = [
+    "A dog runs on the green grass.",
+    "Two men are talking in the street.",
+    "A woman rides a red bicycle.",
+    "Children play football in the park.",
+    "An old man reads a newspaper.",
+    "A cat sleeps on the sofa.",
+]
+HYPOTHESES = [
+    "A dog runs on grass.",
+    "Two men talk on the street.",
+    "A woman is riding a bicycle.",
+    "Kids play soccer in a park.",
+    "An old man reads the paper.",
+    "The cat sleeps on a sofa.",
+]
+
+
+def _module() -> MultitaskTranslationModule:
+    model = TransformerConfig(
+        vocab_size=VOCAB, d_model=16, num_heads=2, ffn_hidden_size=16, encoder_layers=2, decoder_layers=2,
+        dropout=0.0, max_positions=16, moe=MoEConfig(num_experts=2, k=1),
+    )
+    return MultitaskTranslationModule(
+        model=model, generation=GenerationConfig(val_max_sentences=-1), val_directions=["en-de"], max_steps=10
+    )
+
+
+def _batch(rows: range) -> dict:
+    generator = torch.Generator().manual_seed(rows.start)
+    tokens = torch.randint(3, VOCAB, (len(rows), 6), generator=generator)
+    return {
+        "src": tokens,
+        "tgt_in": tokens,
+        "tgt_out": tokens.roll(-1, dims=1),
+        "ref_text": [REFERENCES[i] for i in rows],
+        "rows": list(rows),
+        "task": ["translate:en-de"] * len(rows),
+    }
+
+
+def test_logged_validation_scores_equal_sacrebleu(tmp_path: Path):
+    module = _module()
+    module._tokenizer = object()  # decoding is replaced below; validation only checks that one exists
+    hypotheses = dict(enumerate(HYPOTHESES))
+    # Two batches of three: the scores are corpus-level, not averages of batch scores.
+    batches = [_batch(range(0, 3)), _batch(range(3, 6))]
+    module.translate_batch = lambda src, mask=None: [hypotheses[i] for i in module._current_rows]
+    original_step = module.validation_step
+
+    def validation_step(batch, batch_idx, dataloader_idx=0):
+        module._current_rows = batch["rows"]
+        return original_step(batch, batch_idx, dataloader_idx)
+
+    module.validation_step = validation_step
+    logger = CSVLogger(tmp_path, name="logs")
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, logger=logger, enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    trainer.validate(module, dataloaders=[torch.utils.data.DataLoader(batches, batch_size=None)], verbose=False)
+
+    bleu = sacrebleu.corpus_bleu(HYPOTHESES, [REFERENCES])
+    chrf = sacrebleu.corpus_chrf(HYPOTHESES, [REFERENCES])
+    assert 5 < bleu.score < 95  # a score that smoothing or word n-grams would change
+    metrics = trainer.callback_metrics
+    assert float(metrics["val/en-de/bleu"]) == pytest.approx(bleu.score, abs=1e-4)
+    assert float(metrics["val/en-de/chrf"]) == pytest.approx(chrf.score, abs=1e-4)
+    assert float(metrics["val/bleu"]) == pytest.approx(bleu.score, abs=1e-4)
+
+    signatures = module.metric_signatures
+    assert "tok:13a" in signatures["bleu"] and "smooth:exp" in signatures["bleu"] and "nw:0" in signatures["chrf"]
+    checkpoint: dict = {}
+    module.on_save_checkpoint(checkpoint)
+    assert checkpoint["metric_signatures"] == signatures
+    logger.save()
+    assert "tok:13a" in (Path(logger.log_dir) / "hparams.yaml").read_text()
+
+
+def test_training_step_is_the_models_loss(monkeypatch):
+    torch.manual_seed(0)
+    module = _module()
+    batch = _batch(range(0, 3))
+    calls = []
+    original = module.model.loss
+
+    def spy(batch, label_smoothing=0.0):
+        calls.append(label_smoothing)
+        return original(batch, label_smoothing)
+
+    monkeypatch.setattr(module.model, "loss", spy)
+    torch.manual_seed(1)  # the same random token selection in both calls
+    loss = module.training_step(batch, 0)
+    assert calls == [module.optim_config.label_smoothing]
+    torch.manual_seed(1)
+    expected, _ = original(batch, module.optim_config.label_smoothing)
+    assert torch.allclose(loss, expected)
+
+
+def test_checkpoint_hparams_with_nested_model_moe_still_load():
+    module = _module()
+    hparams = dict(module.hparams)
+    assert hparams["model"]["moe"]["num_experts"] == 2  # the format older checkpoints have
+    loaded = MultitaskTranslationModule(**hparams)
+    assert asdict(loaded.model_config) == asdict(module.model_config)
+    loaded.load_state_dict(module.state_dict())
