@@ -130,4 +130,6 @@ def progress_bar(total: Optional[int], desc: str, enabled: bool, unit: str = "se
     """
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=not enabled, leave=False, dynamic_ncols=True)
+    return tqdm(
+        total=total, desc=desc, unit=unit, file=sys.stderr, disable=not enabled, leave=False, dynamic_ncols=True
+    )

@@ -80,7 +80,9 @@ def _directions(requested: Sequence[str], validated: Sequence[str], langs: Seque
     return pairs
 
 
-def _data_root(root: Optional[str], data: Optional[dict[str, Any]], splits: Sequence[str], langs: Sequence[str]) -> Path:
+def _data_root(
+    root: Optional[str], data: Optional[dict[str, Any]], splits: Sequence[str], langs: Sequence[str]
+) -> Path:
     """The corpus folder: ``data.root=`` when given, else the one the checkpoint was trained on."""
     from lightning_moe.data.download import resolve_data_root
 

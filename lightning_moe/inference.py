@@ -58,9 +58,8 @@ def read_checkpoint(path: PathLike) -> dict[str, Any]:
         except OSError:
             raise
         except Exception as err:  # torch.load fails in many ways on a file that is not a checkpoint
-            first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
             raise ValueError(
-                f"{str(path)!r} is not a checkpoint that torch.load can read ({type(err).__name__}: {first.strip()})"
+                f"{str(path)!r} is not a checkpoint that torch.load can read ({type(err).__name__}: {_first_line(err)})"
             ) from err
     if not isinstance(checkpoint, dict):
         raise ValueError(f"{str(path)!r} holds a {type(checkpoint).__name__}, not a lightning_moe checkpoint")
@@ -144,9 +143,15 @@ def translator_from_checkpoint(
         state = {k: v for k, v in checkpoint["state_dict"].items() if k in module.state_dict()}
         module.load_state_dict(state)
     except (RuntimeError, KeyError, TypeError) as err:  # hyper-parameters or weights of another version
-        first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
-        raise ValueError(f"checkpoint {str(path)!r} does not load into this version's model: {first.strip()}") from err
+        raise ValueError(
+            f"checkpoint {str(path)!r} does not load into this version's model: {_first_line(err)}"
+        ) from err
     return module.to(device).eval()
+
+
+def _first_line(err: BaseException) -> str:
+    """The first non-empty line of an error's message (torch adds long explanations), else its type."""
+    return next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
 
 
 def resolve_device(name: str) -> str:

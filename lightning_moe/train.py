@@ -206,7 +206,8 @@ def _test(cfg: TrainConfig, checkpoint: Path, datamodule: MultitaskDataModule) -
     root = datamodule.data_root
     splits = [split for split in cfg.data.test_splits if split in available_splits(root)]
     if len(splits) < len(cfg.data.test_splits):
-        log.warning("test splits %s have no files in %s: not scored", sorted(set(cfg.data.test_splits) - set(splits)), root)
+        absent = sorted(set(cfg.data.test_splits) - set(splits))
+        log.warning("test splits %s have no files in %s: not scored", absent, root)
     if not splits:
         return {}
     limit = cfg.generation.val_max_sentences
@@ -228,6 +229,7 @@ def _test(cfg: TrainConfig, checkpoint: Path, datamodule: MultitaskDataModule) -
     print(f"test scores of {checkpoint.name}:")
     print(format_scores(rows))
     scores = Path(cfg.output_dir) / "test_scores.json"
+    scores.parent.mkdir(parents=True, exist_ok=True)
     write_scores(rows, scores)
     log.info("test scores written to %s", scores)
     result = {}

@@ -94,7 +94,8 @@ def test_scores_are_sacrebleu_of_the_translations(checkpoint, corpus):
 
 def test_data_root_overrides_the_recorded_corpus(checkpoint, tmp_path):
     other = _write_corpus(tmp_path / "other", "test_other", ["en", "de"], lines=3)
-    rows = evaluate(EvaluateConfig(checkpoint=str(checkpoint), data=EvaluateDataConfig(root=str(other)), splits=["test_other"]))
+    cfg = EvaluateConfig(checkpoint=str(checkpoint), data=EvaluateDataConfig(root=str(other)), splits=["test_other"])
+    rows = evaluate(cfg, progress=False)
     assert [(r["split"], r["direction"], r["sentences"]) for r in rows] == [
         ("test_other", "en-de", 3),
         ("test_other", "de-en", 3),
@@ -120,7 +121,8 @@ def test_multi30k_from_the_cache_is_found_without_downloading(tmp_path, monkeypa
     monkeypatch.setenv("LIGHTNING_MOE_CACHE", str(tmp_path / "empty-cache"))
     message = _error([f"checkpoint={path}"])
     assert "Multi30k" in message and "data.root=" in message
-    assert not (tmp_path / "empty-cache" / "multi30k").exists() or not any((tmp_path / "empty-cache" / "multi30k").iterdir())
+    cached = tmp_path / "empty-cache" / "multi30k"
+    assert not cached.exists() or not any(cached.iterdir())  # nothing was downloaded
 
     env_corpus = _write_corpus(tmp_path / "env", "test_2016_flickr", ["en", "de"], lines=2)
     monkeypatch.setenv("LIGHTNING_MOE_DATA", str(env_corpus))
@@ -171,7 +173,6 @@ def test_test_after_fit_prints_and_stores_scores_with_signatures(checkpoint, cor
         generation=GenerationConfig(val_max_sentences=3),
         output_dir=str(tmp_path / "run"),
     )
-    (tmp_path / "run").mkdir()
     cfg.trainer.enable_progress_bar = True
     terminal = _Terminal()
     monkeypatch.setattr(sys, "stderr", terminal)
