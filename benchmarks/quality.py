@@ -495,12 +495,12 @@ def equal_steps_checkpoint(run: RunResult) -> Path:
 
 def evaluate_checkpoint(args: argparse.Namespace, checkpoint: Path, directions: Optional[list[str]] = None) -> list[dict[str, Any]]:
     """BLEU/chrF rows (``lightning_moe.evaluate``) of ``checkpoint``, greedy, capped per direction."""
-    from lightning_moe.evaluate import EvaluateConfig, evaluate
+    from lightning_moe.evaluate import EvaluateConfig, EvaluateDataConfig, evaluate
 
     rows = evaluate(
         EvaluateConfig(
             checkpoint=str(checkpoint),
-            root=args.data_root,
+            data=EvaluateDataConfig(root=args.data_root),
             splits=present_test_splits(args.data_root),
             directions=list(directions or []),
             beam_size=1,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
 from torch import Tensor
@@ -19,13 +19,29 @@ from lightning_moe.data.batching import pad_sequences
 from lightning_moe.data.tokenizer import SubwordTokenizer
 from lightning_moe.module import MultitaskTranslationModule
 
-__all__ = ["read_checkpoint", "load_model_weights", "tokenizer_bytes", "load_translator", "translation_source", "translate_sentences"]
+__all__ = [
+    "read_checkpoint",
+    "load_model_weights",
+    "tokenizer_bytes",
+    "load_translator",
+    "translator_from_checkpoint",
+    "resolve_device",
+    "training_data",
+    "check_language",
+    "translation_source",
+    "translate_sentences",
+]
 
 PathLike = Union[str, os.PathLike]
 
 
 def read_checkpoint(path: PathLike) -> dict[str, Any]:
-    """Every part of a checkpoint as one dict of plain types (``state_dict``, ``hyper_parameters``, ...)."""
+    """Every part of a checkpoint as one dict of plain types (``state_dict``, ``hyper_parameters``, ...).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist (other ``OSError``: it cannot be read).
+        ValueError: ``path`` is not a checkpoint (the message says why).
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
@@ -37,7 +53,16 @@ def read_checkpoint(path: PathLike) -> dict[str, Any]:
             consolidate(path, target)
             checkpoint = torch.load(target, map_location="cpu", weights_only=True)
     else:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except OSError:
+            raise
+        except Exception as err:  # torch.load fails in many ways on a file that is not a checkpoint
+            raise ValueError(
+                f"{str(path)!r} is not a checkpoint that torch.load can read ({type(err).__name__}: {_first_line(err)})"
+            ) from err
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{str(path)!r} holds a {type(checkpoint).__name__}, not a lightning_moe checkpoint")
     meta = checkpoint.pop("meta", None)
     if isinstance(meta, dict):  # consolidated layout: {"state_dict", "optimizer_states", "meta"}
         for key, value in meta.items():
@@ -82,28 +107,70 @@ def load_model_weights(module: torch.nn.Module, path: PathLike, checkpoint: Opti
 def load_translator(path: PathLike, device: Union[str, torch.device] = "cpu", **overrides: Any) -> MultitaskTranslationModule:
     """The :class:`MultitaskTranslationModule` of a checkpoint, in eval mode, with its tokenizer.
 
-    ``overrides`` replace hyper-parameters (e.g. ``generation={"beam_size": 4}``).
+    ``overrides`` replace hyper-parameters; a dict replaces only the keys it names (e.g.
+    ``generation={"beam_size": 4}`` keeps the stored length limits).
     """
-    checkpoint = read_checkpoint(path)
+    return translator_from_checkpoint(read_checkpoint(path), path, device, **overrides)
+
+
+def translator_from_checkpoint(
+    checkpoint: dict[str, Any], path: PathLike, device: Union[str, torch.device] = "cpu", **overrides: Any
+) -> MultitaskTranslationModule:
+    """:func:`load_translator` of an already read checkpoint (:func:`read_checkpoint`); ``path`` names it in errors.
+
+    Raises:
+        ValueError: the checkpoint lacks the model's hyper-parameters or tokenizer, or does not fit the model.
+    """
     hparams = dict(checkpoint.get("hyper_parameters") or {})
     if "model" not in hparams:
         raise ValueError(f"checkpoint {str(path)!r} has no model hyper-parameters: not saved by lightning_moe.train")
     tokenizer_model = checkpoint.get("tokenizer_model")
     if tokenizer_model is None:
         raise ValueError(f"checkpoint {str(path)!r} has no tokenizer: it cannot translate text")
-    hparams.update(overrides)
-    module = MultitaskTranslationModule(
-        model=hparams["model"],
-        optim=hparams.get("optim"),
-        generation=hparams.get("generation"),
-        special_ids=hparams.get("special_ids"),
-        val_directions=hparams.get("val_directions"),
-        max_steps=hparams.get("max_steps", 1),
-        tokenizer_model=tokenizer_bytes(tokenizer_model),
-    )
-    state = {k: v for k, v in checkpoint["state_dict"].items() if k in module.state_dict()}
-    module.load_state_dict(state)
+    for key, value in overrides.items():  # a dict override changes only the keys it names
+        stored = hparams.get(key)
+        hparams[key] = {**stored, **value} if isinstance(stored, dict) and isinstance(value, dict) else value
+    try:
+        module = MultitaskTranslationModule(
+            model=hparams["model"],
+            optim=hparams.get("optim"),
+            generation=hparams.get("generation"),
+            special_ids=hparams.get("special_ids"),
+            val_directions=hparams.get("val_directions"),
+            max_steps=hparams.get("max_steps", 1),
+            tokenizer_model=tokenizer_bytes(tokenizer_model),
+        )
+        state = {k: v for k, v in checkpoint["state_dict"].items() if k in module.state_dict()}
+        module.load_state_dict(state)
+    except (RuntimeError, KeyError, TypeError) as err:  # hyper-parameters or weights of another version
+        raise ValueError(
+            f"checkpoint {str(path)!r} does not load into this version's model: {_first_line(err)}"
+        ) from err
     return module.to(device).eval()
+
+
+def _first_line(err: BaseException) -> str:
+    """The first non-empty line of an error's message (torch adds long explanations), else its type."""
+    return next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+
+
+def resolve_device(name: str) -> str:
+    """``auto`` -> ``cuda`` when available, else ``cpu``; any other name as given."""
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+
+
+def training_data(checkpoint: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """The data config (``DataConfig`` as a dict: ``root``, ``langs``, ``test_splits``, ...) the checkpoint's
+    model was trained with, as ``lightning_moe.train`` records it; None when the checkpoint lacks it."""
+    data = (checkpoint.get("datamodule_hyper_parameters") or {}).get("data")
+    return dict(data) if isinstance(data, dict) else None
+
+
+def check_language(module: MultitaskTranslationModule, lang: str, key: str) -> None:
+    """Raise ``ValueError`` naming ``key`` and the model's languages unless ``lang`` is one of them."""
+    langs = list(module.tokenizer.langs)
+    if lang not in langs:
+        raise ValueError(f"{key}={lang!r} is not a language of this model: use one of {langs}")
 
 
 def tokenizer_bytes(stored: Any) -> bytes:
@@ -122,22 +189,32 @@ def translation_source(tokenizer: SubwordTokenizer, text: str, target_lang: str,
 
 @torch.no_grad()
 def translate_sentences(
-    module: MultitaskTranslationModule, sentences: Iterable[str], target_lang: str, batch_size: Optional[int] = None
+    module: MultitaskTranslationModule,
+    sentences: Iterable[str],
+    target_lang: str,
+    batch_size: Optional[int] = None,
+    on_batch: Optional[Callable[[int], None]] = None,
 ) -> list[str]:
-    """Translate ``sentences`` into ``target_lang``, in batches of similar length, keeping their order."""
+    """Translate ``sentences`` into ``target_lang``, in batches of similar length, keeping their order.
+
+    An empty or whitespace-only sentence translates to ``""`` without decoding (a model would invent
+    text for it). ``on_batch(n)`` is called after each decoded batch of ``n`` sentences (progress bars).
+    """
     sentences = list(sentences)
     tokenizer = module.tokenizer
-    if target_lang not in tokenizer.langs:
-        raise ValueError(f"target_lang={target_lang!r} is not a language of this model; use one of {list(tokenizer.langs)}")
+    check_language(module, target_lang, "target_lang")
     max_len = module.model_config.max_positions - 1
-    sources = [translation_source(tokenizer, s, target_lang, max_len) for s in sentences]
-    order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
+    todo = [i for i, s in enumerate(sentences) if s.strip()]
+    sources = {i: translation_source(tokenizer, sentences[i], target_lang, max_len) for i in todo}
+    order = sorted(todo, key=lambda i: len(sources[i]))  # similar lengths together: less padding
     batch_size = batch_size or module.generation_config.batch_size
-    outputs: list[Optional[str]] = [None] * len(sources)
+    outputs = [""] * len(sentences)
     device = next(module.parameters()).device
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
-        src, mask = pad_sequences([sources[i] for i in rows], module.special_ids["pad"])
+        src, mask = pad_sequences([sources[i] for i in rows], module.special_ids["pad"])  # [B, S]
         for row, text in zip(rows, module.translate_batch(src.to(device), mask.to(device))):
             outputs[row] = text
-    return [o if o is not None else "" for o in outputs]
+        if on_batch is not None:
+            on_batch(len(rows))
+    return outputs

@@ -197,23 +197,46 @@ def run(cfg: TrainConfig, extra_callbacks: Optional[list] = None) -> dict[str, f
 
 
 def _test(cfg: TrainConfig, checkpoint: Path, datamodule: MultitaskDataModule) -> dict[str, float]:
-    """BLEU/chrF of the final checkpoint on the test splits (one process, after training)."""
-    from lightning_moe.evaluate import EvaluateConfig, evaluate
+    """BLEU/chrF of the final checkpoint on the test splits (one process, after training).
 
+    Prints the scores with their sacreBLEU signatures and writes them to ``{output_dir}/test_scores.json``;
+    a progress bar shows on stderr while decoding when it is a terminal and progress bars are on.
+    """
+    from lightning_moe.cli import is_terminal
+    from lightning_moe.data.corpus import available_splits
+    from lightning_moe.evaluate import EvaluateConfig, EvaluateDataConfig, evaluate, format_scores, write_scores
+
+    root = datamodule.data_root
+    splits = [split for split in cfg.data.test_splits if split in available_splits(root)]
+    if len(splits) < len(cfg.data.test_splits):
+        absent = sorted(set(cfg.data.test_splits) - set(splits))
+        log.warning("test splits %s have no files in %s: not scored", absent, root)
+    if not splits:
+        return {}
     limit = cfg.generation.val_max_sentences
-    rows = evaluate(
-        EvaluateConfig(
-            checkpoint=str(checkpoint),
-            root=str(datamodule.data_root),
-            splits=list(cfg.data.test_splits),
-            beam_size=cfg.generation.beam_size,
-            batch_size=cfg.generation.batch_size,
-            max_sentences=None if limit < 0 else (limit or None),
+    try:
+        rows = evaluate(
+            EvaluateConfig(
+                checkpoint=str(checkpoint),
+                data=EvaluateDataConfig(root=str(root)),
+                splits=splits,
+                beam_size=cfg.generation.beam_size,
+                batch_size=cfg.generation.batch_size,
+                max_sentences=None if limit < 0 else (limit or None),
+            ),
+            progress=cfg.trainer.enable_progress_bar and is_terminal(),
         )
-    )
+    except ValueError as err:  # e.g. no translation task: the trained checkpoint stays, nothing to score
+        log.warning("test after fit skipped: %s", err)
+        return {}
+    print(f"test scores of {checkpoint.name}:")
+    print(format_scores(rows))
+    scores = Path(cfg.output_dir) / "test_scores.json"
+    scores.parent.mkdir(parents=True, exist_ok=True)
+    write_scores(rows, scores)
+    log.info("test scores written to %s", scores)
     result = {}
     for r in rows:
-        print(f"test {r['split']} {r['direction']}: BLEU {r['bleu']:.2f} chrF {r['chrf']:.2f} ({r['sentences']} sentences)")
         result[f"test/{r['split']}/{r['direction']}/bleu"] = r["bleu"]
         result[f"test/{r['split']}/{r['direction']}/chrf"] = r["chrf"]
     return result
