@@ -15,11 +15,10 @@ from lightning.pytorch.plugins.precision import HalfPrecision, MixedPrecision, P
 from torch.optim import Optimizer
 
 from lightning_moe.parallel import clip_grad_norm_, clip_grad_value_
+from lightning_moe.strategy_presets import SUPPORTED_PRECISIONS
 
 __all__ = ["SUPPORTED_PRECISIONS", "MeshClipping", "MoEZeroPrecision", "MoEZeroMixedPrecision", "MoEZeroHalfPrecision", "moe_zero_precision"]
 
-SUPPORTED_PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed")
-"""Precisions ``MoEZeroStrategy`` accepts. ``16-mixed`` needs CUDA (fp16 autocast + gradient scaler)."""
 
 
 class MeshClipping:

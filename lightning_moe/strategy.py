@@ -49,7 +49,6 @@ from lightning.pytorch.strategies.strategy import TBroadcast
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
-from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
@@ -69,7 +68,8 @@ from lightning_moe.parallel.health import RankWatch, exited_children
 from lightning_moe.parallel.init import has_meta_tensors, materialize_meta_model
 from lightning_moe.parallel.optim import use_whole_list_update
 from lightning_moe.parallel.parallelize import is_parallelized
-from lightning_moe.precision import SUPPORTED_PRECISIONS, moe_zero_precision
+from lightning_moe.precision import moe_zero_precision
+from lightning_moe.strategy_presets import STRATEGY_PRESETS, SUPPORTED_PRECISIONS
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -83,14 +83,6 @@ _LAYOUT_ATTR = "_moe_zero_layout"
 DEFAULT_TIMEOUT = timedelta(minutes=10)
 """How long a collective waits for a rank that stopped answering (torch's own default for gloo is 30 min)."""
 
-STRATEGY_PRESETS: dict[str, dict[str, Any]] = {
-    "moe_zero": {"zero_stage": 2, "expert_parallel_size": "auto"},
-    "moe_zero_stage1": {"zero_stage": 1, "expert_parallel_size": "auto"},
-    "moe_zero_stage2": {"zero_stage": 2, "expert_parallel_size": "auto"},
-    "moe_zero_stage3": {"zero_stage": 3, "expert_parallel_size": "auto"},
-    "moe_zero_offload": {"zero_stage": 3, "expert_parallel_size": "auto", "offload": "optimizer"},
-}
-"""Names registered by :func:`register_strategies` and the arguments each one passes."""
 
 
 class MoEZeroStrategy(ParallelStrategy):
@@ -301,7 +293,7 @@ class MoEZeroStrategy(ParallelStrategy):
         if self.cluster_environment is not None:
             self.cluster_environment.set_global_rank(self.node_rank * self.num_processes + self.local_rank)
             self.cluster_environment.set_world_size(self.num_nodes * self.num_processes)
-        rank_zero_only.rank = utils_rank_zero_only.rank = self.global_rank
+        rank_zero_only.rank = self.global_rank
         if self.parallel_devices is not None and (self._dims is None or self._dims.world_size != self.world_size):
             self._dims = self._new_dims(self.world_size)
 

@@ -34,7 +34,7 @@ from lightning_moe.config.launch import check_group_options, check_multirun
 from lightning_moe.config.loggers import instantiate_callbacks, instantiate_loggers
 from lightning_moe.data.datamodule import MultitaskDataModule
 from lightning_moe.module import MultitaskTranslationModule
-from lightning_moe.resume import AtomicCheckpointIO, RetainingModelCheckpoint, prune_checkpoints, resolve_resume
+from lightning_moe.checkpoint import AtomicCheckpointIO, RetainingModelCheckpoint, prune_checkpoints, resolve_resume
 
 __all__ = ["main", "run", "build_strategy", "build_trainer", "build_module"]
 
