@@ -107,3 +107,15 @@ print("ok", type(strategy).__name__)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "ok MoEZeroStrategy" in result.stdout
+
+
+def test_every_package_folder_is_shipped() -> None:
+    """A non-editable install ships only the packages pyproject lists: a new sub-package must be listed."""
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    installed_name = {"lightning_moe": "lightning_moe", "tasks": "lightning_moe.tasks", "conf": "lightning_moe.conf"}
+    found = set()
+    for top, name in installed_name.items():
+        for init in (ROOT / top).rglob("__init__.py"):
+            parts = init.parent.relative_to(ROOT / top).parts
+            found.add(".".join((name, *parts)))
+    assert found <= listed, f"packages missing from [tool.setuptools] packages: {sorted(found - listed)}"
