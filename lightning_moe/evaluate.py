@@ -118,8 +118,6 @@ def evaluate(cfg: EvaluateConfig, progress: Optional[bool] = None) -> list[dict[
         FileNotFoundError, ValueError: a missing or unreadable checkpoint, an unknown direction, a
             missing corpus or split (the message says which and what to pass).
     """
-    import sacrebleu
-
     from lightning_moe.data.corpus import available_languages, available_splits, load_split
     from lightning_moe.data.datamodule import DataConfig
     from lightning_moe.inference import (
@@ -129,6 +127,7 @@ def evaluate(cfg: EvaluateConfig, progress: Optional[bool] = None) -> list[dict[
         translate_sentences,
         translator_from_checkpoint,
     )
+    from lightning_moe.metrics import corpus_scores
 
     checkpoint = read_checkpoint(cfg.checkpoint)
     generation = {"beam_size": cfg.beam_size, "batch_size": cfg.batch_size}
@@ -157,16 +156,16 @@ def evaluate(cfg: EvaluateConfig, progress: Optional[bool] = None) -> list[dict[
             references = [t for _, t in pairs_text]
             with progress_bar(len(sources), f"{split} {src}-{tgt}", enabled=show) as bar:
                 hypotheses = translate_sentences(module, sources, tgt, cfg.batch_size, on_batch=bar.update)
-            bleu, chrf = sacrebleu.metrics.BLEU(), sacrebleu.metrics.CHRF()
+            scores = corpus_scores(hypotheses, references)
             rows.append(
                 {
                     "split": split,
                     "direction": f"{src}-{tgt}",
                     "sentences": len(pairs_text),
-                    "bleu": round(bleu.corpus_score(hypotheses, [references]).score, 2),
-                    "chrf": round(chrf.corpus_score(hypotheses, [references]).score, 2),
-                    "bleu_signature": str(bleu.get_signature()),
-                    "chrf_signature": str(chrf.get_signature()),
+                    "bleu": round(scores.bleu, 2),
+                    "chrf": round(scores.chrf, 2),
+                    "bleu_signature": scores.bleu_signature,
+                    "chrf_signature": scores.chrf_signature,
                 }
             )
     if not rows:
