@@ -96,7 +96,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="training steps of every model (default 1200; --smoke 8)")
     p.add_argument("--val-every", type=int, default=None, help="validation period in steps (default steps/12)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "quality"), help="output folder")
-    p.add_argument("--model", default="tiny", help="model preset (conf/model: tiny, small, base)")
+    p.add_argument("--model", default="tiny", help="model preset (lightning_moe.models.PRESETS: tiny, small, base)")
     p.add_argument("--experts", type=int, nargs="+", default=[0, 8, 16], help="expert counts; 0 = the dense twin (required)")
     p.add_argument("--k", type=int, default=2, help="experts per token (also the dense twin's FFN width factor)")
     p.add_argument("--reference-experts", type=int, default=8, help="the MoE run the equal wall-clock comparison uses")
