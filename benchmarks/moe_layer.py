@@ -36,14 +36,16 @@ import math
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from profiling import profile_steps  # noqa: E402  (benchmarks/profiling.py, beside this file)
+
 from lightning_moe.moe import MoE  # noqa: E402
 from lightning_moe.moe.kernels.expert_threads import run_over_experts  # noqa: E402
 from lightning_moe.moe.kernels.gradient_memory import gradient_memory_of  # noqa: E402
@@ -255,6 +257,9 @@ def measure(
                 dense / other for dense, other in zip(times["dense"], samples)
             )
     moe_s = statistics.median(times["moe"])
+    if args.profile:
+        print(f"# profile of the MoE step, T={tokens} d={d} h={h} E={num_experts} k={k}")
+        result.update(profile_steps(runs["moe"], 3, torch.device(device), top=12))
     if args.ceiling:
         # What the expert GEMMs allow: the six FFN products at T*k/E rows per expert against the same at T*k rows.
         rows = tokens * k // num_experts
@@ -295,6 +300,8 @@ def main() -> None:
                         help="also measure the small-GEMM ceiling and the page-fault cost of fresh expert gradients")
     parser.add_argument("--retain-freed-memory", action="store_true",
                         help="glibc malloc keeps freed memory (no page faults on reallocation), for every contender")
+    parser.add_argument("--profile", action="store_true",
+                        help="after timing each shape, profile 3 MoE steps and print the top operators")
     parser.add_argument("--json", type=Path, help="write the rows to this file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -36,7 +36,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -236,6 +236,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     synchronize(device)
     elapsed = time.perf_counter() - start
 
+    profiled: dict[str, float] = {}
+    if args.profile:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/profiling.py
+        from profiling import profile_steps
+
+        profiled = profile_steps(lambda: train_step(batches[0]), args.profile, device)
+
     flops = step_flops(model, args.batch_size, args.src_len, args.tgt_len)
     counts = parameter_counts(model)
     step_s = elapsed / max(args.steps, 1)
@@ -265,10 +272,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "dropped_fraction": float(torch.stack(dropped).float().mean()) if dropped else 0.0,
         "final_loss": final_loss,
         "loss_finite": math.isfinite(final_loss),
+        **profiled,
     }
 
 
-def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -279,6 +287,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="peak of the device for MFU (TFLOP/s)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--profile", type=int, default=0, metavar="N", help="after timing, profile N steps (table)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--label", default="", help="a name for this run in the JSON")

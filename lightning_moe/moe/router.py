@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -14,7 +13,7 @@ __all__ = ["NOISY_GATE_POLICIES", "normalize_noisy_gate_policy", "RouterOutput",
 NOISY_GATE_POLICIES = (None, "jitter", "rsample")
 
 
-def normalize_noisy_gate_policy(policy: Optional[str]) -> Optional[str]:
+def normalize_noisy_gate_policy(policy: str | None) -> str | None:
     """Accept DeepSpeed's spellings (``"Jitter"``, ``"RSample"``, ``"None"``) as well as lower case."""
     if policy is None:
         return None
@@ -63,9 +62,9 @@ class TopKRouter(nn.Module):
         hidden_size: int,
         num_experts: int,
         k: int,
-        noisy_gate_policy: Optional[str] = None,
+        noisy_gate_policy: str | None = None,
         noise_eps: float = 1e-2,
-        normalize_weights: Optional[bool] = None,
+        normalize_weights: bool | None = None,
     ) -> None:
         super().__init__()
         self.num_experts = num_experts
@@ -102,7 +101,7 @@ class TopKRouter(nn.Module):
 
 
 def router_losses(
-    router: RouterOutput, routed_per_expert: Tensor, valid: Optional[Tensor], k: int
+    router: RouterOutput, routed_per_expert: Tensor, valid: Tensor | None, k: int
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Load-balancing loss, router z-loss and mean router entropy over the non-padding tokens.
 
@@ -123,7 +122,7 @@ def router_losses(
     logits, probs = router.logits, router.probs  # [T, E]
     num_experts = probs.shape[-1]
     if valid is None:
-        num_valid = probs.new_tensor(float(probs.shape[0]))
+        num_valid = torch.full((), float(probs.shape[0]), dtype=probs.dtype, device=probs.device)  # no host copy
         mean_probs = probs.mean(dim=0)  # [E]
         z = torch.logsumexp(logits, dim=-1).square().mean()
         token_entropy = -(probs * torch.log(probs.clamp_min(1e-20))).sum(-1)  # [T]

@@ -12,11 +12,13 @@ the CPU: ``torch.distributed.checkpoint`` saves and reshards it like any optimiz
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Optional, Union
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
 from torch.optim import Optimizer
 from torch.optim.adamw import adamw
 
@@ -29,11 +31,14 @@ _IMPLEMENTATIONS = ("fused", "foreach", "for-loop")
 
 
 def _like_param(local_cpu: Tensor, param: Tensor) -> Tensor:
-    """Wrap a CPU local tensor as ``param`` is wrapped (same mesh, placements, global shape)."""
+    """Wrap a CPU local tensor as ``param`` is wrapped (same mesh, placements, global shape).
+
+    Built from a spec rather than ``DTensor.from_local``, which moves the local tensor to the mesh's device
+    type (CUDA on a GPU mesh); the state must stay in host memory, as FSDP2's offloaded parameters do."""
     if isinstance(param, DTensor):
-        return DTensor.from_local(
-            local_cpu, param.device_mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride()
-        )
+        meta = TensorMeta(param.shape, param.stride(), local_cpu.dtype)
+        spec = DTensorSpec(param.device_mesh, tuple(param.placements), tensor_meta=meta)
+        return DTensor(local_cpu, spec, requires_grad=False)  # type: ignore[call-arg]
     return local_cpu
 
 
@@ -69,7 +74,7 @@ class CPUOffloadAdamW(Optimizer):
 
     def __init__(
         self,
-        params: Union[Iterable[Tensor], Iterable[dict[str, Any]]],
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
         lr: float = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
@@ -77,7 +82,7 @@ class CPUOffloadAdamW(Optimizer):
         amsgrad: bool = False,
         *,
         maximize: bool = False,
-        implementation: Optional[str] = None,
+        implementation: str | None = None,
     ) -> None:
         if not lr >= 0:
             raise ValueError(f"lr={lr!r} must be >= 0")
@@ -130,7 +135,7 @@ class CPUOffloadAdamW(Optimizer):
         return state
 
     @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """One AdamW step on the CPU for every parameter with a gradient."""
         loss = None
         if closure is not None:
