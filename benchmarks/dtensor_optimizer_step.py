@@ -23,10 +23,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-import tests.conftest  # noqa: E402,F401 - pre-imports heavy modules once, before forking the ranks
 import torch  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
 
+import tests.conftest  # noqa: E402,F401 - pre-imports heavy modules once, before forking the ranks
 from lightning_moe.parallel import ParallelDims, expert_counts, parallelize  # noqa: E402
 from tests.distributed.harness import run_ranks  # noqa: E402
 from tests.distributed.tiny_moe import TinyMoEModel, make_batches  # noqa: E402

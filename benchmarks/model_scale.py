@@ -40,7 +40,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
@@ -49,14 +49,13 @@ for path in (str(REPO), str(HERE)):
         sys.path.insert(0, path)
 
 import torch  # noqa: E402
-
 from train_throughput import (  # noqa: E402
     GiB,
     add_model_arguments,
     build_config,
-    resolve_device,
     environment,
     parameter_counts,
+    resolve_device,
     synthetic_batches,
 )
 
@@ -84,7 +83,7 @@ def _model_state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer)
     seen: set[tuple[str, int]] = set()
     totals: dict[str, dict[str, int]] = {}
 
-    def add(kind: str, t: Optional[torch.Tensor]) -> None:
+    def add(kind: str, t: torch.Tensor | None) -> None:
         if t is None:
             return
         local = t.to_local() if hasattr(t, "to_local") else t
@@ -115,7 +114,13 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     import torch.distributed as dist
 
     from lightning_moe.models import MoETransformer, sequence_cross_entropy
-    from lightning_moe.parallel import ParallelDims, expert_counts, mixed_precision_policy, offload_optimizer, parallelize
+    from lightning_moe.parallel import (
+        ParallelDims,
+        expert_counts,
+        mixed_precision_policy,
+        offload_optimizer,
+        parallelize,
+    )
 
     device = resolve_device(args.device)
     if args.threads:
@@ -199,7 +204,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------ parent
 
 
-def _mem_available_bytes() -> Optional[int]:
+def _mem_available_bytes() -> int | None:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
@@ -244,7 +249,7 @@ def _run_worker(args: argparse.Namespace, stage: int, offload: str, experts: int
     return record
 
 
-def _gib(n: Optional[float]) -> str:
+def _gib(n: float | None) -> str:
     return "-" if n is None else f"{n / GiB:.2f}"
 
 
@@ -265,7 +270,7 @@ def scale(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device)
     deadline = time.monotonic() + args.time_budget
     configs = [(int(c.split(":")[0]), c.split(":")[1]) for c in args.configs]
-    gpu_total: Optional[int] = None
+    gpu_total: int | None = None
     results: dict[str, Any] = {
         "benchmark": "model_scale", "environment": None,
         "config": {k: v for k, v in vars(args).items() if k not in ("json", "worker")}, "runs": {},
@@ -370,7 +375,7 @@ def _compare(runs: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def main(argv: Optional[list[str]] = None) -> Optional[dict[str, Any]]:
+def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
     parser.set_defaults(preset="base", batch_size=8, src_len=128, tgt_len=128)

@@ -50,11 +50,12 @@ import statistics
 import sys
 import time
 import warnings
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple, Optional, Sequence
+from typing import Any, NamedTuple
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -89,7 +90,7 @@ TIMING_NOTE = (
 # ----------------------------------------------------------------------------------------- arguments
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line arguments; ``--smoke`` replaces the defaults by a tiny configuration."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-root", default=None, help=f"Multi30k folder (default {DEFAULT_DATA_ROOT} if it exists; --smoke: the embedded sample)")
@@ -269,7 +270,7 @@ class Stopwatch:
 
     def __init__(self) -> None:
         self.start()
-        self._paused_at: Optional[tuple[float, float]] = None
+        self._paused_at: tuple[float, float] | None = None
 
     def start(self) -> None:
         """Zero the stopwatch."""
@@ -321,8 +322,8 @@ class TrainClock(pl.Callback):
     def __init__(
         self,
         snapshot_dir: Path,
-        equal_steps: Optional[int] = None,
-        target_seconds: Optional[float] = None,
+        equal_steps: int | None = None,
+        target_seconds: float | None = None,
         stop_when_done: bool = False,
         cpu_clock: bool = False,
     ) -> None:
@@ -335,7 +336,7 @@ class TrainClock(pl.Callback):
         self.validations: list[tuple[int, float]] = []
         self.validation_seconds = 0.0
         self.snapshots: dict[str, dict[str, Any]] = {}
-        self.log_dir: Optional[Path] = None
+        self.log_dir: Path | None = None
         self.parameters: tuple[int, int] = (0, 0)
         self._watch = Stopwatch()
         self._tokens = 0
@@ -401,7 +402,7 @@ def extra_callbacks(callbacks: list[pl.Callback]) -> Iterator[None]:
     """Make ``lightning_moe.train.run`` build its Trainer with ``callbacks`` added (``run`` has no such argument)."""
     original = train_module.build_trainer
 
-    def build_trainer(cfg: TrainConfig, extra: Optional[list] = None, **kwargs: Any) -> pl.Trainer:
+    def build_trainer(cfg: TrainConfig, extra: list | None = None, **kwargs: Any) -> pl.Trainer:
         return original(cfg, [*(extra or []), *callbacks], **kwargs)
 
     train_module.build_trainer = build_trainer
@@ -428,7 +429,7 @@ class RunResult:
     val_curve: list[tuple[int, float]] = field(default_factory=list)
 
 
-def train_one(args: argparse.Namespace, experts: int, out: Path, target_seconds: Optional[float] = None) -> RunResult:
+def train_one(args: argparse.Namespace, experts: int, out: Path, target_seconds: float | None = None) -> RunResult:
     """Train one model with ``lightning_moe.train.run``; the dense run may go on to ``target_seconds``."""
     label = label_of(experts)
     run_dir = out / "runs" / label
@@ -493,7 +494,7 @@ def equal_steps_checkpoint(run: RunResult) -> Path:
 # ---------------------------------------------------------------------------------------- evaluation
 
 
-def evaluate_checkpoint(args: argparse.Namespace, checkpoint: Path, directions: Optional[list[str]] = None) -> list[dict[str, Any]]:
+def evaluate_checkpoint(args: argparse.Namespace, checkpoint: Path, directions: list[str] | None = None) -> list[dict[str, Any]]:
     """BLEU/chrF rows (``lightning_moe.evaluate``) of ``checkpoint``, greedy, capped per direction."""
     from lightning_moe.evaluate import EvaluateConfig, EvaluateDataConfig, evaluate
 
@@ -619,7 +620,7 @@ def machine_facts() -> dict[str, Any]:
     }
 
 
-def copy_heatmap(run: RunResult, target: Path) -> Optional[str]:
+def copy_heatmap(run: RunResult, target: Path) -> str | None:
     """Copy the last ``expert_load_step<N>.png`` of ``run`` to ``target``; the source path, or None."""
     folder = run.clock.log_dir or run.run_dir
     maps = sorted(folder.rglob("expert_load_step*.png"), key=lambda p: int(p.stem.removeprefix("expert_load_step")))
@@ -680,10 +681,10 @@ def _loss_goal(dense: dict[str, Any], moe: list[dict[str, Any]], steps: int) -> 
     }
 
 
-def _bleu_goal(runs: dict[str, dict[str, Any]], reference: str, equal: Optional[dict[str, Any]]) -> dict[str, Any]:
+def _bleu_goal(runs: dict[str, dict[str, Any]], reference: str, equal: dict[str, Any] | None) -> dict[str, Any]:
     """The reference MoE's BLEU gain over dense on en-de test_2016_flickr, at equal wall-clock (the goal) and equal steps."""
 
-    def gain(moe_rows: list[dict[str, Any]], dense_rows: list[dict[str, Any]]) -> Optional[float]:
+    def gain(moe_rows: list[dict[str, Any]], dense_rows: list[dict[str, Any]]) -> float | None:
         a, b = _bleu(moe_rows, "test_2016_flickr", "en-de"), _bleu(dense_rows, "test_2016_flickr", "en-de")
         return None if a is None or b is None else round(a - b, 2)
 
@@ -708,7 +709,7 @@ def _throughput_goal(moe: list[dict[str, Any]], interleaved: dict[str, float]) -
     }
 
 
-def _bleu(rows: list[dict[str, Any]], split: str, direction: str) -> Optional[float]:
+def _bleu(rows: list[dict[str, Any]], split: str, direction: str) -> float | None:
     return next((r["bleu"] for r in rows if r["split"] == split and r["direction"] == direction), None)
 
 
@@ -727,7 +728,7 @@ def train_all(args: argparse.Namespace, out: Path) -> tuple[dict[int, RunResult]
     return runs, reference
 
 
-def equal_wall_clock_record(args: argparse.Namespace, runs: dict[int, RunResult], reference: int) -> Optional[dict[str, Any]]:
+def equal_wall_clock_record(args: argparse.Namespace, runs: dict[int, RunResult], reference: int) -> dict[str, Any] | None:
     """The dense checkpoint nearest the reference run's training time, scored (None when there is none)."""
     snapshot = runs[0].clock.snapshots.get("equal_time")
     if snapshot is None:
@@ -749,7 +750,7 @@ def equal_wall_clock_record(args: argparse.Namespace, runs: dict[int, RunResult]
     }
 
 
-def evaluate_all(args: argparse.Namespace, runs: dict[int, RunResult], reference: int) -> tuple[list[dict[str, Any]], Optional[dict[str, Any]]]:
+def evaluate_all(args: argparse.Namespace, runs: dict[int, RunResult], reference: int) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
     """The run records (dense first) with their test scores, and the equal wall-clock record."""
     display = [runs[e] for e in sorted(runs)]
     dense_at_steps = runs[0].clock.at_step(args.steps)
@@ -768,7 +769,7 @@ def heatmap_of(run: RunResult, out: Path) -> str:
     return copy_heatmap(run, target) or regenerate_heatmap(run, target)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Train, evaluate and measure every model, then write results.json, the plots and report.md."""
     began = time.perf_counter()
     args = parse_args(argv)

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 __all__ = ["plot_val_curves", "markdown_report", "write_outputs", "main"]
 
@@ -54,7 +55,7 @@ def plot_val_curves(result: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def _fmt(value: Optional[float], digits: int = 2) -> str:
+def _fmt(value: float | None, digits: int = 2) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
@@ -224,7 +225,7 @@ def write_outputs(result: dict[str, Any], out: Path) -> list[Path]:
     return [results, plot, report]
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Re-render the plot and report.md next to an existing results.json."""
     parser = argparse.ArgumentParser(description="re-render the quality benchmark's report from results.json")
     parser.add_argument("results", help="results.json written by benchmarks/quality.py")

@@ -36,11 +36,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-import tests.conftest  # noqa: E402,F401 - pre-imports heavy modules once, before forking the ranks
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
+import tests.conftest  # noqa: E402,F401 - pre-imports heavy modules once, before forking the ranks
 from lightning_moe.moe import MoE  # noqa: E402
 from lightning_moe.parallel import (  # noqa: E402
     ParallelDims,

@@ -27,7 +27,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-import tests.conftest  # noqa: E402,F401 - pre-imports heavy modules once, before forking the ranks
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from lightning.fabric.plugins.environments import LightningEnvironment  # noqa: E402
@@ -36,6 +35,7 @@ from lightning.pytorch.strategies import DDPStrategy  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
+import tests.conftest  # noqa: E402,F401 - pre-imports heavy modules once, before forking the ranks
 from lightning_moe.moe import MoE  # noqa: E402
 from lightning_moe.strategy import MoEZeroStrategy  # noqa: E402
 from tests.distributed.harness import run_ranks  # noqa: E402

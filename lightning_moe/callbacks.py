@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -22,7 +22,7 @@ def find_moe_layers(module: nn.Module) -> list[tuple[str, MoE]]:
     return [(name, m) for name, m in module.named_modules() if isinstance(m, MoE)]
 
 
-def expert_load_heatmap(load: Tensor, layer_names: list[str], path: Optional[Path] = None):
+def expert_load_heatmap(load: Tensor, layer_names: list[str], path: Path | None = None):
     """A matplotlib figure of the expert load fractions ``load [layers, experts]`` (rows sum to 1)."""
     import matplotlib
 
@@ -64,8 +64,8 @@ class ExpertLoadMonitor(pl.Callback):
 
     def __init__(self, heatmap: bool = True) -> None:
         self.heatmap = heatmap
-        self._load: Optional[Tensor] = None
-        self.last_load: Optional[Tensor] = None  # [L, E] fractions of the last heatmap
+        self._load: Tensor | None = None
+        self.last_load: Tensor | None = None  # [L, E] fractions of the last heatmap
         self.layer_names: list[str] = []
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -130,7 +130,7 @@ class RNGStateCheckpoint(pl.Callback):
     """
 
     def __init__(self) -> None:
-        self._pending: Optional[dict[str, Any]] = None
+        self._pending: dict[str, Any] | None = None
 
     @staticmethod
     def _local_states() -> dict[str, Any]:

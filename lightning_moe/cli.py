@@ -7,8 +7,9 @@ import ast
 import inspect
 import sys
 import textwrap
+from collections.abc import Sequence
 from dataclasses import MISSING, Field, fields, is_dataclass
-from typing import Any, NoReturn, Optional, Sequence, TextIO, TypeVar
+from typing import Any, NoReturn, TextIO, TypeVar
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -93,7 +94,7 @@ def help_text(schema: type, usage: str) -> str:
     return "\n".join(lines)
 
 
-def parse_args(schema: type[T], argv: Optional[Sequence[str]], usage: str) -> T:
+def parse_args(schema: type[T], argv: Sequence[str] | None, usage: str) -> T:
     """Merge ``key=value`` arguments into dataclass ``schema`` (unknown keys and bad types are errors).
 
     ``--help`` prints ``usage`` and every field with its default and docstring, then exits.
@@ -113,7 +114,7 @@ def parse_args(schema: type[T], argv: Optional[Sequence[str]], usage: str) -> T:
         fail(f"{one_line(err)} (valid keys: {valid})")
 
 
-def is_terminal(stream: Optional[TextIO] = None) -> bool:
+def is_terminal(stream: TextIO | None = None) -> bool:
     """Whether ``stream`` (default: stderr) is an interactive terminal."""
     stream = sys.stderr if stream is None else stream
     isatty = getattr(stream, "isatty", None)
@@ -123,7 +124,7 @@ def is_terminal(stream: Optional[TextIO] = None) -> bool:
         return False
 
 
-def progress_bar(total: Optional[int], desc: str, enabled: bool, unit: str = "sent") -> Any:
+def progress_bar(total: int | None, desc: str, enabled: bool, unit: str = "sent") -> Any:
     """A tqdm bar on stderr counting ``unit``s up to ``total``; a no-op bar when not ``enabled``.
 
     tqdm comes with Lightning. Leaves no line behind, so stdout and the final report stay clean.

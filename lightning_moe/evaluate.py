@@ -8,9 +8,10 @@ those the checkpoint was trained with; errors are one line on stderr and exit st
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional, Sequence
+from typing import Any
 
 from lightning_moe.cli import fail, is_terminal, one_line, parse_args, progress_bar
 
@@ -26,7 +27,7 @@ USAGE = (
 class EvaluateDataConfig:
     """Where the test splits are read (the key of ``train``'s ``data`` group that matters here)."""
 
-    root: Optional[str] = None
+    root: str | None = None
     """Corpus folder of ``{split}.{lang}[.gz]`` files; null = the corpus the checkpoint was trained on."""
 
 
@@ -38,21 +39,21 @@ class EvaluateConfig:
     """A checkpoint written by ``lightning_moe.train`` (file or folder)."""
     data: EvaluateDataConfig = field(default_factory=EvaluateDataConfig)
     """The corpus (``data.root=``)."""
-    splits: List[str] = field(default_factory=list)
+    splits: list[str] = field(default_factory=list)
     """Test splits to score; empty = the checkpoint's ``data.test_splits``. A direction is skipped where a
     split lacks one of its languages."""
-    directions: List[str] = field(default_factory=list)
+    directions: list[str] = field(default_factory=list)
     """Directions such as ``en-de`` (any two of the model's languages); empty = those the model was
     validated on."""
     beam_size: int = 1
     """1 = greedy; more = beam search."""
     batch_size: int = 64
     """Sentences decoded together."""
-    max_sentences: Optional[int] = None
+    max_sentences: int | None = None
     """Score only the first N sentences of each split (quick checks); null = all."""
     device: str = "auto"
     """``cpu``, ``cuda`` or ``auto``."""
-    json: Optional[str] = None
+    json: str | None = None
     """Also write the scores (with their signatures) to this JSON file."""
 
     def __post_init__(self) -> None:
@@ -81,7 +82,7 @@ def _directions(requested: Sequence[str], validated: Sequence[str], langs: Seque
 
 
 def _data_root(
-    root: Optional[str], data: Optional[dict[str, Any]], splits: Sequence[str], langs: Sequence[str]
+    root: str | None, data: dict[str, Any] | None, splits: Sequence[str], langs: Sequence[str]
 ) -> Path:
     """The corpus folder: ``data.root=`` when given, else the one the checkpoint was trained on."""
     from lightning_moe.data.download import resolve_data_root
@@ -109,7 +110,7 @@ def _data_root(
         ) from err
 
 
-def evaluate(cfg: EvaluateConfig, progress: Optional[bool] = None) -> list[dict[str, Any]]:
+def evaluate(cfg: EvaluateConfig, progress: bool | None = None) -> list[dict[str, Any]]:
     """BLEU and chrF of every (split, direction); returns the rows that :func:`main` prints.
 
     ``progress``: a bar on stderr while decoding; None = when stderr is a terminal.
@@ -194,7 +195,7 @@ def write_scores(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
         handle.write("\n")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Run the command with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
     cfg = parse_args(EvaluateConfig, argv, USAGE)
     try:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Union
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -32,7 +33,7 @@ __all__ = [
     "translate_sentences",
 ]
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 
 def read_checkpoint(path: PathLike) -> dict[str, Any]:
@@ -72,7 +73,7 @@ def read_checkpoint(path: PathLike) -> dict[str, Any]:
     return checkpoint
 
 
-def load_model_weights(module: torch.nn.Module, path: PathLike, checkpoint: Optional[dict[str, Any]] = None) -> None:
+def load_model_weights(module: torch.nn.Module, path: PathLike, checkpoint: dict[str, Any] | None = None) -> None:
     """Load the weights of checkpoint ``path`` (any layout) into an unsharded ``module``.
 
     ``checkpoint``: the already read checkpoint (:func:`read_checkpoint`), to avoid reading it twice.
@@ -104,7 +105,7 @@ def load_model_weights(module: torch.nn.Module, path: PathLike, checkpoint: Opti
     module.load_state_dict(state)
 
 
-def load_translator(path: PathLike, device: Union[str, torch.device] = "cpu", **overrides: Any) -> MultitaskTranslationModule:
+def load_translator(path: PathLike, device: str | torch.device = "cpu", **overrides: Any) -> MultitaskTranslationModule:
     """The :class:`MultitaskTranslationModule` of a checkpoint, in eval mode, with its tokenizer.
 
     ``overrides`` replace hyper-parameters; a dict replaces only the keys it names (e.g.
@@ -114,7 +115,7 @@ def load_translator(path: PathLike, device: Union[str, torch.device] = "cpu", **
 
 
 def translator_from_checkpoint(
-    checkpoint: dict[str, Any], path: PathLike, device: Union[str, torch.device] = "cpu", **overrides: Any
+    checkpoint: dict[str, Any], path: PathLike, device: str | torch.device = "cpu", **overrides: Any
 ) -> MultitaskTranslationModule:
     """:func:`load_translator` of an already read checkpoint (:func:`read_checkpoint`); ``path`` names it in errors.
 
@@ -159,7 +160,7 @@ def resolve_device(name: str) -> str:
     return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
 
 
-def training_data(checkpoint: dict[str, Any]) -> Optional[dict[str, Any]]:
+def training_data(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
     """The data config (``DataConfig`` as a dict: ``root``, ``langs``, ``test_splits``, ...) the checkpoint's
     model was trained with, as ``lightning_moe.train`` records it; None when the checkpoint lacks it."""
     data = (checkpoint.get("datamodule_hyper_parameters") or {}).get("data")
@@ -178,7 +179,7 @@ def tokenizer_bytes(stored: Any) -> bytes:
     return bytes(stored.numpy().tobytes()) if isinstance(stored, Tensor) else bytes(stored)
 
 
-def translation_source(tokenizer: SubwordTokenizer, text: str, target_lang: str, max_len: Optional[int] = None) -> list[int]:
+def translation_source(tokenizer: SubwordTokenizer, text: str, target_lang: str, max_len: int | None = None) -> list[int]:
     """Encoder input of a sentence to translate into ``target_lang``: ``[<2tgt>] + tokens + [</s>]``
     (the layout of ``lightning_moe.tasks.translation``), cut to ``max_len`` tokens."""
     tokens = tokenizer.encode(text)
@@ -192,8 +193,8 @@ def translate_sentences(
     module: MultitaskTranslationModule,
     sentences: Iterable[str],
     target_lang: str,
-    batch_size: Optional[int] = None,
-    on_batch: Optional[Callable[[int], None]] = None,
+    batch_size: int | None = None,
+    on_batch: Callable[[int], None] | None = None,
 ) -> list[str]:
     """Translate ``sentences`` into ``target_lang``, in batches of similar length, keeping their order.
 

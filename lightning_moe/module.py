@@ -9,13 +9,14 @@ computed by sacrebleu with its defaults on the hypotheses of every rank (so the 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, fields
-from typing import Any, Callable, Optional, Union
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from torch import Tensor
 from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
 
 from lightning_moe.config.run import GenerationConfig, OptimConfig
 from lightning_moe.metrics import corpus_scores
@@ -24,7 +25,7 @@ from lightning_moe.models import MoEConfig, MoETransformer, TransformerConfig, g
 __all__ = ["MultitaskTranslationModule", "transformer_config_from_dict"]
 
 
-def transformer_config_from_dict(values: Union[dict, TransformerConfig]) -> TransformerConfig:
+def transformer_config_from_dict(values: dict | TransformerConfig) -> TransformerConfig:
     """A :class:`TransformerConfig` from its ``asdict`` form (checkpoints keep plain types only)."""
     if isinstance(values, TransformerConfig):
         return values
@@ -56,13 +57,13 @@ class MultitaskTranslationModule(pl.LightningModule):
 
     def __init__(
         self,
-        model: Union[dict, TransformerConfig],
-        optim: Union[dict, OptimConfig, None] = None,
-        generation: Union[dict, GenerationConfig, None] = None,
-        special_ids: Optional[dict] = None,
-        val_directions: Optional[list] = None,
+        model: dict | TransformerConfig,
+        optim: dict | OptimConfig | None = None,
+        generation: dict | GenerationConfig | None = None,
+        special_ids: dict | None = None,
+        val_directions: list | None = None,
         max_steps: int = 1000,
-        tokenizer_model: Optional[bytes] = None,
+        tokenizer_model: bytes | None = None,
     ) -> None:
         super().__init__()
         self.model_config = transformer_config_from_dict(model)
@@ -227,7 +228,7 @@ class MultitaskTranslationModule(pl.LightningModule):
     # ------------------------------------------------------------------------------------ generation
 
     @torch.no_grad()
-    def translate_batch(self, src: Tensor, src_padding_mask: Optional[Tensor] = None) -> list[str]:
+    def translate_batch(self, src: Tensor, src_padding_mask: Tensor | None = None) -> list[str]:
         """Decode a batch of tagged sources to detokenized strings."""
         g = self.generation_config
         ids = generate(

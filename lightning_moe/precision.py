@@ -9,8 +9,6 @@ weights) is Lightning's own plugin.
 
 from __future__ import annotations
 
-from typing import Union
-
 from lightning.pytorch.plugins.precision import HalfPrecision, MixedPrecision, Precision
 from torch.optim import Optimizer
 
@@ -24,10 +22,10 @@ __all__ = ["SUPPORTED_PRECISIONS", "MeshClipping", "MoEZeroPrecision", "MoEZeroM
 class MeshClipping:
     """Gradient clipping over every parameter of the optimizer, whatever mesh it lives on."""
 
-    def clip_grad_by_norm(self, optimizer: Optimizer, clip_val: Union[int, float]) -> None:
+    def clip_grad_by_norm(self, optimizer: Optimizer, clip_val: int | float) -> None:
         clip_grad_norm_(list(self.main_params(optimizer)), max_norm=float(clip_val))  # type: ignore[attr-defined]
 
-    def clip_grad_by_value(self, optimizer: Optimizer, clip_val: Union[int, float]) -> None:
+    def clip_grad_by_value(self, optimizer: Optimizer, clip_val: int | float) -> None:
         clip_grad_value_(list(self.main_params(optimizer)), float(clip_val))  # type: ignore[attr-defined]
 
 

@@ -22,7 +22,7 @@ from collections.abc import Generator, Mapping
 from contextlib import contextmanager, nullcontext
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Optional, Union
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -133,19 +133,19 @@ class MoEZeroStrategy(ParallelStrategy):
 
     def __init__(
         self,
-        expert_parallel_size: Union[int, Literal["auto"]] = "auto",
+        expert_parallel_size: int | Literal["auto"] = "auto",
         zero_stage: int = 2,
         offload: str = "none",
         tensor_parallel_size: int = 1,
         activation_checkpointing: bool = False,
         save_distributed_checkpoint: bool = True,
-        process_group_backend: Optional[str] = None,
-        timeout: Optional[timedelta] = DEFAULT_TIMEOUT,
-        accelerator: Optional[Accelerator] = None,
-        parallel_devices: Optional[list[torch.device]] = None,
-        cluster_environment: Optional[ClusterEnvironment] = None,
-        checkpoint_io: Optional[CheckpointIO] = None,
-        precision_plugin: Optional[Precision] = None,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = DEFAULT_TIMEOUT,
+        accelerator: Accelerator | None = None,
+        parallel_devices: list[torch.device] | None = None,
+        cluster_environment: ClusterEnvironment | None = None,
+        checkpoint_io: CheckpointIO | None = None,
+        precision_plugin: Precision | None = None,
     ) -> None:
         ParallelDims.check_arguments(
             expert_parallel_size=expert_parallel_size,
@@ -165,12 +165,12 @@ class MoEZeroStrategy(ParallelStrategy):
         self._offload = offload
         self._activation_checkpointing = activation_checkpointing
         self._save_distributed_checkpoint = save_distributed_checkpoint
-        self._process_group_backend: Optional[str] = process_group_backend
-        self._timeout: Optional[timedelta] = timeout
+        self._process_group_backend: str | None = process_group_backend
+        self._timeout: timedelta | None = timeout
         self._rank_watch = RankWatch(timeout, known_dead=self._exited_children)
         self.num_nodes = 1
-        self._dims: Optional[ParallelDims] = None
-        self._device_mesh: Optional[DeviceMesh] = None
+        self._dims: ParallelDims | None = None
+        self._device_mesh: DeviceMesh | None = None
         super().__init__(
             accelerator=accelerator,
             parallel_devices=parallel_devices,
@@ -191,7 +191,7 @@ class MoEZeroStrategy(ParallelStrategy):
         return self._offload
 
     @property
-    def expert_parallel_size(self) -> Union[int, Literal["auto"]]:
+    def expert_parallel_size(self) -> int | Literal["auto"]:
         """The expert-parallel size: the resolved number once the mesh exists, else the argument."""
         if self._dims is not None and self._dims.is_resolved:
             return self._dims.ep
@@ -220,7 +220,7 @@ class MoEZeroStrategy(ParallelStrategy):
         return self._dims
 
     @property
-    def device_mesh(self) -> "DeviceMesh":
+    def device_mesh(self) -> DeviceMesh:
         """The ``("efsdp", "ep", "tp")`` mesh (``mesh["dp"]`` flattened); exists after ``setup_environment``."""
         if self._device_mesh is None:
             raise RuntimeError("Accessing the device mesh before processes have initialized is not allowed.")
@@ -252,7 +252,7 @@ class MoEZeroStrategy(ParallelStrategy):
         return {"num_replicas": self.num_nodes * self.num_processes, "rank": self.global_rank}
 
     @property
-    def process_group_backend(self) -> Optional[str]:
+    def process_group_backend(self) -> str | None:
         """The backend of the default process group (known after ``setup_environment``)."""
         return self._process_group_backend
 
@@ -272,7 +272,7 @@ class MoEZeroStrategy(ParallelStrategy):
         return self._precision_plugin if self._precision_plugin is not None else moe_zero_precision(Precision())
 
     @precision_plugin.setter
-    def precision_plugin(self, precision_plugin: Optional[Precision]) -> None:
+    def precision_plugin(self, precision_plugin: Precision | None) -> None:
         # The Trainer builds Lightning's plugin from `precision=...`; ours has the same settings and clips
         # across meshes (lightning_moe.precision). Unsupported precisions fail here, while the Trainer is built.
         self._precision_plugin = None if precision_plugin is None else moe_zero_precision(precision_plugin)
@@ -345,7 +345,7 @@ class MoEZeroStrategy(ParallelStrategy):
 
     # --- setup ---
     @override
-    def setup(self, trainer: "Trainer") -> None:
+    def setup(self, trainer: Trainer) -> None:
         from torch.distributed.fsdp import FullyShardedDataParallel
 
         assert self.model is not None and self.accelerator is not None and self._dims is not None
@@ -420,7 +420,7 @@ class MoEZeroStrategy(ParallelStrategy):
         setattr(self.model, _LAYOUT_ATTR, layout)
 
     @override
-    def setup_optimizers(self, trainer: "Trainer") -> None:
+    def setup_optimizers(self, trainer: Trainer) -> None:
         # after a re-setup (fit -> validate) the model was re-wrapped: drop optimizers pointing to old params
         self._reset_optimizers_and_schedulers()
         super().setup_optimizers(trainer)
@@ -436,7 +436,7 @@ class MoEZeroStrategy(ParallelStrategy):
 
     @contextmanager
     @override
-    def tensor_init_context(self, empty_init: Optional[bool] = None) -> Generator[None, None, None]:
+    def tensor_init_context(self, empty_init: bool | None = None) -> Generator[None, None, None]:
         # `empty_init=True` (Trainer.init_module(empty_init=True)): meta tensors, materialised in `setup()`
         with torch.device("meta") if empty_init else nullcontext(), self.precision_plugin.tensor_init_context():
             yield
@@ -484,7 +484,7 @@ class MoEZeroStrategy(ParallelStrategy):
 
     # --- collectives (each watched: a failed one names the ranks that stopped, lightning_moe.parallel.health) ---
     @override
-    def barrier(self, name: Optional[str] = None) -> None:
+    def barrier(self, name: str | None = None) -> None:
         if not _distributed_is_initialized():
             return
         with self._watch(f"barrier({name!r})" if name else "barrier"):
@@ -505,10 +505,10 @@ class MoEZeroStrategy(ParallelStrategy):
     @override
     def reduce(
         self,
-        tensor: Union[Tensor, Any],
-        group: Optional[Any] = None,
-        reduce_op: Optional[Union[ReduceOp, str]] = "mean",
-    ) -> Union[Tensor, Any]:
+        tensor: Tensor | Any,
+        group: Any | None = None,
+        reduce_op: ReduceOp | str | None = "mean",
+    ) -> Tensor | Any:
         """Reduce ``tensor`` over all ranks (``"mean"`` by default, ``"sum"``, ...); non-tensors pass through."""
         if isinstance(tensor, Tensor):
             with self._watch("reduce"):
@@ -516,7 +516,7 @@ class MoEZeroStrategy(ParallelStrategy):
         return tensor
 
     @override
-    def backward(self, closure_loss: Tensor, optimizer: Optional[Optimizer], *args: Any, **kwargs: Any) -> Tensor:
+    def backward(self, closure_loss: Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any) -> Tensor:
         with self._watch("backward"):  # FSDP's gradient reduce-scatters run in backward hooks
             return super().backward(closure_loss, optimizer, *args, **kwargs)
 
@@ -576,7 +576,7 @@ class MoEZeroStrategy(ParallelStrategy):
 
     @override
     def save_checkpoint(
-        self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Optional[Any] = None
+        self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None
     ) -> None:
         if storage_options is not None:
             raise TypeError(
@@ -589,7 +589,7 @@ class MoEZeroStrategy(ParallelStrategy):
             ckpt.save_checkpoint(checkpoint, filepath, distributed=self._save_distributed_checkpoint)
 
     @override
-    def load_checkpoint(self, checkpoint_path: _PATH, weights_only: Optional[bool] = None) -> dict[str, Any]:
+    def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
         from lightning_moe import checkpoint as ckpt
 
         assert self.model is not None and self.lightning_module is not None
@@ -612,7 +612,7 @@ class MoEZeroStrategy(ParallelStrategy):
             strategy_registry.register(name, cls, description=description, override=True, **init_params)
 
 
-def register_strategies(registry: Optional[_StrategyRegistry] = None) -> None:
+def register_strategies(registry: _StrategyRegistry | None = None) -> None:
     """Register ``moe_zero`` and its presets (:data:`STRATEGY_PRESETS`) with Lightning's strategy registry.
 
     Idempotent (``override=True``); ``import lightning_moe`` arranges for it to run.

@@ -21,7 +21,7 @@ import sys
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import hydra
 import lightning.pytorch as pl
@@ -29,12 +29,12 @@ from omegaconf import DictConfig
 
 import lightning_moe  # noqa: F401  (registers the moe_zero strategies)
 from lightning_moe.callbacks import ExpertLoadMonitor, NonFiniteGuard, RNGStateCheckpoint
+from lightning_moe.checkpoint import AtomicCheckpointIO, RetainingModelCheckpoint, prune_checkpoints, resolve_resume
 from lightning_moe.config import ConfigError, TrainConfig, register_configs, to_train_config
 from lightning_moe.config.launch import check_group_options, check_multirun
 from lightning_moe.config.loggers import instantiate_callbacks, instantiate_loggers
 from lightning_moe.data.datamodule import MultitaskDataModule
 from lightning_moe.module import MultitaskTranslationModule
-from lightning_moe.checkpoint import AtomicCheckpointIO, RetainingModelCheckpoint, prune_checkpoints, resolve_resume
 
 __all__ = ["main", "run", "build_strategy", "build_trainer", "build_module"]
 
@@ -80,7 +80,7 @@ def checkpoint_dir(cfg: TrainConfig) -> Path:
     return Path(cfg.checkpoint.dirpath) if cfg.checkpoint.dirpath else Path(cfg.output_dir) / "checkpoints"
 
 
-def build_trainer(cfg: TrainConfig, extra_callbacks: Optional[list] = None, resuming: bool = False) -> pl.Trainer:
+def build_trainer(cfg: TrainConfig, extra_callbacks: list | None = None, resuming: bool = False) -> pl.Trainer:
     """A ``lightning.Trainer`` for ``cfg`` with checkpointing, expert-load logging and the non-finite guard,
     plus the loggers and callbacks of the ``logger`` and ``callbacks`` groups. ``resuming``: the loggers
     continue the version the run wrote before."""
@@ -131,7 +131,7 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: Optional[list] = None, resu
 
 
 def build_module(
-    cfg: TrainConfig, datamodule: MultitaskDataModule, init_checkpoint: Optional[dict[str, Any]] = None
+    cfg: TrainConfig, datamodule: MultitaskDataModule, init_checkpoint: dict[str, Any] | None = None
 ) -> MultitaskTranslationModule:
     """The LightningModule for ``cfg``, with the datamodule's tokenizer and validation directions;
     initialised from ``init_checkpoint`` (read from ``cfg.init_from``) when fine-tuning."""
@@ -154,7 +154,7 @@ def build_module(
     return module
 
 
-def run(cfg: TrainConfig, extra_callbacks: Optional[list] = None) -> dict[str, float]:
+def run(cfg: TrainConfig, extra_callbacks: list | None = None) -> dict[str, float]:
     """Train (and test) as ``cfg`` says; returns the final logged metrics.
 
     ``extra_callbacks`` are added to the Trainer's (e.g. a benchmark's timers).
@@ -243,7 +243,7 @@ def _test(cfg: TrainConfig, checkpoint: Path, datamodule: MultitaskDataModule) -
 
 
 @hydra.main(version_base=None, config_path="pkg://lightning_moe.conf", config_name="config")
-def _hydra_main(cfg: DictConfig) -> Optional[float]:
+def _hydra_main(cfg: DictConfig) -> float | None:
     """Hydra's job: validate the composed config, then :func:`run`."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode

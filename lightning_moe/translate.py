@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, BinaryIO, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, BinaryIO
 
 from lightning_moe.cli import fail, is_terminal, one_line, parse_args, progress_bar
 
@@ -49,9 +50,9 @@ class TranslateConfig:
     tag, so this only checks that the model knows the language)."""
     target_lang: str = "de"
     """Language to translate into: one of the model's languages."""
-    input: Optional[str] = None
+    input: str | None = None
     """File of sentences, one a line (UTF-8); null = stdin."""
-    output: Optional[str] = None
+    output: str | None = None
     """File for the translations; null = stdout."""
     beam_size: int = 1
     """1 = greedy; more = beam search."""
@@ -126,7 +127,7 @@ def _count_lines(path: str) -> int:
     return count + (last != b"\n")
 
 
-def _load(cfg: TranslateConfig) -> "MultitaskTranslationModule":
+def _load(cfg: TranslateConfig) -> MultitaskTranslationModule:
     """The checkpoint's translator, its languages checked; one-line errors."""
     from lightning_moe.inference import check_language, load_translator, resolve_device
 
@@ -144,7 +145,7 @@ def _load(cfg: TranslateConfig) -> "MultitaskTranslationModule":
 
 
 def _translate(
-    cfg: TranslateConfig, module: "MultitaskTranslationModule", source: BinaryIO, sink: BinaryIO, total: Optional[int]
+    cfg: TranslateConfig, module: MultitaskTranslationModule, source: BinaryIO, sink: BinaryIO, total: int | None
 ) -> None:
     from lightning_moe.inference import translate_sentences
 
@@ -158,7 +159,7 @@ def _translate(
             bar.update(len(chunk))
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Run the command with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
     cfg = parse_args(TranslateConfig, argv, USAGE)
     with ExitStack() as stack:

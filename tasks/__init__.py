@@ -6,8 +6,6 @@ their streams is :mod:`.multitask`. A new task is one module ``tasks/<name>.py``
 """
 
 from lightning_moe.tasks.base import StreamDataset, Task, TaskStream
-from lightning_moe.tasks.registry import available_tasks, build_task, build_task_config, get_task_class, register_task
-from lightning_moe.tasks.translation import TranslationStream, TranslationTask, TranslationTaskConfig, translation_label
 from lightning_moe.tasks.denoising import (
     DenoisingStream,
     DenoisingTask,
@@ -24,6 +22,8 @@ from lightning_moe.tasks.multitask import (
     default_mixture,
     temperature_probs,
 )
+from lightning_moe.tasks.registry import available_tasks, build_task, build_task_config, get_task_class, register_task
+from lightning_moe.tasks.translation import TranslationStream, TranslationTask, TranslationTaskConfig, translation_label
 
 __all__ = [
     "Task",

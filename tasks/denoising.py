@@ -21,7 +21,6 @@ from __future__ import annotations
 import math
 import zlib
 from dataclasses import dataclass, field
-from typing import List
 
 import numpy as np
 
@@ -50,7 +49,7 @@ def denoising_label(lang: str) -> str:
 class DenoisingTaskConfig:
     """Options of the ``denoising`` task."""
 
-    langs: List[str] = field(default_factory=lambda: ["en"])
+    langs: list[str] = field(default_factory=lambda: ["en"])
     """Languages to denoise; each gets its own stream ``denoise:<lang>``."""
     mask_ratio: float = 0.35
     """Expected fraction of units covered by masked spans, in [0, 1)."""

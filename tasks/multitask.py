@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import numpy as np
 from torch.utils.data import Dataset
@@ -38,7 +38,7 @@ from lightning_moe.tasks.registry import build_task
 __all__ = ["MultitaskConfig", "MultitaskDataset", "temperature_probs", "allocate_counts", "default_mixture"]
 
 
-def default_mixture() -> List[Dict[str, Any]]:
+def default_mixture() -> list[dict[str, Any]]:
     """en<->de and en<->fr translation plus en/de/fr denoising at half weight."""
     return [
         {"name": "translation", "src_lang": "en", "tgt_lang": "de"},
@@ -51,12 +51,12 @@ def default_mixture() -> List[Dict[str, Any]]:
 class MultitaskConfig:
     """The task mixture."""
 
-    tasks: List[Dict[str, Any]] = field(default_factory=default_mixture)
+    tasks: list[dict[str, Any]] = field(default_factory=default_mixture)
     """Tasks of the mixture: each a mapping with ``name`` (a registered task), an optional ``weight`` (> 0,
     default 1, multiplies the sampling probability of every stream of the task) and the task's options."""
     temperature: float = 5.0
     """Sampling temperature T > 0: p_i ∝ weight_i * n_i^(1/T); 1 = proportional to size, ``inf`` = uniform."""
-    epoch_size: Optional[int] = None
+    epoch_size: int | None = None
     """Examples per epoch; None = the total of all streams."""
 
     def __post_init__(self) -> None:
@@ -91,7 +91,7 @@ class MultitaskConfig:
             raise ValueError(f"tasks.epoch_size={self.epoch_size!r} is invalid: use a positive integer or null")
 
     @staticmethod
-    def _build(entry: Dict[str, Any]) -> Task:
+    def _build(entry: dict[str, Any]) -> Task:
         options = {k: v for k, v in entry.items() if k not in ("name", "weight")}
         return build_task(entry["name"], **options)
 
@@ -108,7 +108,7 @@ class MultitaskConfig:
 
 
 def temperature_probs(
-    sizes: Sequence[int], temperature: float, weights: Optional[Sequence[float]] = None
+    sizes: Sequence[int], temperature: float, weights: Sequence[float] | None = None
 ) -> np.ndarray:
     """``[len(sizes)]`` sampling probabilities ``p_i ∝ w_i * n_i ** (1 / T)`` (empty streams get 0)."""
     sizes_arr = np.asarray(sizes, dtype=np.float64)
@@ -156,8 +156,8 @@ class MultitaskDataset(Dataset):
         streams: Sequence[TaskStream],
         temperature: float = 1.0,
         seed: int = 0,
-        epoch_size: Optional[int] = None,
-        weights: Optional[Sequence[float]] = None,
+        epoch_size: int | None = None,
+        weights: Sequence[float] | None = None,
     ) -> None:
         if not streams:
             raise ValueError("streams is empty: the mixture needs at least one stream")
@@ -229,7 +229,7 @@ class MultitaskDataset(Dataset):
     @classmethod
     def from_config(
         cls, config: MultitaskConfig, corpus: TokenizedCorpus, tokenizer: SubwordTokenizer, seed: int = 0
-    ) -> "MultitaskDataset":
+    ) -> MultitaskDataset:
         """Build every task of ``config`` over ``corpus`` and mix their streams."""
         streams: list[TaskStream] = []
         weights: list[float] = []

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -25,7 +24,7 @@ LANGS = ["en", "de", "fr"]
 VAL_DIRECTIONS = ["translate:en-de", "translate:de-en"]
 
 
-def write_tiny_checkpoint(path: Path, data_root: Optional[str] = str(SAMPLE_DIR), seed: int = 0) -> Path:
+def write_tiny_checkpoint(path: Path, data_root: str | None = str(SAMPLE_DIR), seed: int = 0) -> Path:
     """Write an untrained tiny checkpoint trained-on ``data_root`` (recorded as ``data.root``) to ``path``."""
     corpus = load_split(SAMPLE_DIR, "train", LANGS, max_sentences=300)
     text = [line for lang in LANGS for line in corpus.sentences[lang]]

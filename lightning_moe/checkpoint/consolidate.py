@@ -11,7 +11,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from torch import Tensor
 
@@ -65,7 +65,7 @@ def consolidate(checkpoint: PathLike, out_file: PathLike, *, trust_meta: bool = 
     return out
 
 
-def consolidate_main(argv: Optional[Sequence[str]] = None) -> int:
+def consolidate_main(argv: Sequence[str] | None = None) -> int:
     """Command line: ``python -m lightning_moe.checkpoint [consolidate] CHECKPOINT OUT_FILE [--trust-meta]``."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] == "consolidate":

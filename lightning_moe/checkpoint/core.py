@@ -10,7 +10,7 @@ import os
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from torch import nn
 from torch.optim import Optimizer
@@ -48,7 +48,7 @@ def save_checkpoint(checkpoint: dict[str, Any], path: PathLike, *, distributed: 
         IsADirectoryError: ``path`` is an existing folder that is not a distributed checkpoint.
     """
     path = Path(collective.broadcast_object(os.fspath(path)))
-    error: Optional[BaseException] = None
+    error: BaseException | None = None
     if collective.rank() == 0:
         try:
             _check_replaceable(path)
@@ -74,7 +74,7 @@ def load_checkpoint(
     optimizers: Sequence[Optimizer] = (),
     *,
     strict: bool = True,
-    weights_only: Optional[bool] = None,
+    weights_only: bool | None = None,
 ) -> dict[str, Any]:
     """Load a checkpoint into a (sharded) model and its optimizers, resharding as needed; collective.
 

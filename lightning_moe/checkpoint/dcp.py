@@ -11,7 +11,7 @@ from __future__ import annotations
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -125,7 +125,7 @@ def load_distributed(
     optimizers: Sequence[Optimizer],
     *,
     strict: bool,
-    weights_only: Optional[bool],
+    weights_only: bool | None,
 ) -> dict[str, Any]:
     """Load a folder into ``model`` and ``optimizers`` (see :func:`lightning_moe.checkpoint.load_checkpoint`)."""
     import torch.distributed.checkpoint as dcp
@@ -184,7 +184,7 @@ def load_distributed(
     return meta
 
 
-def read_distributed_full(path: Path, scratch_dir: Path, *, weights_only: Optional[bool]) -> dict[str, Any]:
+def read_distributed_full(path: Path, scratch_dir: Path, *, weights_only: bool | None) -> dict[str, Any]:
     """Every tensor of a folder gathered to its full shape, in one process and without the model's code.
 
     Returns the layout of a full file: ``{"state_dict": {...}, "optimizer_states": [...], **meta}``.

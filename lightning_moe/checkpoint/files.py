@@ -18,7 +18,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 import torch
 
@@ -143,7 +143,7 @@ def atomic_save(obj: Any, path: PathLike) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def read_torch_file(path: Path, weights_only: Optional[bool], *, mmap: bool = False) -> Any:
+def read_torch_file(path: Path, weights_only: bool | None, *, mmap: bool = False) -> Any:
     """``torch.load`` onto the CPU; a file that ``weights_only=True`` refuses gets a message saying what to do.
 
     Args:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from torch import nn
 from torch.optim import Optimizer
@@ -41,7 +41,7 @@ def save_full(checkpoint: dict[str, Any], path: Path) -> None:
     collective.barrier()
 
 
-def read_full(path: Path, *, weights_only: Optional[bool], mmap: bool = False) -> dict[str, Any]:
+def read_full(path: Path, *, weights_only: bool | None, mmap: bool = False) -> dict[str, Any]:
     """A checkpoint file as one flat dict with a ``"state_dict"`` key (older consolidated files unnested)."""
     checkpoint = read_torch_file(path, weights_only, mmap=mmap)
     if not isinstance(checkpoint, Mapping) or MODEL_KEY not in checkpoint:
@@ -75,7 +75,7 @@ def load_full(
     optimizers: Sequence[Optimizer],
     *,
     strict: bool,
-    weights_only: Optional[bool],
+    weights_only: bool | None,
 ) -> dict[str, Any]:
     """Load a file into ``model`` and ``optimizers`` (see :func:`lightning_moe.checkpoint.load_checkpoint`)."""
     from torch.distributed.checkpoint.state_dict import (

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
@@ -27,20 +27,20 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint IO with atomic writes (:func:`~lightning_moe.checkpoint.files.atomic_save`)
     and ``weights_only=True`` reads by default."""
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Union[str, os.PathLike], storage_options: Optional[Any] = None) -> None:
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any | None = None) -> None:
         atomic_save(checkpoint, path)
 
-    def load_checkpoint(self, path: Union[str, os.PathLike], map_location: Optional[Any] = None, weights_only: Optional[bool] = None) -> dict[str, Any]:
+    def load_checkpoint(self, path: str | os.PathLike, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
         return torch.load(path, map_location=map_location or "cpu", weights_only=True if weights_only is None else weights_only)
 
 
-def checkpoint_step(path: Path) -> Optional[int]:
+def checkpoint_step(path: Path) -> int | None:
     """The step in a ``step-<N>.ckpt`` name, or None."""
     match = _STEP.search(path.name)
     return int(match.group(1)) if match else None
 
 
-def find_latest_checkpoint(folder: Union[str, os.PathLike]) -> Optional[Path]:
+def find_latest_checkpoint(folder: str | os.PathLike) -> Path | None:
     """The complete ``step-<N>.ckpt`` with the largest N in ``folder`` (None if there is none)."""
     folder = Path(folder)
     if not folder.is_dir():
@@ -49,7 +49,7 @@ def find_latest_checkpoint(folder: Union[str, os.PathLike]) -> Optional[Path]:
     return max(candidates)[1] if candidates else None
 
 
-def resolve_resume(resume: str, folder: Union[str, os.PathLike]) -> Optional[str]:
+def resolve_resume(resume: str, folder: str | os.PathLike) -> str | None:
     """``ckpt_path`` for ``Trainer.fit`` from ``checkpoint.resume`` (``auto``, ``never`` or a path)."""
     if resume == "never":
         return None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -15,7 +15,7 @@ from lightning_moe.checkpoint.resume import checkpoint_step
 __all__ = ["RetainingModelCheckpoint", "prune_checkpoints"]
 
 
-def prune_checkpoints(folder: Union[str, os.PathLike], keep_last: int) -> list[Path]:
+def prune_checkpoints(folder: str | os.PathLike, keep_last: int) -> list[Path]:
     """Delete all but the newest ``keep_last`` complete ``step-<N>.ckpt`` in ``folder``, and any incomplete
     one older than the newest complete one (left by a killed run). Returns what was deleted."""
     folder = Path(folder)

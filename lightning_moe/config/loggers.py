@@ -15,7 +15,7 @@ import inspect
 import logging
 import re
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from lightning_moe.config.errors import ConfigError
 
@@ -57,7 +57,7 @@ def check_logger_packages(nodes: dict[str, dict[str, Any]]) -> None:
             )
 
 
-def _latest_version(folder: Path) -> Optional[int]:
+def _latest_version(folder: Path) -> int | None:
     """The highest ``N`` of the ``version_N`` folders in ``folder``; None when there are none."""
     numbers = [int(m.group(1)) for p in folder.glob("version_*") if (m := re.fullmatch(r"version_(\d+)", p.name))]
     return max(numbers) if numbers else None

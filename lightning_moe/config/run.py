@@ -8,7 +8,7 @@ the key's name and a valid alternative before any process starts.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from lightning_moe.strategy_presets import OFFLOAD_CHOICES, STRATEGY_PRESETS, SUPPORTED_PRECISIONS, ZERO_STAGES
 
@@ -107,9 +107,9 @@ class StrategyConfig:
     expert_parallel_size: Any = "auto"
     """``moe_zero`` only: experts split over this many ranks; ``"auto"`` = the largest that divides both
     the data-parallel size and the expert count."""
-    zero_stage: Optional[int] = None
+    zero_stage: int | None = None
     """``moe_zero`` only: 0-3; None = the preset's (2 for ``moe_zero``)."""
-    offload: Optional[str] = None
+    offload: str | None = None
     """``moe_zero`` only: ``none``, ``optimizer`` (ZeRO-Offload), ``params``; None = the preset's."""
     tensor_parallel_size: int = 1
     """``moe_zero`` only: ranks splitting each dense layer (attention heads, FFN width); must divide
@@ -179,7 +179,7 @@ class TrainerConfig:
     """Fraction (float) or number (int) of validation batches per direction."""
     accumulate_grad_batches: int = 1
     """Micro-batches per optimizer step."""
-    gradient_clip_val: Optional[float] = 1.0
+    gradient_clip_val: float | None = 1.0
     """Clip gradients to this norm (or value); None = no clipping."""
     gradient_clip_algorithm: str = "norm"
     """``norm`` or ``value``."""
@@ -214,7 +214,7 @@ class TrainerConfig:
 class CheckpointConfig:
     """Where and how often checkpoints are written, and what a (re)started run resumes from."""
 
-    dirpath: Optional[str] = None
+    dirpath: str | None = None
     """Checkpoint folder; None = ``<output_dir>/checkpoints``."""
     every_n_train_steps: int = 200
     """Write a checkpoint every this many optimizer steps (and at the end)."""

@@ -11,7 +11,7 @@ dataclasses' ``__post_init__`` (see :func:`to_train_config`), all before any pro
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields, make_dataclass, replace
-from typing import Any, Dict, Optional
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -82,10 +82,10 @@ class TrainConfig:
     """Decoding for validation BLEU and the translate/evaluate commands."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Checkpoint folder, period, retention and resuming."""
-    logger: Dict[str, Any] = field(default_factory=dict)
+    logger: dict[str, Any] = field(default_factory=dict)
     """Lightning loggers by name, each a ``_target_`` node for ``hydra.utils.instantiate`` (``conf/logger``:
     tensorboard, csv, wandb, mlflow, none); ``save_dir`` defaults to ``output_dir``."""
-    callbacks: Dict[str, Any] = field(default_factory=dict)
+    callbacks: dict[str, Any] = field(default_factory=dict)
     """Extra Lightning callbacks by name, each a ``_target_`` node (``conf/callbacks``, e.g.
     ``callbacks=[early_stopping,device_stats]`` or ``+callbacks.swa._target_=...``); null entries are skipped."""
     name: str = "default"
@@ -94,7 +94,7 @@ class TrainConfig:
     """Where logs and checkpoints go (set by Hydra from ``name``)."""
     seed: int = 1234
     """Seed of parameter initialisation and dropout (data order has ``data.seed``)."""
-    init_from: Optional[str] = None
+    init_from: str | None = None
     """Fine-tuning: initialise the model's weights from this checkpoint (any parallel layout), then train
     with a fresh optimizer and step counter. A run with checkpoints of its own (``checkpoint.resume``)
     resumes from them instead."""

@@ -19,10 +19,10 @@ from lightning_moe.data.corpus import (
 from lightning_moe.data.download import (
     SAMPLE_DIR,
     ChecksumError,
+    cache_lock,
     default_cache_dir,
     download_file,
     download_multi30k,
-    cache_lock,
     resolve_data_root,
 )
 from lightning_moe.data.examples import Example, TokenizedCorpus

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ from lightning_moe.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 __all__ = ["SampleIndex", "TokenBucketBatchSampler", "Collator", "pad_sequences"]
 
-Lengths = Union[Sequence[int], np.ndarray, Callable[[int], Union[Sequence[int], np.ndarray]]]
+Lengths = Sequence[int] | np.ndarray | Callable[[int], Sequence[int] | np.ndarray]
 
 
 class SampleIndex(int):
@@ -42,7 +42,7 @@ class SampleIndex(int):
     epoch: int
     repeat: bool
 
-    def __new__(cls, value: int, epoch: int = 0, repeat: bool = False) -> "SampleIndex":
+    def __new__(cls, value: int, epoch: int = 0, repeat: bool = False) -> SampleIndex:
         obj = super().__new__(cls, value)
         obj.epoch = epoch
         obj.repeat = repeat
@@ -89,7 +89,7 @@ class TokenBucketBatchSampler:
         num_replicas: int = 1,
         rank: int = 0,
         drop_last: bool = False,
-        max_sentences: Optional[int] = None,
+        max_sentences: int | None = None,
     ) -> None:
         self.max_tokens = _check_int("max_tokens", max_tokens, 1)
         self.seed = _check_int("seed", seed, 0)
@@ -102,11 +102,11 @@ class TokenBucketBatchSampler:
         self.drop_last = bool(drop_last)
         self._lengths = lengths
         self.epoch = 0
-        self._cache: Optional[tuple[int, list[np.ndarray], list[bool]]] = None
+        self._cache: tuple[int, list[np.ndarray], list[bool]] | None = None
         self._plan(0)  # validate the lengths now, not in the first training step
 
     @property
-    def sampler(self) -> "TokenBucketBatchSampler":
+    def sampler(self) -> TokenBucketBatchSampler:
         """This sampler. Lightning calls ``set_epoch`` on ``dataloader.batch_sampler.sampler``, so this makes
         it reach :meth:`set_epoch` at the start of every epoch."""
         return self
@@ -196,8 +196,8 @@ class TokenBucketBatchSampler:
 def pad_sequences(
     sequences: Sequence[Sequence[int]],
     pad_id: int = PAD_ID,
-    prefix: Optional[int] = None,
-    suffix: Optional[int] = None,
+    prefix: int | None = None,
+    suffix: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad id sequences (optionally adding a first and/or last token) to the longest one.
 

@@ -25,7 +25,6 @@ import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
 
 __all__ = [
     "CorpusError",
@@ -40,7 +39,7 @@ __all__ = [
     "write_split",
 ]
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 DROP_REASONS = ("invalid_utf8", "empty", "too_long", "too_many_tokens")
 """Why a line can be dropped, in the order they are checked: a line is counted under the first that applies.
@@ -136,7 +135,7 @@ class ParallelCorpus:
         return list(zip(self.sentences[src], self.sentences[tgt]))
 
 
-def corpus_file(root: PathLike, split: str, lang: str) -> Optional[Path]:
+def corpus_file(root: PathLike, split: str, lang: str) -> Path | None:
     """The file of ``(split, lang)`` under ``root``: ``{split}.{lang}.gz`` if present, else ``{split}.{lang}``.
 
     Returns None when neither exists.
@@ -150,7 +149,7 @@ def corpus_file(root: PathLike, split: str, lang: str) -> Optional[Path]:
     return None
 
 
-def _parse_name(name: str) -> Optional[tuple[str, str]]:
+def _parse_name(name: str) -> tuple[str, str] | None:
     """``"train.en.gz"`` -> ``("train", "en")``; None for names outside the layout (README.md, ...)."""
     if name.endswith(_GZ):
         name = name[: -len(_GZ)]
@@ -207,9 +206,9 @@ def _read_lines(path: Path) -> list[bytes]:
     return [line[:-1] if line.endswith(b"\r") else line for line in lines]
 
 
-def _decode(path: Path, lines: list[bytes], on_error: str) -> tuple[list[Optional[str]], int]:
+def _decode(path: Path, lines: list[bytes], on_error: str) -> tuple[list[str | None], int]:
     """Decode every line as UTF-8; invalid lines raise (``on_error="raise"``) or become None."""
-    decoded: list[Optional[str]] = []
+    decoded: list[str | None] = []
     invalid = 0
     for number, raw in enumerate(lines, start=1):
         try:
@@ -229,10 +228,10 @@ def load_split(
     root: PathLike,
     split: str,
     langs: Sequence[str],
-    max_len_chars: Optional[int] = None,
+    max_len_chars: int | None = None,
     *,
     on_error: str = "raise",
-    max_sentences: Optional[int] = None,
+    max_sentences: int | None = None,
 ) -> ParallelCorpus:
     """Read the aligned sentences of ``split`` in each of ``langs`` from ``root``.
 
@@ -290,7 +289,7 @@ def load_split(
             )
 
     report = CorpusReport(split=split, langs=langs, files=files, total_lines=len(raw[first]))
-    text: dict[str, list[Optional[str]]] = {}
+    text: dict[str, list[str | None]] = {}
     for lang in langs:
         text[lang], _ = _decode(files[lang], raw[lang], on_error)
     del raw
@@ -311,7 +310,7 @@ def load_split(
     return ParallelCorpus(split=split, langs=langs, sentences=kept, report=report)
 
 
-def _drop_reason(row: list[Optional[str]], max_len_chars: Optional[int]) -> Optional[str]:
+def _drop_reason(row: list[str | None], max_len_chars: int | None) -> str | None:
     """The first reason in :data:`DROP_REASONS` that applies to one aligned line, or None to keep it."""
     if any(sentence is None for sentence in row):
         return "invalid_utf8"

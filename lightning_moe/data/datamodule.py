@@ -30,12 +30,12 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any
 
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader
 
-from lightning_moe.data.batching import ResumableDataLoader, Collator, TokenBucketBatchSampler
+from lightning_moe.data.batching import Collator, ResumableDataLoader, TokenBucketBatchSampler
 from lightning_moe.data.corpus import (
     ON_ERROR,
     CorpusReport,
@@ -54,11 +54,11 @@ __all__ = ["DataConfig", "DATA_PRESETS", "get_data_preset", "MultitaskDataModule
 log = logging.getLogger(__name__)
 
 
-def _default_langs() -> List[str]:
+def _default_langs() -> list[str]:
     return ["en", "de", "fr"]
 
 
-def _default_test_splits() -> List[str]:
+def _default_test_splits() -> list[str]:
     return ["test_2016_flickr", "test_2017_flickr"]
 
 
@@ -66,20 +66,20 @@ def _default_test_splits() -> List[str]:
 class DataConfig:
     """Where the corpus comes from and how it is tokenized and batched."""
 
-    root: Optional[str] = None
+    root: str | None = None
     """An existing folder of ``{split}.{lang}[.gz]`` files, used as is; None = ``$LIGHTNING_MOE_DATA``, else
     Multi30k in ``{cache_dir}/multi30k`` (downloaded if ``download``)."""
-    cache_dir: Optional[str] = None
+    cache_dir: str | None = None
     """Cache of downloads and tokenizers; None = ``$LIGHTNING_MOE_CACHE`` or ``~/.cache/lightning_moe``."""
     download: bool = True
     """Download missing Multi30k files into the cache (only when ``root`` and ``$LIGHTNING_MOE_DATA`` are unset)."""
-    langs: List[str] = field(default_factory=_default_langs)
+    langs: list[str] = field(default_factory=_default_langs)
     """Languages of the corpus to read; the tokenizer is trained on all of them and has a tag for each."""
     train_split: str = "train"
     """Split the mixture (and the tokenizer) is trained on."""
     val_split: str = "val"
     """Split of the validation loaders."""
-    test_splits: List[str] = field(default_factory=_default_test_splits)
+    test_splits: list[str] = field(default_factory=_default_test_splits)
     """Splits of the test loaders (directions whose languages a split lacks are skipped)."""
     vocab_size: int = 8000
     """Size of the shared subword vocabulary, special tokens included (= the model's vocabulary size)."""
@@ -89,16 +89,16 @@ class DataConfig:
     """Fraction of the training characters the vocabulary covers, in (0, 1]."""
     max_tokens: int = 4096
     """Token budget of a training batch per rank: ``max(length) * batch_size <= max_tokens`` (padding included)."""
-    eval_max_tokens: Optional[int] = None
+    eval_max_tokens: int | None = None
     """Token budget of an evaluation batch; None = ``max_tokens``."""
     max_len: int = 128
     """Longest sequence the model sees (tag/BOS and EOS included): longer training pairs are dropped,
     longer evaluation sources are cut. At least 3, at most ``max_tokens``."""
-    max_len_chars: Optional[int] = 512
+    max_len_chars: int | None = 512
     """Drop training lines longer than this many characters in any language before tokenizing; None = keep."""
-    max_train_sentences: Optional[int] = None
+    max_train_sentences: int | None = None
     """Use only the first N training lines (small presets); None = all."""
-    max_eval_sentences: Optional[int] = None
+    max_eval_sentences: int | None = None
     """Use only the first N lines of each validation/test split; None = all."""
     num_workers: int = 0
     """DataLoader worker processes (0 = load in the main process)."""
@@ -147,7 +147,7 @@ def _check_int(key: str, value: Any, minimum: int) -> None:
         raise ValueError(f"{key}={value!r} is invalid: use an integer >= {minimum}{hint}")
 
 
-DATA_PRESETS: Dict[str, DataConfig] = {
+DATA_PRESETS: dict[str, DataConfig] = {
     # Full Multi30k (root / $LIGHTNING_MOE_DATA / download into the cache).
     "multi30k": DataConfig(),
     # The sample shipped in the package (3000 training lines): offline, a tiny model trains on CPU in minutes.
@@ -222,8 +222,8 @@ class MultitaskDataModule(pl.LightningDataModule):
 
     def __init__(
         self,
-        data: Union[DataConfig, Mapping, None] = None,
-        tasks: Union[MultitaskConfig, Mapping, None] = None,
+        data: DataConfig | Mapping | None = None,
+        tasks: MultitaskConfig | Mapping | None = None,
     ) -> None:
         super().__init__()
         self.data_config: DataConfig = _as_config(DataConfig, data, "data")
@@ -235,15 +235,15 @@ class MultitaskDataModule(pl.LightningDataModule):
                 f"add them to data.langs or change the tasks"
             )
         self.save_hyperparameters({"data": asdict(self.data_config), "tasks": asdict(self.task_config)})
-        self.tokenizer: Optional[SubwordTokenizer] = None
-        self.train_dataset: Optional[MultitaskDataset] = None
-        self.val_datasets: Dict[str, StreamDataset] = {}
-        self.test_datasets: Dict[str, StreamDataset] = {}
-        self.reports: Dict[str, CorpusReport] = {}
+        self.tokenizer: SubwordTokenizer | None = None
+        self.train_dataset: MultitaskDataset | None = None
+        self.val_datasets: dict[str, StreamDataset] = {}
+        self.test_datasets: dict[str, StreamDataset] = {}
+        self.reports: dict[str, CorpusReport] = {}
         self._val_ready = False
         self._test_ready = False
-        self._root: Optional[Path] = None
-        self._train_corpus: Optional[ParallelCorpus] = None
+        self._root: Path | None = None
+        self._train_corpus: ParallelCorpus | None = None
 
     # ------------------------------------------------------------------ properties
     @property
@@ -263,12 +263,12 @@ class MultitaskDataModule(pl.LightningDataModule):
         return self._resolve_root()
 
     @property
-    def val_names(self) -> List[str]:
+    def val_names(self) -> list[str]:
         """Labels of the validation loaders, in ``dataloader_idx`` order."""
         return list(self.val_datasets)
 
     @property
-    def test_names(self) -> List[str]:
+    def test_names(self) -> list[str]:
         """Labels of the test loaders, in ``dataloader_idx`` order."""
         return list(self.test_datasets)
 
@@ -282,7 +282,7 @@ class MultitaskDataModule(pl.LightningDataModule):
         root = self._resolve_root()
         self._make_tokenizer(self._load_train(root))
 
-    def setup(self, stage: Optional[str] = None) -> None:
+    def setup(self, stage: str | None = None) -> None:
         """Build the datasets a stage needs (``fit``: train + val, ``validate``: val, ``test``: test)."""
         root = self._resolve_root()
         if self.tokenizer is None:
@@ -321,26 +321,26 @@ class MultitaskDataModule(pl.LightningDataModule):
         progress = trainer.fit_loop.epoch_loop.batch_progress.current
         return trainer.current_epoch, progress.processed
 
-    def val_dataloader(self) -> List[DataLoader]:
+    def val_dataloader(self) -> list[DataLoader]:
         """One loader per validation direction, in :attr:`val_names` order."""
         if not self._val_ready:
             self._require(None, "val_datasets", "fit' or 'validate")
         return [self._eval_loader(ds) for ds in self.val_datasets.values()]
 
-    def test_dataloader(self) -> List[DataLoader]:
+    def test_dataloader(self) -> list[DataLoader]:
         """One loader per (test split, direction), in :attr:`test_names` order."""
         if not self._test_ready:
             self._require(None, "test_datasets", "test")
         return [self._eval_loader(ds) for ds in self.test_datasets.values()]
 
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         """Saved into Lightning checkpoints: the configs and the tokenizer model, so a checkpoint translates alone."""
-        state: Dict[str, Any] = {"data": asdict(self.data_config), "tasks": asdict(self.task_config)}
+        state: dict[str, Any] = {"data": asdict(self.data_config), "tasks": asdict(self.task_config)}
         if self.tokenizer is not None:
             state["tokenizer_model"] = self.tokenizer.model_proto
         return state
 
-    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the tokenizer of a checkpoint (when this module has none yet; warn if it has another)."""
         proto = state_dict.get("tokenizer_model")
         if proto is None:
@@ -407,7 +407,7 @@ class MultitaskDataModule(pl.LightningDataModule):
             )
         return MultitaskDataset.from_config(self.task_config, corpus, self.tokenizer, seed=self.data_config.seed)
 
-    def _build_eval(self, root: Path, split: str, prefix: str) -> Dict[str, StreamDataset]:
+    def _build_eval(self, root: Path, split: str, prefix: str) -> dict[str, StreamDataset]:
         assert self.tokenizer is not None
         cfg = self.data_config
         if split not in available_splits(root):
@@ -418,7 +418,7 @@ class MultitaskDataModule(pl.LightningDataModule):
         tasks = [task for task, _ in self.task_config.build_tasks()]
         present = set(available_languages(root, split))
         needed = [lang for lang in cfg.langs if lang in present and any(lang in t.langs() for t in tasks)]
-        out: Dict[str, StreamDataset] = {}
+        out: dict[str, StreamDataset] = {}
         if not needed:
             return out
         corpus = load_split(root, split, needed, None, on_error=cfg.on_error, max_sentences=cfg.max_eval_sentences)

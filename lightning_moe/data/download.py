@@ -23,7 +23,6 @@ import sys
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Optional, Union
 from urllib.error import HTTPError, URLError
 
 from filelock import FileLock
@@ -100,7 +99,7 @@ def default_cache_dir() -> Path:
     return Path(base) / "lightning_moe"
 
 
-def sha256_file(path: Union[str, os.PathLike]) -> str:
+def sha256_file(path: str | os.PathLike) -> str:
     """SHA-256 hex digest of a file's bytes."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -109,7 +108,7 @@ def sha256_file(path: Union[str, os.PathLike]) -> str:
     return digest.hexdigest()
 
 
-def multi30k_files(langs: Optional[Iterable[str]] = None, splits: Optional[Iterable[str]] = None) -> list[str]:
+def multi30k_files(langs: Iterable[str] | None = None, splits: Iterable[str] | None = None) -> list[str]:
     """Names in :data:`MULTI30K_FILES` for the given languages and splits (None = all), sorted."""
     langs = None if langs is None else set(langs)
     splits = None if splits is None else set(splits)
@@ -130,7 +129,7 @@ def _verified(path: Path, sha256: str, size: int) -> bool:
     return path.is_file() and path.stat().st_size == size and sha256_file(path) == sha256
 
 
-def cache_lock(target: Union[str, os.PathLike]) -> FileLock:
+def cache_lock(target: str | os.PathLike) -> FileLock:
     """An inter-process lock for preparing the cached file ``target`` (the lock file is
     ``<folder>/.locks/<name>.lock``), so that processes preparing the same file do the work once."""
     target = Path(target)
@@ -139,7 +138,7 @@ def cache_lock(target: Union[str, os.PathLike]) -> FileLock:
     return FileLock(lock_dir / f"{target.name}.lock")
 
 
-def download_file(url: str, dest: Union[str, os.PathLike], sha256: str, size: int, *, retries: int = 3) -> Path:
+def download_file(url: str, dest: str | os.PathLike, sha256: str, size: int, *, retries: int = 3) -> Path:
     """Fetch ``url`` to ``dest`` unless ``dest`` already holds the expected bytes; return ``dest``.
 
     Raises:
@@ -162,7 +161,7 @@ def _download_locked(url: str, dest: Path, sha256: str, size: int, retries: int)
         log.warning("%s does not match its checksum: downloading it again", dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
-    last_error: Optional[BaseException] = None
+    last_error: BaseException | None = None
     for attempt in range(1, retries + 1):
         try:
             # writes to a temporary name of its own and moves it to `part` only once the body is read
@@ -195,9 +194,9 @@ def _download_locked(url: str, dest: Path, sha256: str, size: int, retries: int)
 
 
 def download_multi30k(
-    dest: Union[str, os.PathLike],
-    langs: Optional[Iterable[str]] = None,
-    splits: Optional[Iterable[str]] = None,
+    dest: str | os.PathLike,
+    langs: Iterable[str] | None = None,
+    splits: Iterable[str] | None = None,
     *,
     base_url: str = BASE_URL,
     retries: int = 3,
@@ -211,12 +210,12 @@ def download_multi30k(
 
 
 def resolve_data_root(
-    root: Optional[Union[str, os.PathLike]],
-    cache_dir: Optional[Union[str, os.PathLike]] = None,
+    root: str | os.PathLike | None,
+    cache_dir: str | os.PathLike | None = None,
     *,
     download: bool = True,
-    langs: Optional[Sequence[str]] = None,
-    splits: Optional[Sequence[str]] = None,
+    langs: Sequence[str] | None = None,
+    splits: Sequence[str] | None = None,
 ) -> Path:
     """The folder to read the corpus from (see the module docstring for the order of the choices).
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Optional
 
 import numpy as np
 
@@ -43,8 +42,8 @@ class Example:
     source_ids: Sequence[int]
     target_ids: Sequence[int]
     task: str
-    src_text: Optional[str] = None
-    ref_text: Optional[str] = None
+    src_text: str | None = None
+    ref_text: str | None = None
     is_repeat: bool = False
 
 
@@ -76,9 +75,9 @@ class TokenizedCorpus:
         cls,
         corpus: ParallelCorpus,
         tokenizer: SubwordTokenizer,
-        max_tokens: Optional[int] = None,
+        max_tokens: int | None = None,
         overflow: str = "drop",
-    ) -> "TokenizedCorpus":
+    ) -> TokenizedCorpus:
         """Encode every sentence of ``corpus``.
 
         Arguments:

@@ -24,7 +24,6 @@ import os
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Optional, Union
 
 import numpy as np
 import sentencepiece as spm
@@ -107,8 +106,8 @@ class SubwordTokenizer:
         *,
         model_type: str = "unigram",
         character_coverage: float = 1.0,
-        num_threads: Optional[int] = None,
-    ) -> "SubwordTokenizer":
+        num_threads: int | None = None,
+    ) -> SubwordTokenizer:
         """Train a model on ``sentences`` (all languages mixed) with a tag for each of ``langs``.
 
         Raises:
@@ -145,11 +144,11 @@ class SubwordTokenizer:
         return cls(writer.data)
 
     @classmethod
-    def load(cls, path: Union[str, os.PathLike]) -> "SubwordTokenizer":
+    def load(cls, path: str | os.PathLike) -> SubwordTokenizer:
         """Load a model file written by :meth:`save`."""
         return cls(Path(path).read_bytes())
 
-    def save(self, path: Union[str, os.PathLike]) -> Path:
+    def save(self, path: str | os.PathLike) -> Path:
         """Write the model to ``path`` atomically (temporary file in the same folder + ``os.replace``)."""
         return _atomic_write(Path(path), self._proto)
 
@@ -293,7 +292,7 @@ def tokenizer_cache_key(
     header = f"{_CACHE_FORMAT}\0{list(sentences)}\0{vocab_size}\0{model_type}\0{character_coverage!r}\0"
     digest.update(header.encode("utf-8"))
     for lang, lines in sentences.items():
-        digest.update(f"\0lang={lang}\0{len(lines)}\0".encode("utf-8"))
+        digest.update(f"\0lang={lang}\0{len(lines)}\0".encode())
         for line in lines:
             digest.update(line.encode("utf-8"))
             digest.update(b"\n")
@@ -302,12 +301,12 @@ def tokenizer_cache_key(
 
 def build_tokenizer(
     sentences: Mapping[str, Sequence[str]],
-    cache_dir: Union[str, os.PathLike],
+    cache_dir: str | os.PathLike,
     *,
     vocab_size: int = 8000,
     model_type: str = "unigram",
     character_coverage: float = 1.0,
-    num_threads: Optional[int] = None,
+    num_threads: int | None = None,
 ) -> SubwordTokenizer:
     """Load the tokenizer trained on ``sentences`` from ``cache_dir``, or train and cache it.
 
@@ -339,7 +338,7 @@ def build_tokenizer(
     return tokenizer
 
 
-def _load_cached(path: Path, langs: tuple[str, ...], vocab_size: int) -> Optional[SubwordTokenizer]:
+def _load_cached(path: Path, langs: tuple[str, ...], vocab_size: int) -> SubwordTokenizer | None:
     if not path.is_file():
         return None
     try:
@@ -360,7 +359,7 @@ def _train(
     vocab_size: int,
     model_type: str,
     character_coverage: float,
-    num_threads: Optional[int],
+    num_threads: int | None,
 ) -> SubwordTokenizer:
     sizes = {lang: len(lines) for lang, lines in sentences.items()}
     log.info("training a %d-piece %s tokenizer on %s sentences", vocab_size, model_type, sizes)

@@ -10,8 +10,6 @@ passed in follow the model's convention: True = padding.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -25,7 +23,7 @@ __all__ = [
 ]
 
 
-def key_padding_keep_mask(padding_mask: Optional[Tensor]) -> Optional[Tensor]:
+def key_padding_keep_mask(padding_mask: Tensor | None) -> Tensor | None:
     """``[B, S]`` (True = padding) -> ``[B, 1, 1, S]`` (True = attend), or None.
 
     A sequence made only of padding attends to all its positions instead of none, so that its (unused)
@@ -42,7 +40,7 @@ def causal_keep_mask(
     num_keys: int,
     device: torch.device,
     offset: int = 0,
-    padding_mask: Optional[Tensor] = None,
+    padding_mask: Tensor | None = None,
 ) -> Tensor:
     """Causal mask for queries at positions ``offset .. offset+num_queries-1`` over keys ``0 .. num_keys-1``.
 
@@ -68,8 +66,8 @@ class SelfAttentionCache:
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self.k: Optional[Tensor] = None  # [N, H, capacity, hd]
-        self.v: Optional[Tensor] = None  # [N, H, capacity, hd]
+        self.k: Tensor | None = None  # [N, H, capacity, hd]
+        self.v: Tensor | None = None  # [N, H, capacity, hd]
         self.length = 0
 
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -100,8 +98,8 @@ class CrossAttentionCache:
     """Keys and values of the encoder memory for one decoder cross-attention, computed once."""
 
     def __init__(self) -> None:
-        self.k: Optional[Tensor] = None  # [N, H, S, hd]
-        self.v: Optional[Tensor] = None  # [N, H, S, hd]
+        self.k: Tensor | None = None  # [N, H, S, hd]
+        self.v: Tensor | None = None  # [N, H, S, hd]
 
     def reorder(self, index: Tensor) -> None:
         """Keep rows ``index [N']`` of the batch, in that order."""
@@ -149,10 +147,10 @@ class MultiHeadAttention(nn.Module):
     def forward(
         self,
         x: Tensor,
-        memory: Optional[Tensor] = None,
-        attn_mask: Optional[Tensor] = None,
+        memory: Tensor | None = None,
+        attn_mask: Tensor | None = None,
         is_causal: bool = False,
-        cache: Optional[SelfAttentionCache | CrossAttentionCache] = None,
+        cache: SelfAttentionCache | CrossAttentionCache | None = None,
     ) -> Tensor:
         """Attend from ``x [B, Tq, D]`` to ``memory [B, Tk, D]`` (cross) or to ``x`` itself (``memory=None``).
 

@@ -10,7 +10,7 @@ The dataclasses work as Hydra/OmegaConf structured configs (no ``Literal`` or ``
 """
 
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any, Optional
+from typing import Any
 
 from lightning_moe.moe.experts import ACTIVATIONS
 from lightning_moe.moe.router import normalize_noisy_gate_policy
@@ -39,7 +39,7 @@ def _check_int(name: str, value: Any, minimum: int) -> None:
         raise ValueError(f"{name}={value!r} is invalid: use an integer >= {minimum}")
 
 
-def _check_float(name: str, value: Any, low: float, high: Optional[float] = None, *, low_open: bool = False) -> None:
+def _check_float(name: str, value: Any, low: float, high: float | None = None, *, low_open: bool = False) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     if ok:
         ok = value > low if low_open else value >= low
@@ -61,7 +61,7 @@ class MoEConfig:
     """Experts each token is routed to (top-k). Also sets the dense twin's FFN width at MoE positions."""
     expert: str = "ffn"
     """Expert kind, one of ``EXPERT_TYPES``; the dense FFNs of the model use the same kind."""
-    activation: Optional[str] = None
+    activation: str | None = None
     """Activation of experts, residual FFN and dense FFNs: a key of ``lightning_moe.moe.experts.ACTIVATIONS``;
     None = ``"gelu"`` for ``ffn`` experts, ``"silu"`` for ``glu`` experts."""
     capacity_factor: float = 1.0
@@ -72,7 +72,7 @@ class MoEConfig:
     """Lower bound on the capacity of each expert, in tokens."""
     drop_tokens: bool = True
     """Drop tokens over capacity (True) or give every expert unlimited capacity (False)."""
-    noisy_gate_policy: Optional[str] = None
+    noisy_gate_policy: str | None = None
     """Router noise in training: None, ``"jitter"`` or ``"rsample"`` (DeepSpeed spellings accepted)."""
     use_rts: bool = True
     """Random token selection: which tokens over capacity are dropped is random, not positional."""
@@ -164,7 +164,7 @@ class TransformerConfig:
     """Epsilon of every LayerNorm."""
     moe_every: int = 2
     """Every ``moe_every``-th block of encoder and decoder is an MoE block (1 = all, 2 = every other)."""
-    moe_offset: Optional[int] = None
+    moe_offset: int | None = None
     """Block ``i`` is MoE when ``i % moe_every == moe_offset``; None = ``moe_every - 1`` (the 2nd, 4th, ...)."""
     moe: MoEConfig = field(default_factory=MoEConfig)
     """The MoE layers' arguments; ``moe.num_experts = 0`` gives the dense twin."""

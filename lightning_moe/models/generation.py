@@ -25,9 +25,9 @@ they are).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -72,7 +72,7 @@ def length_penalty(length: int, alpha: float, style: str = "gnmt") -> float:
 
 
 def max_output_lengths(
-    src: Tensor, src_padding_mask: Optional[Tensor], max_len_a: float, max_len_b: float, max_positions: int
+    src: Tensor, src_padding_mask: Tensor | None, max_len_a: float, max_len_b: float, max_positions: int
 ) -> list[int]:
     """Per-sentence limit on generated tokens (EOS included): ``floor(a * source_length + b)``.
 
@@ -134,7 +134,7 @@ SyncDone = Callable[[bool], bool]
 """``sync_done(local_done) -> every rank is done``: a collective called once per decoding step."""
 
 
-def _finished_everywhere(local_done: bool, sync_done: Optional[SyncDone]) -> bool:
+def _finished_everywhere(local_done: bool, sync_done: SyncDone | None) -> bool:
     return local_done if sync_done is None else bool(sync_done(local_done))
 
 
@@ -142,14 +142,14 @@ def _finished_everywhere(local_done: bool, sync_done: Optional[SyncDone]) -> boo
 def greedy_decode(
     model: nn.Module,
     src: Tensor,
-    src_padding_mask: Optional[Tensor] = None,
+    src_padding_mask: Tensor | None = None,
     *,
     bos_id: int,
     eos_id: int,
     pad_id: int,
     max_len_a: float = 1.5,
     max_len_b: float = 10.0,
-    sync_done: Optional[SyncDone] = None,
+    sync_done: SyncDone | None = None,
 ) -> list[list[int]]:
     """Greedy decoding of a batch ``src [B, S]`` (``src_padding_mask [B, S]``, True = padding).
 
@@ -184,7 +184,7 @@ def greedy_decode(
         t = 0
         while True:
             logits = model.decode_step(last, memory, memory_mask, cache)[:, -1]  # [N, V]
-            keep: Optional[Tensor] = None
+            keep: Tensor | None = None
             if not local_done:
                 next_token = _next_token_log_probs(logits, bos_id, pad_id).argmax(dim=-1)  # [N]
                 out[active, t] = next_token
@@ -210,7 +210,7 @@ def greedy_decode(
 def beam_search(
     model: nn.Module,
     src: Tensor,
-    src_padding_mask: Optional[Tensor] = None,
+    src_padding_mask: Tensor | None = None,
     *,
     bos_id: int,
     eos_id: int,
@@ -221,7 +221,7 @@ def beam_search(
     max_len_a: float = 1.5,
     max_len_b: float = 10.0,
     n_best: int = 1,
-    sync_done: Optional[SyncDone] = None,
+    sync_done: SyncDone | None = None,
 ) -> list[list[Hypothesis]]:
     """Batched beam search over ``src [B, S]`` (``src_padding_mask [B, S]``, True = padding).
 
@@ -370,7 +370,7 @@ def _beam_step(
 def generate(
     model: nn.Module,
     src: Tensor,
-    src_padding_mask: Optional[Tensor] = None,
+    src_padding_mask: Tensor | None = None,
     *,
     bos_id: int,
     eos_id: int,

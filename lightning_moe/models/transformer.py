@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import NamedTuple, Optional, Union
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -61,7 +61,7 @@ class ModelOutput(NamedTuple):
     expert_counts: list[Tensor]
 
 
-BlockOutput = tuple[Tensor, Optional[Tensor], Optional[Tensor]]
+BlockOutput = tuple[Tensor, Tensor | None, Tensor | None]
 """``(x [B, T, D], aux_loss scalar or None, expert_counts [E] or None)``: None for a dense block."""
 
 
@@ -105,7 +105,7 @@ class FeedForward(nn.Module):
         bias = kind == "ffn"
         self.activation = activation
         self.fc1 = nn.Linear(d_model, hidden_size, bias=bias)
-        self.fc3: Optional[nn.Linear] = nn.Linear(d_model, hidden_size, bias=False) if kind == "glu" else None
+        self.fc3: nn.Linear | None = nn.Linear(d_model, hidden_size, bias=False) if kind == "glu" else None
         self.fc2 = nn.Linear(hidden_size, d_model, bias=bias)
         self.dropout = nn.Dropout(dropout)
         self.reset_parameters()
@@ -165,7 +165,7 @@ def _build_ffn(config: TransformerConfig, index: int) -> nn.Module:
     )
 
 
-def _apply_ffn(ffn: nn.Module, x: Tensor, padding_mask: Optional[Tensor]) -> BlockOutput:
+def _apply_ffn(ffn: nn.Module, x: Tensor, padding_mask: Tensor | None) -> BlockOutput:
     """Run a block's FFN; an MoE layer gets the padding mask (padding is not routed)."""
     if isinstance(ffn, MoE):
         out = ffn(x, padding_mask=padding_mask)
@@ -185,7 +185,7 @@ class EncoderLayer(nn.Module):
         self.ffn = _build_ffn(config, index)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: Tensor, padding_mask: Optional[Tensor] = None) -> BlockOutput:
+    def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> BlockOutput:
         """``x [B, S, D]``, ``padding_mask [B, S]`` -> ``(x, aux_loss, expert_counts)``."""
         attn_mask = key_padding_keep_mask(padding_mask)  # [B, 1, 1, S]
         x = x + self.dropout(self.self_attn(self.self_attn_norm(x), attn_mask=attn_mask))
@@ -250,9 +250,9 @@ class DecoderLayer(nn.Module):
         self,
         x: Tensor,
         memory: Tensor,
-        memory_padding_mask: Optional[Tensor] = None,
-        padding_mask: Optional[Tensor] = None,
-        cache: Optional[LayerCache] = None,
+        memory_padding_mask: Tensor | None = None,
+        padding_mask: Tensor | None = None,
+        cache: LayerCache | None = None,
     ) -> BlockOutput:
         """``x [B, T, D]``, ``memory [B, S, D]``, masks ``[B, S]`` / ``[B, T]`` -> ``(x, aux_loss, expert_counts)``.
 
@@ -283,7 +283,7 @@ class DecoderLayer(nn.Module):
 
 
 def sequence_cross_entropy(
-    logits: Tensor, targets: Tensor, padding_mask: Optional[Tensor] = None, label_smoothing: float = 0.0
+    logits: Tensor, targets: Tensor, padding_mask: Tensor | None = None, label_smoothing: float = 0.0
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Token-level cross entropy over the non-padding positions, in fp32.
 
@@ -326,7 +326,7 @@ def _check_tokens(name: str, tokens: Tensor) -> None:
         )
 
 
-def _check_mask(name: str, mask: Optional[Tensor], tokens: Tensor, tokens_name: str) -> None:
+def _check_mask(name: str, mask: Tensor | None, tokens: Tensor, tokens_name: str) -> None:
     if mask is not None and (mask.dtype != torch.bool or mask.shape != tokens.shape):
         raise ValueError(
             f"{name} must be a bool tensor shaped like {tokens_name} {tuple(tokens.shape)} (True = padding), "
@@ -353,12 +353,12 @@ class MoETransformer(nn.Module):
         vocab, d = config.vocab_size, config.d_model
         self.src_embed = nn.Embedding(vocab, d)
         # Tied: src_embed serves source, target and output projection.
-        self.tgt_embed: Optional[nn.Embedding] = None if config.tie_embeddings else nn.Embedding(vocab, d)
-        self.output_proj: Optional[nn.Linear] = None if config.tie_embeddings else nn.Linear(d, vocab, bias=False)
-        self.tied_head: Optional[TiedOutputHead] = TiedOutputHead(self.src_embed) if config.tie_embeddings else None
+        self.tgt_embed: nn.Embedding | None = None if config.tie_embeddings else nn.Embedding(vocab, d)
+        self.output_proj: nn.Linear | None = None if config.tie_embeddings else nn.Linear(d, vocab, bias=False)
+        self.tied_head: TiedOutputHead | None = TiedOutputHead(self.src_embed) if config.tie_embeddings else None
         learned = config.positional == "learned"
-        self.encoder_pos_embed: Optional[nn.Embedding] = nn.Embedding(config.max_positions, d) if learned else None
-        self.decoder_pos_embed: Optional[nn.Embedding] = nn.Embedding(config.max_positions, d) if learned else None
+        self.encoder_pos_embed: nn.Embedding | None = nn.Embedding(config.max_positions, d) if learned else None
+        self.decoder_pos_embed: nn.Embedding | None = nn.Embedding(config.max_positions, d) if learned else None
         self.embed_dropout = nn.Dropout(config.dropout)
         self.embed_scale = math.sqrt(d) if config.scale_embeddings else 1.0
         self.encoder_layers = nn.ModuleList(EncoderLayer(config, i) for i in range(config.encoder_layers))
@@ -410,7 +410,7 @@ class MoETransformer(nn.Module):
     # ------------------------------------------------------------------------------------- embedding
 
     def _embed(
-        self, tokens: Tensor, table: nn.Embedding, positions_table: Optional[nn.Embedding], start: int
+        self, tokens: Tensor, table: nn.Embedding, positions_table: nn.Embedding | None, start: int
     ) -> Tensor:
         """Scaled token embeddings plus positions ``start ...``, then dropout: ``[B, T] -> [B, T, D]``."""
         length = tokens.shape[1]
@@ -434,7 +434,7 @@ class MoETransformer(nn.Module):
 
     # --------------------------------------------------------------------------------------- encoder
 
-    def _encode(self, src: Tensor, src_padding_mask: Optional[Tensor]) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    def _encode(self, src: Tensor, src_padding_mask: Tensor | None) -> tuple[Tensor, list[Tensor], list[Tensor]]:
         _check_tokens("src", src)
         _check_mask("src_padding_mask", src_padding_mask, src, "src")
         x = self._embed(src, self.src_embed, self.encoder_pos_embed, 0)  # [B, S, D]
@@ -448,7 +448,7 @@ class MoETransformer(nn.Module):
                 counts.append(count)
         return self.encoder_norm(x), aux_losses, counts
 
-    def encode(self, src: Tensor, src_padding_mask: Optional[Tensor] = None) -> Tensor:
+    def encode(self, src: Tensor, src_padding_mask: Tensor | None = None) -> Tensor:
         """Encoder memory ``[B, S, D]`` of ``src [B, S]`` (``src_padding_mask [B, S]``, True = padding)."""
         return self._encode(src, src_padding_mask)[0]
 
@@ -458,9 +458,9 @@ class MoETransformer(nn.Module):
         self,
         tgt: Tensor,
         memory: Tensor,
-        memory_padding_mask: Optional[Tensor],
-        tgt_padding_mask: Optional[Tensor],
-        cache: Optional[DecoderCache] = None,
+        memory_padding_mask: Tensor | None,
+        tgt_padding_mask: Tensor | None,
+        cache: DecoderCache | None = None,
     ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
         _check_tokens("tgt_in", tgt)
         _check_mask("tgt_padding_mask", tgt_padding_mask, tgt, "tgt_in")
@@ -493,9 +493,9 @@ class MoETransformer(nn.Module):
         self,
         tokens: Tensor,
         memory: Tensor,
-        memory_padding_mask: Optional[Tensor],
+        memory_padding_mask: Tensor | None,
         cache: DecoderCache,
-        padding_mask: Optional[Tensor] = None,
+        padding_mask: Tensor | None = None,
     ) -> Tensor:
         """Logits ``[N, t, V]`` of the new target tokens ``tokens [N, t]`` given the ``cache`` of the earlier ones.
 
@@ -512,9 +512,9 @@ class MoETransformer(nn.Module):
     def forward(
         self,
         src: Tensor,
-        src_padding_mask: Optional[Tensor],
+        src_padding_mask: Tensor | None,
         tgt_in: Tensor,
-        tgt_padding_mask: Optional[Tensor] = None,
+        tgt_padding_mask: Tensor | None = None,
     ) -> ModelOutput:
         """Teacher-forced logits of ``tgt_in [B, T]`` given ``src [B, S]``.
 
@@ -534,8 +534,8 @@ class MoETransformer(nn.Module):
         return ModelOutput(self.output_logits(hidden), aux_loss, enc_counts + dec_counts)
 
     def loss(
-        self, batch: Mapping[str, Optional[Tensor]], label_smoothing: float = 0.0
-    ) -> tuple[Tensor, dict[str, Union[Tensor, list[Tensor]]]]:
+        self, batch: Mapping[str, Tensor | None], label_smoothing: float = 0.0
+    ) -> tuple[Tensor, dict[str, Tensor | list[Tensor]]]:
         """Training loss of a batch: token-level cross entropy over real target tokens, plus the aux loss
         of the MoE layers when the model has any.
 
@@ -560,7 +560,7 @@ class MoETransformer(nn.Module):
             out.logits, tgt_out, batch.get("tgt_padding_mask"), label_smoothing
         )
         loss = ce + out.aux_loss if self.has_moe else ce
-        details: dict[str, Union[Tensor, list[Tensor]]] = {
+        details: dict[str, Tensor | list[Tensor]] = {
             "ce": ce.detach(),
             "nll": nll.detach(),
             "aux_loss": out.aux_loss.detach(),

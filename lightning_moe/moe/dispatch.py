@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Union
 
 import torch
 from torch import Tensor
@@ -24,8 +23,8 @@ __all__ = ["compute_capacity", "DispatchPlan", "plan_dispatch", "permute_tokens"
 
 
 def compute_capacity(
-    num_tokens: Union[int, Tensor], num_experts: int, k: int, capacity_factor: float, min_capacity: int
-) -> Union[int, Tensor]:
+    num_tokens: int | Tensor, num_experts: int, k: int, capacity_factor: float, min_capacity: int
+) -> int | Tensor:
     """Assignments one expert may take: ``max(min_capacity, ceil(k * num_tokens * capacity_factor / E))``.
 
     ``num_tokens`` may be a 0-dim integer tensor (the real tokens of a padded batch, counted on the device):
@@ -61,8 +60,8 @@ def plan_dispatch(
     expert_index: Tensor,
     expert_weight: Tensor,
     num_experts: int,
-    capacity: Union[int, Tensor, None],
-    valid: Optional[Tensor] = None,
+    capacity: int | Tensor | None,
+    valid: Tensor | None = None,
     random_priority: bool = False,
 ) -> DispatchPlan:
     """Group the ``[T, k]`` router choices by expert, keeping at most ``capacity`` per expert.

@@ -29,7 +29,8 @@ from __future__ import annotations
 import copy
 import functools
 import math
-from typing import NamedTuple, Optional, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -75,8 +76,8 @@ _NATIVE_DTYPES: tuple[torch.dtype, ...] = (torch.bfloat16,)
 """Compute dtypes of the fused kernel (tests add float32 for the CPU reference)."""
 
 
-@functools.lru_cache(maxsize=None)
-def _cuda_capability_major(device_index: Optional[int]) -> int:
+@functools.cache
+def _cuda_capability_major(device_index: int | None) -> int:
     return torch.cuda.get_device_capability(device_index)[0]
 
 
@@ -90,7 +91,7 @@ def _fused_kernel_on(device: torch.device) -> bool:
     return _cuda_capability_major(device.index) in (9, 10)
 
 
-def _compute_dtype(x: Tensor, weights: Sequence[Tensor]) -> Optional[torch.dtype]:
+def _compute_dtype(x: Tensor, weights: Sequence[Tensor]) -> torch.dtype | None:
     """The dtype the grouped products run in: the autocast dtype when autocast is on for ``x``'s device
     (activations often arrive in fp32 from a LayerNorm), else the common dtype of ``x`` and the weights."""
     device_type = x.device.type
@@ -113,7 +114,7 @@ def _aligned_rows(t: Tensor, alignment: int) -> bool:
     return torch.compiler.is_compiling() or t.storage_offset() % alignment == 0
 
 
-def native_grouped_mm_dtype(x: Tensor, weights: Sequence[Tensor]) -> Optional[torch.dtype]:
+def native_grouped_mm_dtype(x: Tensor, weights: Sequence[Tensor]) -> torch.dtype | None:
     """The dtype in which ``torch._grouped_mm``'s fused kernel computes ``x`` against ``weights``, or None
     when the experts must use the loop path.
 
@@ -149,13 +150,13 @@ class NativeGroupLayout(NamedTuple):
         expert_of_row: ``[num_rows]`` long, the group of each buffer row (for per-expert biases).
     """
 
-    rows: Optional[Tensor]
+    rows: Tensor | None
     num_rows: int
     offsets: Tensor
     expert_of_row: Tensor
 
 
-def native_group_layout(tokens_per_expert: Tensor, num_rows: int, alignment: Optional[int] = None) -> NativeGroupLayout:
+def native_group_layout(tokens_per_expert: Tensor, num_rows: int, alignment: int | None = None) -> NativeGroupLayout:
     """The padded layout of ``num_rows`` expert-sorted rows with ``tokens_per_expert [E]`` rows per expert.
 
     Each group starts at a multiple of ``alignment`` (default :data:`NATIVE_GROUP_ALIGNMENT`, read at call
@@ -229,7 +230,7 @@ class _GroupedBias(torch.autograd.Function):
         return grad, grad_bias, None, None
 
 
-def _native_linear(x: Tensor, w: Tensor, layout: NativeGroupLayout, bias: Optional[Tensor]) -> Tensor:
+def _native_linear(x: Tensor, w: Tensor, layout: NativeGroupLayout, bias: Tensor | None) -> Tensor:
     """One fused grouped product of the padded buffer ``x [num_rows, a]`` with ``w [E, a, b]`` (+ ``bias[e]``)."""
     out = torch._grouped_mm(x, w, offs=layout.offsets)  # [num_rows, b]
     if bias is not None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple, Optional, Union
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -99,18 +99,18 @@ class MoE(nn.Module):
         num_experts: int,
         ffn_hidden_size: int,
         k: int = 1,
-        expert: Union[str, nn.Module] = "ffn",
-        activation: Optional[str] = None,
+        expert: str | nn.Module = "ffn",
+        activation: str | None = None,
         capacity_factor: float = 1.0,
         eval_capacity_factor: float = 1.0,
         min_capacity: int = 4,
         drop_tokens: bool = True,
-        noisy_gate_policy: Optional[str] = None,
+        noisy_gate_policy: str | None = None,
         use_rts: bool = True,
         use_residual: bool = False,
         aux_loss_coef: float = 0.01,
         z_loss_coef: float = 0.001,
-        normalize_weights: Optional[bool] = None,
+        normalize_weights: bool | None = None,
     ) -> None:
         super().__init__()
         _validate_arguments(
@@ -139,7 +139,7 @@ class MoE(nn.Module):
         if self.use_residual:
             self.residual_mlp = _DenseFFN(hidden_size, ffn_hidden_size, activation or "gelu")
             self.residual_coef = nn.Linear(hidden_size, 2)
-        self.last_stats: Optional[MoEStats] = None
+        self.last_stats: MoEStats | None = None
 
     def reset_parameters(self) -> None:
         """Re-initialise every parameter (e.g. after building on the meta device and ``to_empty``)."""
@@ -166,7 +166,7 @@ class MoE(nn.Module):
         if not keep:
             memory.release()
 
-    def capacity(self, num_tokens: Union[int, Tensor]) -> Union[int, Tensor, None]:
+    def capacity(self, num_tokens: int | Tensor) -> int | Tensor | None:
         """Per-expert capacity for ``num_tokens`` real tokens in the current mode (None if dropless).
 
         A 0-dim tensor ``num_tokens`` gives a 0-dim tensor capacity (see :func:`compute_capacity`)."""
@@ -175,7 +175,7 @@ class MoE(nn.Module):
         factor = self.capacity_factor if self.training else self.eval_capacity_factor
         return compute_capacity(num_tokens, self.num_experts, self.k, factor, self.min_capacity)
 
-    def forward(self, x: Tensor, padding_mask: Optional[Tensor] = None) -> MoEOutput:
+    def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> MoEOutput:
         if x.shape[-1] != self.hidden_size:
             raise ValueError(f"MoE expects inputs [..., {self.hidden_size}], got {tuple(x.shape)}")
         leading_shape = x.shape[:-1]
@@ -236,7 +236,7 @@ def _validate_arguments(
     num_experts: int,
     ffn_hidden_size: int,
     k: int,
-    activation: Optional[str],
+    activation: str | None,
     capacity_factor: float,
     eval_capacity_factor: float,
     min_capacity: int,

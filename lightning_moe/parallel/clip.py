@@ -9,7 +9,7 @@ combined (``p``-norm, or max for ``inf``) and every group is scaled by the same 
 from __future__ import annotations
 
 import math
-from typing import Iterable, Union
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
@@ -21,7 +21,7 @@ from lightning_moe.parallel.local import local_shard
 
 __all__ = ["clip_grad_norm_", "clip_grad_value_", "grad_norm"]
 
-_Params = Union[Tensor, Iterable[Tensor]]
+_Params = Tensor | Iterable[Tensor]
 
 
 def _grads(parameters: _Params) -> list[Tensor]:
@@ -57,7 +57,7 @@ def _group_norm(key: tuple, grads: list[Tensor], norm_type: float) -> Tensor:
         maxima = [t.abs().max().float() if t.numel() else torch.zeros((), device=device) for t in locals_]
         partial = torch.stack(maxima).max()
     else:
-        partial = torch.stack([torch.linalg.vector_norm(l, norm_type, dtype=torch.float32) for l in locals_])
+        partial = torch.stack([torch.linalg.vector_norm(s, norm_type, dtype=torch.float32) for s in locals_])
         partial = (partial**norm_type).sum()  # sum of |g|^p over the local shards
     if mesh is not None:
         partial = partial.to(_mesh_device(mesh))

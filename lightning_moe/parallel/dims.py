@@ -15,8 +15,9 @@ Mesh layout (outermost first)::
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
-from typing import Any, Iterable, Literal, Union
+from typing import Any, Literal
 
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
@@ -57,7 +58,7 @@ class ParallelDims:
     world_size: int
     """Total number of ranks (``torch.distributed.get_world_size()``)."""
 
-    expert_parallel_size: Union[int, Literal["auto"]] = 1
+    expert_parallel_size: int | Literal["auto"] = 1
     """Ranks that split one copy of every MoE layer's experts between them (EP). Must divide the
     data-parallel size and every MoE layer's expert count. ``"auto"``: the largest size that does,
     fixed by :meth:`resolve`."""
@@ -171,7 +172,7 @@ class ParallelDims:
                 f"expert_parallel_size={ep} does not divide the data-parallel size {dp}; use one of {_divisors(dp)}"
             )
 
-    def resolve(self, num_experts: Union[int, Iterable[int]]) -> "ParallelDims":
+    def resolve(self, num_experts: int | Iterable[int]) -> ParallelDims:
         """The resolved dims: ``"auto"`` fixed, and the expert-parallel size checked against every MoE
         layer's expert count.
 

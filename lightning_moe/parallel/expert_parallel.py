@@ -16,8 +16,6 @@ through ``local_tensor``.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -159,7 +157,7 @@ class AllToAllTokenDispatcher(TokenDispatcher):
 
 def is_expert_parallel(layer: MoE) -> bool:
     """Whether :func:`apply_expert_parallel` made this MoE layer expert-parallel."""
-    dispatcher: Optional[nn.Module] = layer.token_dispatcher
+    dispatcher: nn.Module | None = layer.token_dispatcher
     while dispatcher is not None:  # the tensor-parallel row split wraps the all-to-all
         if isinstance(dispatcher, AllToAllTokenDispatcher):
             return True
@@ -219,7 +217,7 @@ def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh) -> nn.Module:
     return model
 
 
-def local_expert_range(num_experts: int, ep_mesh: Optional[DeviceMesh]) -> range:
+def local_expert_range(num_experts: int, ep_mesh: DeviceMesh | None) -> range:
     """Global indices of the experts this rank holds."""
     if ep_mesh is None or ep_mesh.size() == 1:
         return range(num_experts)

@@ -30,7 +30,7 @@ gradients in place from buckets while backward runs, and the optimizer updates p
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -55,7 +55,7 @@ __all__ = ["apply_fsdp", "is_data_parallel", "mixed_precision_policy", "no_gradi
 PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true")
 
 
-def mixed_precision_policy(precision: Optional[str]) -> Optional[MixedPrecisionPolicy]:
+def mixed_precision_policy(precision: str | None) -> MixedPrecisionPolicy | None:
     """The FSDP2 mixed-precision policy for a Lightning precision string.
 
     ``"bf16-mixed"`` / ``"16-mixed"``: compute in bf16 / fp16 from fp32 sharded parameters, reduce
@@ -142,7 +142,7 @@ def apply_fsdp(
     mesh: DeviceMesh,
     dims: ParallelDims,
     *,
-    mp_policy: Optional[MixedPrecisionPolicy] = None,
+    mp_policy: MixedPrecisionPolicy | None = None,
 ) -> nn.Module:
     """Apply the ZeRO stage of ``dims`` with FSDP2, bottom-up, in place.
 
@@ -228,7 +228,7 @@ def apply_fsdp(
 
 
 @contextlib.contextmanager
-def no_gradient_sync(model: nn.Module, zero_stage: Optional[int] = None) -> Iterator[None]:
+def no_gradient_sync(model: nn.Module, zero_stage: int | None = None) -> Iterator[None]:
     """Context for the forward/backward of a gradient-accumulation micro-batch that is not the last.
 
     * stages 0-1: gradients accumulate unsharded on each rank, with no communication; the last

@@ -26,11 +26,11 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any
 
 import torch.distributed as dist
 from torch.distributed.distributed_c10d import _get_default_store, _set_pg_timeout
@@ -51,7 +51,7 @@ HEARTBEAT_PREFIX = "lightning_moe/heartbeat"
 
 log = logging.getLogger(__name__)
 
-_PROCESS_HEARTBEAT: Optional["Heartbeat"] = None  # see Heartbeat.running_for_default_group
+_PROCESS_HEARTBEAT: Heartbeat | None = None  # see Heartbeat.running_for_default_group
 
 # Errors of the collective layer whose text (not type) says so: gloo raises plain RuntimeErrors.
 _DEFINITE = re.compile(r"gloo|nccl|ProcessGroup|Connection (reset|closed|refused)|Broken pipe", re.IGNORECASE)
@@ -86,7 +86,7 @@ def is_communication_error(exc: BaseException) -> bool:
     return bool(_DEFINITE.search(text) or _TIMEOUT.search(text))
 
 
-def set_collective_timeout(timeout: timedelta, groups: Iterable[Optional[dist.ProcessGroup]]) -> None:
+def set_collective_timeout(timeout: timedelta, groups: Iterable[dist.ProcessGroup | None]) -> None:
     """Give every group in ``groups`` (``None`` = the default group) the collective ``timeout``.
 
     ``init_process_group(timeout=...)`` only sets the default group's: subgroups (a device mesh's dims) are
@@ -106,7 +106,7 @@ class HealthReport:
 
     unresponsive: list[int] = field(default_factory=list)
     """Ranks whose heartbeat did not move during the check."""
-    store_error: Optional[str] = None
+    store_error: str | None = None
     """Set when the store itself could not be read (its host is gone); ``unresponsive`` is then empty."""
 
 
@@ -132,15 +132,15 @@ class Heartbeat:
         self.interval = interval
         self.check_intervals = check_intervals
         self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
 
     @classmethod
-    def for_default_group(cls, **kwargs: float) -> "Heartbeat":
+    def for_default_group(cls, **kwargs: float) -> Heartbeat:
         """A heartbeat in the default process group's store, for this rank (not started)."""
         return cls(_get_default_store(), dist.get_rank(), dist.get_world_size(), **kwargs)  # type: ignore[arg-type]
 
     @classmethod
-    def running_for_default_group(cls) -> "Heartbeat":
+    def running_for_default_group(cls) -> Heartbeat:
         """The process's one running heartbeat for the current default process group (started if needed; the
         heartbeat of a previous, destroyed group is stopped)."""
         global _PROCESS_HEARTBEAT
@@ -157,7 +157,7 @@ class Heartbeat:
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def start(self) -> "Heartbeat":
+    def start(self) -> Heartbeat:
         """Beat once now (so every key exists), then every ``interval`` seconds until :meth:`stop`."""
         if self.running:
             return self
@@ -186,7 +186,7 @@ class Heartbeat:
         # add(key, 0) reads without blocking (a missing key reads as 0), unlike get()
         return {r: int(self.store.add(str(r), 0)) for r in ranks}
 
-    def check(self, known_dead: Optional[Callable[[], Iterable[int]]] = None) -> HealthReport:
+    def check(self, known_dead: Callable[[], Iterable[int]] | None = None) -> HealthReport:
         """Watch every other rank's counter for up to ``check_intervals * interval`` s; the silent ones are gone.
 
         ``known_dead`` (optional) returns ranks whose process is known to have exited (e.g. the children of
@@ -230,10 +230,10 @@ def rank_failure(
     heartbeat: Heartbeat,
     where: str,
     *,
-    timeout: Optional[timedelta] = None,
-    store_host: Optional[int] = None,
-    known_dead: Optional[Callable[[], Iterable[int]]] = None,
-) -> Optional[RankFailureError]:
+    timeout: timedelta | None = None,
+    store_host: int | None = None,
+    known_dead: Callable[[], Iterable[int]] | None = None,
+) -> RankFailureError | None:
     """The :class:`RankFailureError` that explains ``cause`` (a failed collective), or ``None`` when it is not a
     communication error, or may be none with every rank alive (then re-raise ``cause`` unchanged).
 
@@ -289,7 +289,7 @@ def rank_failure(
     return RankFailureError(message, [], world, where)
 
 
-def store_host_rank(store: Optional[dist.Store] = None) -> Optional[int]:
+def store_host_rank(store: dist.Store | None = None) -> int | None:
     """The rank whose process serves ``store`` (default: the default group's): 0 for the ``TCPStore`` of
     ``env://`` (Lightning's launcher, ``init_process_group`` with ``MASTER_ADDR``), ``None`` for torchrun's agent
     store or a store without a server process (``FileStore``, ``HashStore``)."""
@@ -330,10 +330,10 @@ class RankWatch:
         known_dead: ranks known to have exited without asking the store (see :meth:`Heartbeat.check`).
     """
 
-    def __init__(self, timeout: Optional[timedelta], known_dead: Optional[Callable[[], Iterable[int]]] = None) -> None:
+    def __init__(self, timeout: timedelta | None, known_dead: Callable[[], Iterable[int]] | None = None) -> None:
         self.timeout = timeout
         self.known_dead = known_dead
-        self.heartbeat: Optional[Heartbeat] = None
+        self.heartbeat: Heartbeat | None = None
 
     def start(self) -> None:
         """Apply ``timeout`` to the default group and start the heartbeat (once per process group)."""
@@ -342,7 +342,7 @@ class RankWatch:
         if dist.get_world_size() > 1:
             self.heartbeat = Heartbeat.running_for_default_group()
 
-    def cover(self, groups: Iterable[Optional[dist.ProcessGroup]]) -> None:
+    def cover(self, groups: Iterable[dist.ProcessGroup | None]) -> None:
         """Apply ``timeout`` to more groups (a device mesh's subgroups are created with torch's default)."""
         if self.timeout is not None:
             set_collective_timeout(self.timeout, groups)

@@ -18,7 +18,8 @@ state, whatever the expert-parallel size or ZeRO stage.
 from __future__ import annotations
 
 import itertools
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -53,7 +54,7 @@ _RANDOM_FILLS = {
 class _FullTensorRandomFills(TorchDispatchMode):
     """Random fills of a DTensor draw the full tensor and keep the local shard (no communication)."""
 
-    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Any:
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         target = args[0] if args else None
         if func in _RANDOM_FILLS and isinstance(target, DTensor):
@@ -104,7 +105,7 @@ def _init_calls(model: nn.Module) -> list[Callable[[], None]]:
     return calls
 
 
-def _broadcast_rng_state(group: Optional[dist.ProcessGroup]) -> None:
+def _broadcast_rng_state(group: dist.ProcessGroup | None) -> None:
     """Every rank takes rank 0's CPU random state (no-op when already equal or not distributed)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
         return
@@ -114,7 +115,7 @@ def _broadcast_rng_state(group: Optional[dist.ProcessGroup]) -> None:
 
 
 def materialize_meta_model(
-    model: nn.Module, device: torch.device, group: Optional[dist.ProcessGroup] = None
+    model: nn.Module, device: torch.device, group: dist.ProcessGroup | None = None
 ) -> None:
     """Allocate ``model``'s meta tensors on ``device`` (each rank its shards) and initialise them.
 

@@ -6,7 +6,7 @@ several tensors is counted once.
 
 from __future__ import annotations
 
-from typing import Iterable, Optional, Union
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
@@ -24,7 +24,7 @@ __all__ = [
 ]
 
 
-def local_bytes(tensors: Iterable[Optional[Tensor]]) -> int:
+def local_bytes(tensors: Iterable[Tensor | None]) -> int:
     """Bytes of the local parts of ``tensors`` (None skipped, each tensor counted once)."""
     seen: set[int] = set()
     total = 0
@@ -39,11 +39,11 @@ def local_bytes(tensors: Iterable[Optional[Tensor]]) -> int:
     return total
 
 
-def _params(source: Union[nn.Module, Iterable[Tensor]]) -> list[Tensor]:
+def _params(source: nn.Module | Iterable[Tensor]) -> list[Tensor]:
     return list(source.parameters()) if isinstance(source, nn.Module) else list(source)
 
 
-def parameter_bytes(source: Union[nn.Module, Iterable[Tensor]]) -> int:
+def parameter_bytes(source: nn.Module | Iterable[Tensor]) -> int:
     """Bytes of the parameters this rank holds (sharded parameters: their local shard).
 
     ``source``: a module (its *registered* parameters) or parameters, e.g. an optimizer's, which under
@@ -65,7 +65,7 @@ def unsharded_parameter_bytes(model: nn.Module, sharded: Iterable[Tensor]) -> in
     return local_bytes(p for p in model.parameters() if id(p) not in resting)
 
 
-def gradient_bytes(source: Union[nn.Module, Iterable[Tensor]]) -> int:
+def gradient_bytes(source: nn.Module | Iterable[Tensor]) -> int:
     """Bytes of the ``.grad`` of ``source``'s parameters (local shards).
 
     Pass the optimizer's parameters for the sharded gradients, the module for the gradients of the

@@ -12,8 +12,6 @@ FSDP + TP composition; ``efsdp`` or ``efsdp x tp`` for experts).
 
 from __future__ import annotations
 
-from typing import Optional
-
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy
@@ -65,7 +63,7 @@ def parallelize(
     mesh: DeviceMesh,
     dims: ParallelDims,
     *,
-    mp_policy: Optional[MixedPrecisionPolicy] = None,
+    mp_policy: MixedPrecisionPolicy | None = None,
     activation_checkpointing: bool = False,
 ) -> nn.Module:
     """Make ``model`` parallel in place: tensor parallelism, expert parallelism, activation checkpointing,

@@ -46,7 +46,7 @@ Experts (:func:`apply_expert_token_split`)
 
 from __future__ import annotations
 
-from typing import Mapping, Optional
+from collections.abc import Mapping
 
 import torch
 import torch.distributed as dist
@@ -109,7 +109,7 @@ def tensor_parallel_plan(model: nn.Module) -> dict[str, str]:
     """
     plan: dict[str, str] = {}
     for prefix, module in model.named_modules():
-        local: Optional[Mapping[str, str]] = getattr(module, _PLAN_ATTR, None)
+        local: Mapping[str, str] | None = getattr(module, _PLAN_ATTR, None)
         if not local:
             continue
         for child_name, style in local.items():

@@ -30,8 +30,9 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
-from typing import Any, Callable, Optional
+from typing import Any
 
 __all__ = ["RankError", "RankTimeoutError", "run_ranks"]
 
@@ -51,7 +52,7 @@ class RankError(RuntimeError):
     """A rank raised; the message holds that rank's formatted traceback."""
 
     def __init__(
-        self, rank: int, remote_traceback: str, other_failed: list[int], tracebacks: Optional[dict[int, str]] = None
+        self, rank: int, remote_traceback: str, other_failed: list[int], tracebacks: dict[int, str] | None = None
     ) -> None:
         others = f" (ranks {other_failed} failed too)" if other_failed else ""
         super().__init__(f"rank {rank} failed{others}:\n{remote_traceback}")
@@ -190,7 +191,7 @@ def _attempt(
     failure_grace_s: float = _FAILURE_GRACE_S,
     *,
     last: bool = False,
-) -> Optional[list[Any]]:
+) -> list[Any] | None:
     """Fork the ranks once. Returns their results, or None if the process-group setup failed on some
     rank (then no rank ran ``fn``) and another attempt is allowed; raises on any other failure."""
     ctx = mp.get_context("fork")

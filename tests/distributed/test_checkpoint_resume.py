@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import pytest
 import torch
@@ -31,8 +31,8 @@ def _run(
     world_size: int,
     strategy_kwargs: dict[str, Any],
     epochs: int,
-    save_to: Optional[str],
-    resume_from: Optional[str],
+    save_to: str | None,
+    resume_from: str | None,
     seed: int,
 ) -> dict[str, Any]:
     torch.manual_seed(seed)

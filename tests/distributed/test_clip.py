@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import math
 
-NORM_TYPES = (2.0, 1.0, math.inf)
-
 import pytest
 import torch
 from torch.distributed.tensor import DTensor
@@ -13,6 +11,8 @@ from torch.distributed.tensor import DTensor
 from lightning_moe.parallel import ParallelDims, clip_grad_norm_, clip_grad_value_, expert_counts, parallelize
 from tests.distributed.harness import run_ranks
 from tests.distributed.tiny_moe import TinyMoEModel, make_batches
+
+NORM_TYPES = (2.0, 1.0, math.inf)
 
 pytestmark = pytest.mark.distributed
 

@@ -49,7 +49,7 @@ def _fit_until_a_rank_dies(rank: int, world_size: int, victim: int, signum: int,
     try:
         trainer.fit(module)
     except RankFailureError as exc:
-        raise RankFailureError(f"{exc} [after {time.monotonic() - start:.1f} s]", exc.ranks, exc.world_size, exc.where)
+        raise RankFailureError(f"{exc} [after {time.monotonic() - start:.1f} s]", exc.ranks, exc.world_size, exc.where) from exc
     raise AssertionError(f"rank {rank}: fit finished although rank {victim} died")
 
 
@@ -73,7 +73,7 @@ def test_sigkilled_rank_is_named_by_every_survivor_within_seconds() -> None:
     world, victim = 3, 1
     with pytest.raises(RankError) as info:
         run_ranks(_fit_until_a_rank_dies, world, victim, signal.SIGKILL, 30.0, timeout=90, failure_grace_s=30)
-    for rank, text in _survivor_messages(info, victim, world).items():
+    for _rank, text in _survivor_messages(info, victim, world).items():
         assert f"rank {victim} (of {world}) stopped responding during" in text, text[-2000:]
         assert f"at global step {KILL_STEP}" in text, text[-2000:]
         assert "resume from the last complete checkpoint" in text
@@ -102,7 +102,6 @@ def _all_reduce_until_a_rank_dies(rank: int, world_size: int, victim: int, timeo
     heartbeat = Heartbeat.for_default_group(interval=0.25).start()
     dist.barrier()
     t = torch.ones(4096)
-    start = time.monotonic()
     try:
         for step in range(100_000):
             if rank == victim and step == 20:
@@ -149,7 +148,7 @@ def test_store_host_death_names_rank_0() -> None:
         except RuntimeError as exc:
             error = rank_failure(exc, heartbeat, "the test loop", store_host=0)
             assert error is not None
-            raise error
+            raise error from exc
 
     with pytest.raises(RankError) as info:
         run_ranks(fn, 3, timeout=60, failure_grace_s=30)

@@ -12,8 +12,8 @@ from lightning_moe.moe import MoE, TokenDispatcher
 from lightning_moe.parallel.expert_parallel import (
     AllToAllTokenDispatcher,
     apply_expert_parallel,
-    dispatch_tokens,
     combine_tokens,
+    dispatch_tokens,
     is_expert_parallel,
     local_expert_range,
     source_major_to_expert_major,

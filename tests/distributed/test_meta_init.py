@@ -12,10 +12,9 @@ from typing import Any
 
 import pytest
 import torch
+from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
-
-from lightning.pytorch import LightningModule
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_moe.models import MoETransformer, get_preset

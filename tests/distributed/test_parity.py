@@ -8,7 +8,6 @@ with no load-balancing loss (see ``tiny_moe.py`` for why those two would legitim
 from __future__ import annotations
 
 import functools
-from typing import Optional
 
 import pytest
 import torch
@@ -41,7 +40,7 @@ def _make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1, fused=True)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _reference(steps: int, accum: int, num_experts: int = 4) -> tuple[list[float], dict[str, torch.Tensor]]:
     """Single process, global batch; with ``accum`` micro-batches per step (loss scaled by 1/accum)."""
     torch.manual_seed(0)
@@ -70,7 +69,7 @@ def _train_rank(
     steps: int = STEPS,
     accum: int = 1,
     activation_checkpointing: bool = False,
-    precision: Optional[str] = None,
+    precision: str | None = None,
     num_experts: int = 4,
 ) -> dict:
     torch.manual_seed(0)

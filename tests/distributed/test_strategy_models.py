@@ -11,7 +11,7 @@ against ~15 s through Lightning's subprocess launcher.
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -113,10 +113,10 @@ class TinyMoEModule(LightningModule):
 
 def make_trainer(
     world_size: int,
-    strategy: Optional[MoEZeroStrategy] = None,
+    strategy: MoEZeroStrategy | None = None,
     *,
     max_steps: int = 3,
-    default_root_dir: Optional[str] = None,
+    default_root_dir: str | None = None,
     **trainer_kwargs: Any,
 ) -> Trainer:
     """A quiet CPU Trainer for a rank forked by ``run_ranks`` (or for one process when world_size=1)."""

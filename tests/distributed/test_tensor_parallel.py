@@ -11,7 +11,7 @@ data parallelism the load-balancing loss is off (a product of batch means, see `
 from __future__ import annotations
 
 import functools
-from typing import Any, Optional
+from typing import Any
 
 import pytest
 import torch
@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from lightning_moe.models import MoETransformer, get_preset, greedy_decode
+from lightning_moe.moe import TokenDispatcher, find_moe_layers
 from lightning_moe.parallel import (
     ParallelDims,
     clip_grad_norm_,
@@ -29,7 +30,6 @@ from lightning_moe.parallel import (
     parallelize,
     submesh,
 )
-from lightning_moe.moe import TokenDispatcher, find_moe_layers
 from lightning_moe.parallel.expert_parallel import AllToAllTokenDispatcher
 from lightning_moe.parallel.tensor_parallel import (
     TokenSplitDispatcher,
@@ -87,8 +87,8 @@ def _optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1, foreach=True)
 
 
-@functools.lru_cache(maxsize=None)
-def _reference(tie: bool, aux: float, clip: Optional[float] = None) -> dict[str, Any]:
+@functools.cache
+def _reference(tie: bool, aux: float, clip: float | None = None) -> dict[str, Any]:
     """One process, global batches."""
     model = _model(tie=tie, aux=aux)
     opt = _optimizer(model)
@@ -115,10 +115,10 @@ def _train(
     offload: str = "none",
     tie: bool = False,
     aux: float = 0.0,
-    clip: Optional[float] = None,
+    clip: float | None = None,
     accum: int = 1,
     activation_checkpointing: bool = False,
-    precision: Optional[str] = None,
+    precision: str | None = None,
 ) -> dict[str, Any]:
     model = _model(tie=tie, aux=aux)
     dims = ParallelDims(world_size, ep, tensor_parallel_size=tp, zero_stage=stage, offload=offload)
@@ -166,7 +166,7 @@ class _nullcontext:
         return None
 
 
-def _check(results: list[dict[str, Any]], *, tie: bool = False, aux: float = 0.0, clip: Optional[float] = None) -> None:
+def _check(results: list[dict[str, Any]], *, tie: bool = False, aux: float = 0.0, clip: float | None = None) -> None:
     ref = _reference(tie, aux, clip)
     for rank, result in enumerate(results):
         torch.testing.assert_close(torch.tensor(result["losses"]), torch.tensor(ref["losses"]), rtol=1e-4, atol=1e-5)

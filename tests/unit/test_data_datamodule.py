@@ -207,7 +207,7 @@ def test_sample_preset_batches(tmp_path: Path) -> None:
     rows = len(dm.train_dataset.streams[0].corpus)
     assert 2950 < rows <= 3000 and len(dm.train_dataset) == 7 * rows and len(train) > 0
     labels = set()
-    for step, batch in zip(range(40), train):  # batch order is shuffled: 40 batches see every stream
+    for _step, batch in zip(range(40), train):  # batch order is shuffled: 40 batches see every stream
         check_batch(batch, config.max_tokens, tags)
         labels.update(batch["task"])
     assert len(labels) == 7  # 4 translation directions + 3 denoising languages

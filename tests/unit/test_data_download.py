@@ -9,7 +9,7 @@ import threading
 import time
 from email.message import Message
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 from urllib.error import HTTPError, URLError
 
 import pytest
@@ -42,7 +42,7 @@ class FakeServer:
     def __init__(self, files: dict[str, bytes], fail_first: int = 0) -> None:
         self.files, self.fail_left = files, fail_first
         self.requests: list[str] = []
-        self.stop_after: Optional[int] = None  # cut the body after this many bytes (a dropped connection)
+        self.stop_after: int | None = None  # cut the body after this many bytes (a dropped connection)
 
     def _body(self, url: str) -> bytes:
         self.requests.append(url)
@@ -57,7 +57,7 @@ class FakeServer:
             data, self.stop_after = data[: self.stop_after], None
         return data
 
-    def download(self, url: str, dst: str, hash_prefix: Optional[str] = None, progress: bool = True) -> None:
+    def download(self, url: str, dst: str, hash_prefix: str | None = None, progress: bool = True) -> None:
         data = self._body(url)
         Path(dst).write_bytes(data)
 

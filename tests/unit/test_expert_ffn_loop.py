@@ -9,8 +9,8 @@ from torch import Tensor
 
 from lightning_moe.moe import MoE
 from lightning_moe.moe import experts as experts_mod
-from lightning_moe.moe.kernels import loop_experts as loop_experts_mod
 from lightning_moe.moe.experts import ACTIVATIONS, GroupedFFNExperts
+from lightning_moe.moe.kernels import loop_experts as loop_experts_mod
 
 COUNTS = [0, 3, 0, 5, 1, 0]  # empty groups first, in the middle and last
 

@@ -6,16 +6,15 @@ from __future__ import annotations
 import multiprocessing
 import threading
 from collections.abc import Iterator
-from typing import Optional
 
 import pytest
 import torch
 from torch import Tensor
 
-from lightning_moe.moe.kernels import expert_threads
 from lightning_moe.moe.activations import ACTIVATIONS
-from lightning_moe.moe.kernels.expert_threads import expert_order, run_over_experts, splits_over_threads
 from lightning_moe.moe.experts import GroupedFFNExperts, GroupedGLUExperts, grouped_mm
+from lightning_moe.moe.kernels import expert_threads
+from lightning_moe.moe.kernels.expert_threads import expert_order, run_over_experts, splits_over_threads
 
 COUNTS = [0, 7, 3, 0, 9, 1, 4, 0, 6, 2]  # empty groups first, in the middle and last
 
@@ -79,7 +78,7 @@ def test_without_a_split_fn_runs_once_over_all_experts_in_the_caller() -> None:
     assert calls == [(0, len(COUNTS), threading.current_thread().name)]
 
 
-def _count_experts(counted: list[int], threads: Optional[set[str]] = None) -> None:
+def _count_experts(counted: list[int], threads: set[str] | None = None) -> None:
     lock = threading.Lock()
 
     def fn(lo: int, hi: int, scratch: None) -> None:

@@ -12,7 +12,6 @@ with the host on CUDA).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Optional
 
 import pytest
 import torch
@@ -120,7 +119,7 @@ def test_cpu_and_fp32_use_the_loop_by_default() -> None:
         ((5, 16), (3, 16, 32), torch.float64, None),  # not a fused dtype
     ],
 )
-def test_eligibility_rules(fused_on_cpu, x_shape, w_shape, dtype, expected: Optional[torch.dtype]) -> None:
+def test_eligibility_rules(fused_on_cpu, x_shape, w_shape, dtype, expected: torch.dtype | None) -> None:
     x = torch.randn(x_shape, dtype=dtype)
     w = torch.randn(w_shape, dtype=dtype)
     assert native_grouped_mm_dtype(x, [w]) == expected
@@ -260,7 +259,7 @@ def _reference_plan(expert_index, expert_weight, num_experts, capacity, valid, p
 @pytest.mark.parametrize("capacity", [None, 1, 3, 100])
 @pytest.mark.parametrize("padding", [False, True])
 @pytest.mark.parametrize("random_priority", [False, True])
-def test_plan_matches_bincount_formulation(k: int, capacity: Optional[int], padding: bool, random_priority: bool) -> None:
+def test_plan_matches_bincount_formulation(k: int, capacity: int | None, padding: bool, random_priority: bool) -> None:
     num_tokens, num_experts = 29, 5
     logits = torch.randn(num_tokens, num_experts)
     weight, index = torch.softmax(logits, -1).topk(k, -1)

@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from lightning_moe.data.corpus import ParallelCorpus, CorpusReport
+from lightning_moe.data.corpus import CorpusReport, ParallelCorpus
 from lightning_moe.data.examples import TokenizedCorpus
 from lightning_moe.data.tokenizer import EOS_ID, MASK_ID, SubwordTokenizer
 from lightning_moe.tasks import DenoisingTask, DenoisingTaskConfig, add_noise, build_task, split_units

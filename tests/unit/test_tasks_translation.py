@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
+from lightning_moe.data.batching import SampleIndex
 from lightning_moe.data.corpus import CorpusReport, ParallelCorpus
 from lightning_moe.data.examples import TokenizedCorpus
 from lightning_moe.data.tokenizer import EOS_ID, SubwordTokenizer
@@ -19,7 +20,6 @@ from lightning_moe.tasks import (
     build_task,
     registry,
 )
-from lightning_moe.data.batching import SampleIndex
 
 
 @pytest.fixture(scope="module")

@@ -54,7 +54,7 @@ def _error(argv: list[str]) -> str:
     return message
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tokenizer(checkpoint: Path) -> SubwordTokenizer:
     return SubwordTokenizer(tokenizer_bytes(torch.load(checkpoint, weights_only=True)["tokenizer_model"]))
 

@@ -20,8 +20,9 @@ from __future__ import annotations
 import os
 import queue
 import threading
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from typing import Callable, Optional, Sequence, TypeVar
+from typing import TypeVar
 
 import torch
 
@@ -61,7 +62,7 @@ class _SharedExperts:
         self._lock = threading.Lock()
         self.failed = False
 
-    def take(self) -> Optional[int]:
+    def take(self) -> int | None:
         with self._lock:
             if self.failed or self._next == len(self._order):
                 return None
@@ -95,7 +96,7 @@ def _serve(tasks: queue.SimpleQueue) -> None:
         if task is None:
             return
         fn, args, future = task
-        error: Optional[BaseException] = None
+        error: BaseException | None = None
         try:
             torch.set_num_threads(1)  # this thread's products run on one core; the caller restores its count
             with torch.no_grad():
@@ -113,7 +114,7 @@ def _serve(tasks: queue.SimpleQueue) -> None:
         del future, error
 
 
-_workers: Optional[_Workers] = None
+_workers: _Workers | None = None
 _workers_lock = threading.Lock()
 _worker_local = threading.local()
 

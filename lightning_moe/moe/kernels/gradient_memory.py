@@ -17,8 +17,6 @@ caching allocator already reuses memory).
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -64,7 +62,7 @@ class GradientMemory:
         """Forget every storage (gradients still in use keep theirs)."""
         self._storages.clear()
 
-    def __deepcopy__(self, memo: dict) -> "GradientMemory":
+    def __deepcopy__(self, memo: dict) -> GradientMemory:
         copy = GradientMemory(self.max_per_key)  # a copied module starts with nothing kept
         copy.enabled = self.enabled
         return copy
@@ -73,7 +71,7 @@ class GradientMemory:
         return {"enabled": self.enabled, "max_per_key": self.max_per_key, "_storages": {}}
 
 
-def gradient_memory_of(module: object) -> Optional[GradientMemory]:
+def gradient_memory_of(module: object) -> GradientMemory | None:
     """The :class:`GradientMemory` an experts module uses, if it has one."""
     memory = getattr(module, "gradient_memory", None)
     return memory if isinstance(memory, GradientMemory) else None

@@ -18,7 +18,7 @@ When the experts get few rows each, whole experts run on separate threads
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -40,7 +40,7 @@ def group_bounds(tokens_per_expert: Tensor) -> list[int]:
     return bounds
 
 
-def _weight_grad(memory: Optional[GradientMemory], key: str, w: Tensor) -> Tensor:
+def _weight_grad(memory: GradientMemory | None, key: str, w: Tensor) -> Tensor:
     """An uninitialised ``[E, ...]`` gradient for ``w`` (reused memory when ``memory`` has some)."""
     return torch.empty_like(w, memory_format=torch.contiguous_format) if memory is None else memory.empty(key, w)
 
@@ -65,8 +65,8 @@ class LoopGroupedMM(torch.autograd.Function):
     """``out[rows of e] = x[rows of e] @ w[e] (+ bias[e])`` for every expert ``e``."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, w: Tensor, bias: Optional[Tensor], bounds: list[int],
-                memory: Optional[GradientMemory]) -> Tensor:
+    def forward(ctx, x: Tensor, w: Tensor, bias: Tensor | None, bounds: list[int],
+                memory: GradientMemory | None) -> Tensor:
         # x: [N, a], w: [E, a, b], bias: [E, b] or None
         out = x.new_empty(x.shape[0], w.shape[2])  # [N, b]
 
@@ -121,8 +121,8 @@ class LoopExpertFFN(torch.autograd.Function):
     """The two-layer expert FFN ``act(x_e w1[e] + b1[e]) w2[e] + b2[e]`` for every expert, as one node."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor],
-                bounds: list[int], activation: str, memory: Optional[GradientMemory]) -> Tensor:
+    def forward(ctx, x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
+                bounds: list[int], activation: str, memory: GradientMemory | None) -> Tensor:
         # x: [N, d], w1: [E, d, h], b1: [E, h] or None, w2: [E, h, d], b2: [E, d] or None
         act_out = ACTIVATION_OUT[activation]
         hidden_size = w1.shape[2]
@@ -203,7 +203,7 @@ class LoopExpertGLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, w1: Tensor, w3: Tensor, w2: Tensor, bounds: list[int], activation: str,
-                memory: Optional[GradientMemory]) -> Tensor:
+                memory: GradientMemory | None) -> Tensor:
         # x: [N, d], w1 (gate) and w3 (up): [E, d, h], w2 (down): [E, h, d]
         act_out = ACTIVATION_OUT[activation]
         hidden_size = w1.shape[2]
@@ -283,8 +283,8 @@ def _first_saved_index(bounds: list[int]) -> list[int]:
 
 
 @torch.compiler.disable
-def loop_grouped_mm(x: Tensor, w: Tensor, tokens_per_expert: Tensor, bias: Optional[Tensor] = None,
-                    memory: Optional[GradientMemory] = None) -> Tensor:
+def loop_grouped_mm(x: Tensor, w: Tensor, tokens_per_expert: Tensor, bias: Tensor | None = None,
+                    memory: GradientMemory | None = None) -> Tensor:
     """:class:`LoopGroupedMM` in the dtype of its inputs, also under autocast (eager even under
     ``torch.compile``: the host-side group bounds would otherwise make every new routing a recompilation)."""
     bounds = group_bounds(tokens_per_expert)
@@ -293,8 +293,8 @@ def loop_grouped_mm(x: Tensor, w: Tensor, tokens_per_expert: Tensor, bias: Optio
 
 
 @torch.compiler.disable
-def loop_expert_ffn(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor],
-                    tokens_per_expert: Tensor, activation: str, memory: Optional[GradientMemory] = None) -> Tensor:
+def loop_expert_ffn(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
+                    tokens_per_expert: Tensor, activation: str, memory: GradientMemory | None = None) -> Tensor:
     """:class:`LoopExpertFFN` in the dtype of its inputs, also under autocast (eager under ``torch.compile``)."""
     bounds = group_bounds(tokens_per_expert)
     with torch.autocast(device_type=x.device.type, enabled=False):
@@ -303,7 +303,7 @@ def loop_expert_ffn(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2:
 
 @torch.compiler.disable
 def loop_expert_glu(x: Tensor, w1: Tensor, w3: Tensor, w2: Tensor, tokens_per_expert: Tensor, activation: str,
-                    memory: Optional[GradientMemory] = None) -> Tensor:
+                    memory: GradientMemory | None = None) -> Tensor:
     """:class:`LoopExpertGLU` in the dtype of its inputs, also under autocast (eager under ``torch.compile``)."""
     bounds = group_bounds(tokens_per_expert)
     with torch.autocast(device_type=x.device.type, enabled=False):
