@@ -63,13 +63,13 @@ from lightning_moe.parallel import (
     submesh,
 )
 from lightning_moe.parallel.dims import mesh_groups
-from lightning_moe.parallel.fsdp import is_data_parallel
+from lightning_moe.parallel.fsdp import is_data_parallel, no_inference_mode
 from lightning_moe.parallel.health import RankWatch, exited_children
 from lightning_moe.parallel.init import has_meta_tensors, materialize_meta_model
 from lightning_moe.parallel.optim import use_whole_list_update
-from lightning_moe.parallel.parallelize import is_parallelized
+from lightning_moe.parallel.parallelize import check_not_parallelized
 from lightning_moe.precision import moe_zero_precision
-from lightning_moe.strategy_presets import STRATEGY_PRESETS, SUPPORTED_PRECISIONS
+from lightning_moe.strategy_presets import STRATEGY_PRESETS, SUPPORTED_PRECISIONS, check_strategy_arguments
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -153,7 +153,7 @@ class MoEZeroStrategy(ParallelStrategy):
             zero_stage=zero_stage,
             offload=offload,
         )
-        _check_strategy_arguments(
+        check_strategy_arguments(
             activation_checkpointing=activation_checkpointing,
             save_distributed_checkpoint=save_distributed_checkpoint,
             process_group_backend=process_group_backend,
@@ -346,20 +346,8 @@ class MoEZeroStrategy(ParallelStrategy):
     # --- setup ---
     @override
     def setup(self, trainer: Trainer) -> None:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-
         assert self.model is not None and self.accelerator is not None and self._dims is not None
         self.accelerator.setup(trainer)
-        if any(isinstance(m, FullyShardedDataParallel) for m in self.model.modules()):
-            raise TypeError(
-                f"Found modules wrapped in FSDP1 (`FullyShardedDataParallel`); `{type(self).__name__}` shards the"
-                " model itself with FSDP2. Build the plain model in `__init__` or `configure_model`."
-            )
-        if self.precision_plugin.precision == "16-mixed" and self.root_device.type != "cuda":
-            raise ValueError(
-                f"precision='16-mixed' needs CUDA devices (fp16 autocast + gradient scaler), got"
-                f" {self.root_device.type!r}. On CPU use precision='bf16-mixed' or '32-true'."
-            )
         # Resolves "auto" when the MoE layers were created in `configure_model`; else checks the expert counts.
         self._dims = self._dims.resolve(expert_counts(self.model))
         if self._device_mesh is None:
@@ -368,12 +356,7 @@ class MoEZeroStrategy(ParallelStrategy):
         layout = self._layout()
         done = getattr(self.model, _LAYOUT_ATTR, None)
         if done is None:
-            if is_parallelized(self.model):
-                raise TypeError(
-                    f"The model is already sharded (`fully_shard` or DTensor parameters found)."
-                    f" `{type(self).__name__}` applies expert parallelism and ZeRO itself: only build the model"
-                    " in `__init__` or `configure_model`."
-                )
+            check_not_parallelized(self.model, type(self).__name__)
             self._parallelize_model(layout)
         elif done != layout:
             raise TypeError(
@@ -469,17 +452,17 @@ class MoEZeroStrategy(ParallelStrategy):
 
     @override
     def validation_step(self, *args: Any, **kwargs: Any) -> Any:
-        with _no_inference_mode():
+        with no_inference_mode():
             return self._run_step("validation_step", self.precision_plugin.val_step_context(), *args, **kwargs)
 
     @override
     def test_step(self, *args: Any, **kwargs: Any) -> Any:
-        with _no_inference_mode():
+        with no_inference_mode():
             return self._run_step("test_step", self.precision_plugin.test_step_context(), *args, **kwargs)
 
     @override
     def predict_step(self, *args: Any, **kwargs: Any) -> Any:
-        with _no_inference_mode():
+        with no_inference_mode():
             return self._run_step("predict_step", self.precision_plugin.predict_step_context(), *args, **kwargs)
 
     # --- collectives (each watched: a failed one names the ranks that stopped, lightning_moe.parallel.health) ---
@@ -625,38 +608,5 @@ def register_strategies(registry: _StrategyRegistry | None = None) -> None:
 register_strategies()
 
 
-def _check_strategy_arguments(
-    *, activation_checkpointing: Any, save_distributed_checkpoint: Any, process_group_backend: Any, timeout: Any
-) -> None:
-    """Check the strategy's own arguments (the parallel sizes are checked by :class:`ParallelDims`)."""
-    for name, value in (
-        ("activation_checkpointing", activation_checkpointing),
-        ("save_distributed_checkpoint", save_distributed_checkpoint),
-    ):
-        if not isinstance(value, bool):
-            raise ValueError(f"{name}={value!r} must be True or False")
-    if process_group_backend is not None and (not isinstance(process_group_backend, str) or not process_group_backend):
-        raise ValueError(
-            f"process_group_backend={process_group_backend!r} is not valid; use None (automatic), 'gloo', 'nccl'"
-            " or a per-device spec such as 'cuda:nccl,cpu:gloo'"
-        )
-    if timeout is not None and (not isinstance(timeout, timedelta) or timeout.total_seconds() <= 0):
-        raise ValueError(f"timeout={timeout!r} must be a positive datetime.timedelta (or None for torch's default)")
-
-
 def _unwrap_optimizer(optimizer: Any) -> Optimizer:
     return optimizer._optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
-
-
-@contextmanager
-def _no_inference_mode() -> Generator[None, None, None]:
-    """Run evaluation steps under ``no_grad`` instead of ``inference_mode``.
-
-    FSDP2 keeps unsharded parameters between uses (stages 1-2); allocating them as inference tensors would
-    break the next training step.
-    """
-    if torch.is_inference_mode_enabled():
-        with torch.inference_mode(False), torch.no_grad():
-            yield
-    else:
-        yield

@@ -6,11 +6,12 @@ Plain data only (no Lightning, no Hydra), so the configuration can import it che
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 from lightning_moe.parallel.dims import OFFLOAD_CHOICES, ZERO_STAGES
 
-__all__ = ["STRATEGY_PRESETS", "SUPPORTED_PRECISIONS", "ZERO_STAGES", "OFFLOAD_CHOICES"]
+__all__ = ["STRATEGY_PRESETS", "SUPPORTED_PRECISIONS", "ZERO_STAGES", "OFFLOAD_CHOICES", "check_strategy_arguments"]
 
 STRATEGY_PRESETS: dict[str, dict[str, Any]] = {
     "moe_zero": {"zero_stage": 2, "expert_parallel_size": "auto"},
@@ -25,3 +26,22 @@ STRATEGY_PRESETS: dict[str, dict[str, Any]] = {
 SUPPORTED_PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed")
 """Precisions ``MoEZeroStrategy`` and ``trainer.precision`` accept. ``16-mixed`` needs CUDA (fp16 autocast
 + gradient scaler)."""
+
+
+def check_strategy_arguments(
+    *, activation_checkpointing: Any, save_distributed_checkpoint: Any, process_group_backend: Any, timeout: Any
+) -> None:
+    """Check ``MoEZeroStrategy``'s own arguments (the parallel sizes are checked by ``ParallelDims``)."""
+    for name, value in (
+        ("activation_checkpointing", activation_checkpointing),
+        ("save_distributed_checkpoint", save_distributed_checkpoint),
+    ):
+        if not isinstance(value, bool):
+            raise ValueError(f"{name}={value!r} must be True or False")
+    if process_group_backend is not None and (not isinstance(process_group_backend, str) or not process_group_backend):
+        raise ValueError(
+            f"process_group_backend={process_group_backend!r} is not valid; use None (automatic), 'gloo', 'nccl'"
+            " or a per-device spec such as 'cuda:nccl,cpu:gloo'"
+        )
+    if timeout is not None and (not isinstance(timeout, timedelta) or timeout.total_seconds() <= 0):
+        raise ValueError(f"timeout={timeout!r} must be a positive datetime.timedelta (or None for torch's default)")

@@ -50,7 +50,14 @@ from lightning_moe.parallel.dims import ParallelDims, expert_shard_mesh, submesh
 from lightning_moe.parallel.discovery import find_blocks, find_moe_layers
 from lightning_moe.parallel.local import local_shard
 
-__all__ = ["apply_fsdp", "is_data_parallel", "mixed_precision_policy", "no_gradient_sync", "PRECISIONS"]
+__all__ = [
+    "apply_fsdp",
+    "is_data_parallel",
+    "mixed_precision_policy",
+    "no_gradient_sync",
+    "no_inference_mode",
+    "PRECISIONS",
+]
 
 PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true")
 
@@ -264,3 +271,17 @@ def _set_requires_gradient_sync(model: nn.Module, enabled: bool) -> None:
         model.set_requires_gradient_sync(enabled, recurse=True)
     else:  # composable DDP: one flag for the whole model
         model.set_requires_gradient_sync(enabled)  # type: ignore[operator]
+
+
+@contextlib.contextmanager
+def no_inference_mode() -> Iterator[None]:
+    """Run evaluation steps under ``no_grad`` instead of ``inference_mode``.
+
+    FSDP2 keeps unsharded parameters between uses (stages 1-2); allocating them as inference tensors would
+    break the next training step.
+    """
+    if torch.is_inference_mode_enabled():
+        with torch.inference_mode(False), torch.no_grad():
+            yield
+    else:
+        yield

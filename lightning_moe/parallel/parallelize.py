@@ -22,7 +22,13 @@ from lightning_moe.parallel.expert_parallel import apply_expert_parallel
 from lightning_moe.parallel.fsdp import apply_fsdp, is_data_parallel
 from lightning_moe.parallel.tensor_parallel import apply_expert_token_split, apply_tensor_parallel
 
-__all__ = ["parallelize", "apply_activation_checkpointing", "apply_gradient_memory", "is_parallelized"]
+__all__ = [
+    "parallelize",
+    "apply_activation_checkpointing",
+    "apply_gradient_memory",
+    "is_parallelized",
+    "check_not_parallelized",
+]
 
 
 def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
@@ -56,6 +62,22 @@ def is_parallelized(model: nn.Module) -> bool:
     from torch.distributed.tensor import DTensor
 
     return any(is_data_parallel(m) for m in model.modules()) or any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def check_not_parallelized(model: nn.Module, owner: str) -> None:
+    """Refuse a model that was sharded before ``owner`` (a strategy) could apply its own layout."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+        raise TypeError(
+            f"Found modules wrapped in FSDP1 (`FullyShardedDataParallel`); `{owner}` shards the model itself"
+            " with FSDP2. Build the plain model in `__init__` or `configure_model`."
+        )
+    if is_parallelized(model):
+        raise TypeError(
+            f"The model is already sharded (`fully_shard` or DTensor parameters found). `{owner}` applies expert"
+            " parallelism and ZeRO itself: only build the model in `__init__` or `configure_model`."
+        )
 
 
 def parallelize(

@@ -182,11 +182,11 @@ def test_storage_options_are_rejected() -> None:
 
 
 def test_evaluation_steps_leave_inference_mode_for_no_grad() -> None:
-    from lightning_moe.strategy import _no_inference_mode
+    from lightning_moe.parallel.fsdp import no_inference_mode
 
     with torch.inference_mode():
-        with _no_inference_mode():
+        with no_inference_mode():
             assert not torch.is_inference_mode_enabled() and not torch.is_grad_enabled()
         assert torch.is_inference_mode_enabled()
-    with _no_inference_mode():  # outside inference mode nothing changes
+    with no_inference_mode():  # outside inference mode nothing changes
         assert torch.is_grad_enabled()
