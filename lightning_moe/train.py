@@ -68,12 +68,13 @@ def build_strategy(cfg: TrainConfig) -> Any:
     from lightning.pytorch.strategies import SingleDeviceStrategy
 
     accelerator = cfg.trainer.accelerator
-    device = "cuda" if accelerator in ("gpu", "cuda") else "cpu"
+    on_gpu = accelerator in ("gpu", "cuda")
     if accelerator == "auto":
         import torch
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return SingleDeviceStrategy(device=device, checkpoint_io=AtomicCheckpointIO())
+        on_gpu = torch.cuda.is_available()
+    # An index is required: Lightning's CUDA accelerator calls torch.cuda.set_device(root_device).
+    return SingleDeviceStrategy(device="cuda:0" if on_gpu else "cpu", checkpoint_io=AtomicCheckpointIO())
 
 
 def checkpoint_dir(cfg: TrainConfig) -> Path:

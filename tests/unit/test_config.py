@@ -6,6 +6,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_module
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
@@ -95,6 +96,16 @@ def test_strategy_presets_are_the_same_from_python_and_the_command_line(name):
             assert getattr(strategy, key) == value, (name, key)
         assert cfg.strategy.zero_stage == STRATEGY_PRESETS[name]["zero_stage"]
         assert cfg.strategy.offload == STRATEGY_PRESETS[name].get("offload", "none")
+
+
+@pytest.mark.parametrize(("accelerator", "device"), [("cpu", "cpu"), ("gpu", "cuda:0"), ("cuda", "cuda:0")])
+def test_single_device_strategy_names_an_indexed_device(accelerator, device):
+    """Lightning's CUDA accelerator calls ``torch.cuda.set_device(root_device)``, which needs an index (found on
+    an H200: ``trainer=gpu`` with ``strategy=single`` failed at start-up)."""
+    from lightning_moe.train import build_strategy
+
+    cfg = to_train_config(_compose(["strategy=single", f"trainer.accelerator={accelerator}"]))
+    assert build_strategy(cfg).root_device == torch.device(device)
 
 
 def test_command_line_overrides_reach_the_typed_config():
