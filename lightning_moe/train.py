@@ -28,7 +28,7 @@ import lightning.pytorch as pl
 from omegaconf import DictConfig
 
 import lightning_moe  # noqa: F401  (registers the moe_zero strategies)
-from lightning_moe.callbacks import ExpertLoadMonitor, NonFiniteGuard, RNGStateCheckpoint
+from lightning_moe.callbacks import ExpertLoadMonitor, NonFiniteGuard, RNGStateCheckpoint, RouterBiasUpdate
 from lightning_moe.checkpoint import AtomicCheckpointIO, RetainingModelCheckpoint, prune_checkpoints, resolve_resume
 from lightning_moe.config import ConfigError, TrainConfig, register_configs, to_train_config
 from lightning_moe.config.launch import check_group_options, check_multirun
@@ -97,6 +97,7 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: list | None = None, resumin
             save_last=False,
         ),
         ExpertLoadMonitor(),
+        RouterBiasUpdate(),
         NonFiniteGuard(policy=t.nonfinite, max_skips=t.nonfinite_max),
         RNGStateCheckpoint(),
     ]

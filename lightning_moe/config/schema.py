@@ -206,7 +206,8 @@ def to_train_config(cfg: Any) -> TrainConfig:
     try:
         transformer = TransformerConfig(**model_node, moe=moe)
     except (ValueError, TypeError) as err:
-        raise ConfigError(f"invalid configuration: model.{err}") from err
+        prefix = "" if str(err).startswith("moe.") else "model."
+        raise ConfigError(f"invalid configuration: {prefix}{err}") from err
     tasks = _build(MultitaskConfig, cfg.tasks, "tasks")
     missing = [lang for lang in tasks.langs() if lang not in data.langs]
     if missing:
@@ -216,6 +217,13 @@ def to_train_config(cfg: Any) -> TrainConfig:
         )
     strategy = _build(StrategyConfig, cfg.strategy, "strategy")
     trainer = _build(TrainerConfig, cfg.trainer, "trainer")
+    ep = strategy.expert_parallel_size
+    uneven = [c for c in transformer.experts_per_moe_layer() if ep != "auto" and c % ep != 0]
+    if uneven:
+        raise ConfigError(
+            f"invalid configuration: strategy.expert_parallel_size={ep} does not divide moe.num_experts="
+            f"{moe.num_experts}; use an expert-parallel size dividing every MoE layer's expert count"
+        )
     if strategy.name == "single" and (trainer.devices != 1 or trainer.num_nodes != 1):
         raise ConfigError(
             f"invalid configuration: strategy={strategy.name} runs one process but trainer.devices={trainer.devices}, "
