@@ -147,7 +147,12 @@ def build_module(
         max_steps=cfg.trainer.max_steps,
         tokenizer_model=tokenizer.model_proto,
     )
-    if init_checkpoint is not None:
+    if init_checkpoint is not None and cfg.moe.upcycle:
+        from lightning_moe.models.upcycle import upcycle_
+
+        upcycle_(module, init_checkpoint["state_dict"], source=f"init_from={cfg.init_from!r}")
+        log.info("upcycled the MoE model from the dense checkpoint %s", cfg.init_from)
+    elif init_checkpoint is not None:
         from lightning_moe.inference import load_model_weights
 
         load_model_weights(module, cfg.init_from, init_checkpoint)

@@ -234,6 +234,11 @@ def to_train_config(cfg: Any) -> TrainConfig:
             f"invalid configuration: model.max_positions={transformer.max_positions} must exceed "
             f"data.max_len={data.max_len}; raise model.max_positions or lower data.max_len"
         )
+    if moe.upcycle and (not cfg.init_from or not moe.enabled):
+        raise ConfigError(
+            "invalid configuration: moe.upcycle=true needs init_from=DENSE.ckpt (a dense checkpoint) and "
+            f"moe.num_experts > 0 (got init_from={cfg.init_from!r}, moe.num_experts={moe.num_experts})"
+        )
     seed = cfg.seed
     if not isinstance(seed, int) or seed < 0:
         raise ConfigError(f"invalid configuration: seed={seed!r} must be an integer >= 0")
