@@ -121,7 +121,7 @@ class MoE(nn.Module):
 
     ``forward(x, padding_mask=None)``: ``x`` is ``[..., hidden_size]``; ``padding_mask`` has ``x``'s
     leading shape, True marks padding, which is not routed, takes no capacity and counts in no loss
-    (its output row is zero, or the residual FFN's output with ``use_residual``).
+    (its output row is zero, plus the residual FFN's or the shared experts' output when the layer has them).
     """
 
     def __init__(
