@@ -234,6 +234,11 @@ def to_train_config(cfg: Any) -> TrainConfig:
             f"invalid configuration: model.max_positions={transformer.max_positions} must exceed "
             f"data.max_len={data.max_len}; raise model.max_positions or lower data.max_len"
         )
+    if moe.aux_loss_scope == "global" and strategy.name == "ddp":
+        raise ConfigError(
+            "invalid configuration: moe.aux_loss_scope=global sums the balance statistics through the moe_zero "
+            "strategy's parallel engine; use strategy=moe_zero (any zero_stage) or moe.aux_loss_scope=local"
+        )
     if moe.upcycle and (not cfg.init_from or not moe.enabled):
         raise ConfigError(
             "invalid configuration: moe.upcycle=true needs init_from=DENSE.ckpt (a dense checkpoint) and "

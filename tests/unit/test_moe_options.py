@@ -220,6 +220,8 @@ def test_hydra_command_line_takes_a_list_of_counts():
         )
     with pytest.raises(ConfigError, match="moe.upcycle=true needs init_from"):
         to_train_config(_compose(["moe.upcycle=true"]))
+    with pytest.raises(ConfigError, match="moe.aux_loss_scope=global .* use strategy=moe_zero"):
+        to_train_config(_compose(["moe.aux_loss_scope=global", "strategy=ddp", "trainer.devices=2"]))
 
 
 # --------------------------------------------------------------------------------------- router metrics
@@ -317,3 +319,49 @@ def _ffn_of(model, width):
         for name, _ in find_moe_layers(model)
         for part, shape in (("fc1.weight", (width, 128)), ("fc1.bias", (width,)), ("fc2.weight", (128, width)), ("fc2.bias", (128,)))
     }
+
+
+# ------------------------------------------------------------------------ the bias update in a Lightning run
+
+
+def test_router_bias_update_runs_once_per_optimizer_step_with_accumulation(monkeypatch):
+    import lightning.pytorch as pl
+
+    import lightning_moe.parallel.balancing as balancing
+    from lightning_moe.callbacks import RouterBiasUpdate
+    from tests.distributed.tiny_moe import TinyMoEModel, make_batches
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = TinyMoEModel(num_experts=4, k=1, router_bias_update_rate=0.01)
+
+        def training_step(self, batch, batch_idx):
+            return self.net(*batch)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    updates: list[list[torch.Tensor]] = []
+    real = balancing.update_router_biases
+
+    def spy(model, group=None):
+        # The loads each update reads: both micro-batches of its step.
+        updates.append([layer._pending_load.clone() for _, layer in find_moe_layers(model)])
+        return real(model, group)
+
+    monkeypatch.setattr(balancing, "update_router_biases", spy)
+    module = Module()
+    layer = module.net.blocks[1].moe
+    counted: list[torch.Tensor] = []
+    layer.register_forward_hook(lambda m, args, out: counted.append(out.expert_counts.clone()))
+    trainer = pl.Trainer(
+        max_steps=2, accumulate_grad_batches=2, callbacks=[RouterBiasUpdate()], logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, accelerator="cpu", enable_model_summary=False,
+    )
+    trainer.fit(module, torch.utils.data.DataLoader(make_batches(4), batch_size=None))
+    assert len(updates) == 2  # two optimizer steps, four batches
+    torch.testing.assert_close(updates[0][0], counted[0] + counted[1])
+    torch.testing.assert_close(updates[1][0], counted[2] + counted[3])
+    expected = sum(0.01 * torch.sign(u[0].float().mean() - u[0].float()) for u in updates)
+    torch.testing.assert_close(layer.gate.expert_bias, expected)
