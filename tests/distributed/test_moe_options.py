@@ -172,6 +172,16 @@ def _translator_rank(rank: int, world_size: int, folder: str) -> dict:
     return {"state": _state(model), "placement": placement}
 
 
+def _load_rank(rank: int, world_size: int, folder: str) -> dict[str, torch.Tensor]:
+    from lightning_moe import checkpoint as ckpt
+
+    model = _translator(seed=1)  # other weights, zero biases
+    dims = ParallelDims(world_size, 2, zero_stage=2).resolve(expert_counts(model))
+    parallelize(model, dims.build_mesh("cpu"), dims)
+    ckpt.load_checkpoint(folder, model, [])
+    return {n: b.detach().clone() for n, b in model.named_buffers() if n.endswith("expert_bias")}
+
+
 def test_translator_with_every_option_on_tp2_ep2_zero3_matches_one_process_and_checkpoints_the_bias(tmp_path) -> None:
     from lightning_moe.inference import read_checkpoint
 
@@ -188,3 +198,7 @@ def test_translator_with_every_option_on_tp2_ep2_zero3_matches_one_process_and_c
         key = f"{part}_layers.1.ffn.gate.expert_bias"
         torch.testing.assert_close(saved[key], reference[key], rtol=0, atol=0)
     assert any(saved[f"{p}_layers.1.ffn.gate.expert_bias"].abs().sum() > 0 for p in ("encoder", "decoder"))
+    for loaded in run_ranks(_load_rank, 2, folder):  # resumed on another layout (tp=1, ep=2, ZeRO-2)
+        assert loaded.keys() == {f"{p}_layers.1.ffn.gate.expert_bias" for p in ("encoder", "decoder")}
+        for key, value in loaded.items():
+            torch.testing.assert_close(value, reference[key], rtol=0, atol=0)
