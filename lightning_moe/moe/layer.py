@@ -225,6 +225,7 @@ class MoE(nn.Module):
     def update_router_bias(self, load: Tensor) -> None:
         """Aux-loss-free balancing step with ``load [E]`` counted over every data-parallel rank."""
         self.gate.update_bias(load)
+
     def keep_gradient_memory(self, keep: bool) -> None:
         """Whether the CPU experts reuse one step's weight-gradient memory at the next
         (:mod:`lightning_moe.moe.kernels.gradient_memory`); ``False`` also frees what is kept. Sharded-gradient
