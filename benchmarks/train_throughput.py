@@ -107,7 +107,7 @@ def parameter_counts(model: MoETransformer) -> dict[str, float]:
     Works on a model built on the meta device (only shapes are read).
     """
     config = model.config
-    k, num_experts = config.moe.k, max(config.moe.num_experts, 1)
+    k = config.moe.k
     counts = {"total": 0.0, "experts": 0.0, "active_src": 0.0, "active_tgt": 0.0}
     for name, p in model.named_parameters():
         n = float(p.numel())
@@ -115,7 +115,7 @@ def parameter_counts(model: MoETransformer) -> dict[str, float]:
         fraction = 1.0
         if ".experts." in name:
             counts["experts"] += n
-            fraction = k / num_experts
+            fraction = k / p.shape[0]  # grouped expert weights are [E, ...]: E of this layer (PR-MoE: per layer)
         side = _side(name)
         if side != "none":
             counts[f"active_{side}"] += n * fraction

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from lightning_moe.moe import MoE
 
-__all__ = ["ExpertLoadMonitor", "NonFiniteGuard", "RNGStateCheckpoint", "NonFiniteLossError", "find_moe_layers", "expert_load_heatmap"]
+__all__ = ["ExpertLoadMonitor", "RouterBiasUpdate", "ROUTER_METRICS", "NonFiniteGuard", "RNGStateCheckpoint", "NonFiniteLossError", "find_moe_layers", "expert_load_heatmap"]
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +49,23 @@ def _short(name: str) -> str:
     return name.replace("model.", "").replace("_layers", "").replace(".ffn", "")
 
 
-class ExpertLoadMonitor(pl.Callback):
-    """Logs, per MoE layer, the kept tokens per expert, the dropped fraction and the router entropy.
+ROUTER_METRICS = ("balance_loss", "z_loss", "dropped_fraction", "max_over_mean_load", "router_entropy")
+"""The router metrics :class:`ExpertLoadMonitor` logs per MoE layer (``moe/<layer>/<metric>``) and as means over
+layers (``moe/<metric>``)."""
 
-    Every training batch adds each layer's ``last_stats.tokens_per_expert`` to a running ``[L, E]``
-    table; at each logging step the dropped fraction and entropy of every layer are logged (and their
-    means across layers); at the end of every validation the table is summed over ranks, logged as
-    an expert-load heatmap (TensorBoard image, or ``expert_load_step<N>.png`` in the log folder for
-    other loggers), and reset. Layers with different expert counts each get their own row width.
+
+class ExpertLoadMonitor(pl.Callback):
+    """Logs, per MoE layer, the router metrics of :data:`ROUTER_METRICS` and an expert-load heatmap.
+
+    At each logging step, the last training batch's statistics of every layer are summed over all ranks in
+    one reduction, so the logged values describe the whole global batch, not rank 0's share: the
+    unweighted balance loss, z-loss and router entropy are means over ranks; the dropped fraction is the
+    dropped assignments of every rank over their routed assignments; ``max_over_mean_load`` is the busiest
+    expert's kept tokens over the mean, with the loads of every rank added (1 = perfectly even).
+    Every training batch also adds each layer's ``last_stats.tokens_per_expert`` to a running ``[L, E]``
+    table; at the end of every validation the table is summed over ranks, logged as an expert-load heatmap
+    (TensorBoard image, or ``expert_load_step<N>.png`` in the log folder for other loggers), and reset.
+    Layers with different expert counts (PR-MoE) each get their own row width.
 
     Arguments:
         heatmap: draw the heatmap at validation end.
@@ -82,14 +91,11 @@ class ExpertLoadMonitor(pl.Callback):
             counts = s.tokens_per_expert.detach()
             self._load[row, : counts.numel()] += counts.to(self._load.device, torch.float64)
         if (trainer.global_step + 1) % max(trainer.log_every_n_steps, 1) == 0:
-            dropped = torch.stack([s.dropped_fraction.float().cpu() for _, s in stats])
-            entropy = torch.stack([s.router_entropy.float().cpu() for _, s in stats])
-            pl_module.log("moe/dropped_fraction", dropped.mean(), on_step=True, on_epoch=False)
-            pl_module.log("moe/router_entropy", entropy.mean(), on_step=True, on_epoch=False)
-            for (name, _), d, h in zip(stats, dropped, entropy):
-                short = _short(name)
-                pl_module.log(f"moe/{short}/dropped_fraction", d, on_step=True, on_epoch=False)
-                pl_module.log(f"moe/{short}/router_entropy", h, on_step=True, on_epoch=False)
+            metrics = router_metrics([s for _, s in stats], trainer.strategy.reduce if trainer.world_size > 1 else None, trainer.world_size)
+            for column, metric in enumerate(ROUTER_METRICS):
+                pl_module.log(f"moe/{metric}", metrics[:, column].mean(), on_step=True, on_epoch=False)
+                for (name, _), value in zip(stats, metrics[:, column]):
+                    pl_module.log(f"moe/{_short(name)}/{metric}", value, on_step=True, on_epoch=False)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._load is None or trainer.sanity_checking:
@@ -117,6 +123,64 @@ class ExpertLoadMonitor(pl.Callback):
         import matplotlib.pyplot as plt
 
         plt.close(fig)
+
+
+def router_metrics(stats: list[Any], reduce_sum: Any = None, world_size: int = 1) -> Tensor:
+    """``[L, len(ROUTER_METRICS)]`` fp64 CPU table of the router metrics of ``stats`` (one ``MoEStats`` per
+    layer), over every rank when ``reduce_sum(tensor, reduce_op="sum")`` is given (one reduction, which every
+    rank must join)."""
+    width = max(s.tokens_per_expert.numel() for s in stats)
+    device = stats[0].tokens_per_expert.device
+    # Per layer: balance, z, entropy, dropped assignments, routed assignments, then the kept load per expert.
+    rows = []
+    for s in stats:
+        kept = s.tokens_per_expert.to(torch.float64)
+        head = torch.stack([
+            s.balance_loss.to(device, torch.float64),
+            s.z_loss.to(device, torch.float64),
+            s.router_entropy.to(device, torch.float64),
+            torch.as_tensor(s.num_assignments, dtype=torch.float64, device=device) - kept.sum(),
+            torch.as_tensor(s.num_assignments, dtype=torch.float64, device=device),
+        ])
+        load = torch.full((width,), float("nan"), dtype=torch.float64, device=device)  # NaN: no such expert
+        load[: kept.numel()] = kept
+        rows.append(torch.cat([head, load]))
+    table = torch.stack(rows)  # [L, 5 + width]
+    if reduce_sum is not None:
+        # NaN marks the same missing experts on every rank and survives the sum; a plain sum keeps fp64.
+        table = reduce_sum(table, reduce_op="sum")
+    table = table.cpu()
+    means = table[:, :3] / world_size
+    dropped = table[:, 3] / table[:, 4].clamp_min(1.0)
+    load = table[:, 5:]
+    present = ~torch.isnan(load)
+    mean_load = torch.where(present, load, 0.0).sum(1) / present.sum(1)
+    max_load = torch.where(present, load, float("-inf")).max(1).values
+    max_over_mean = torch.where(mean_load > 0, max_load / mean_load.clamp_min(1e-12), torch.ones_like(mean_load))
+    # Columns in ROUTER_METRICS order.
+    return torch.stack([means[:, 0], means[:, 1], dropped, max_over_mean, means[:, 2]], dim=1)
+
+
+class RouterBiasUpdate(pl.Callback):
+    """Aux-loss-free balancing in a Lightning run: after every optimizer step, each MoE layer with
+    ``router_bias_update_rate > 0`` moves its router bias with the expert loads of all ranks since the last
+    step (:func:`lightning_moe.parallel.update_router_biases`). Does nothing for models without such layers.
+    With gradient accumulation the loads of every micro-batch of the step count."""
+
+    def __init__(self) -> None:
+        self._last_step: int | None = None
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        from lightning_moe.parallel.balancing import update_router_biases
+
+        # global_step counts optimizer steps: it moves only when this batch ended an accumulation window.
+        if self._last_step is not None and trainer.global_step == self._last_step:
+            return
+        self._last_step = trainer.global_step
+        update_router_biases(pl_module)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._last_step = trainer.global_step
 
 
 class RNGStateCheckpoint(pl.Callback):
@@ -218,7 +282,7 @@ class NonFiniteGuard(pl.Callback):
         if self.policy == "stop" or (self.policy == "stop_after" and self.skipped >= self.max_skips):
             raise NonFiniteLossError(message + f"; stopping (trainer.nonfinite={self.policy!r})")
         log.warning(message)
-        pl_module.log("train/skipped_steps", float(self.skipped), on_step=True, on_epoch=False, rank_zero_only=True)
+        pl_module.log("train/skipped_steps", float(self.skipped), on_step=True, on_epoch=False)
 
     def state_dict(self) -> dict[str, Any]:
         return {"skipped": self.skipped}

@@ -28,7 +28,7 @@ import lightning.pytorch as pl
 from omegaconf import DictConfig
 
 import lightning_moe  # noqa: F401  (registers the moe_zero strategies)
-from lightning_moe.callbacks import ExpertLoadMonitor, NonFiniteGuard, RNGStateCheckpoint
+from lightning_moe.callbacks import ExpertLoadMonitor, NonFiniteGuard, RNGStateCheckpoint, RouterBiasUpdate
 from lightning_moe.checkpoint import AtomicCheckpointIO, RetainingModelCheckpoint, prune_checkpoints, resolve_resume
 from lightning_moe.config import ConfigError, TrainConfig, register_configs, to_train_config
 from lightning_moe.config.launch import check_group_options, check_multirun
@@ -98,6 +98,7 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: list | None = None, resumin
             save_last=False,
         ),
         ExpertLoadMonitor(),
+        RouterBiasUpdate(),
         NonFiniteGuard(policy=t.nonfinite, max_skips=t.nonfinite_max),
         RNGStateCheckpoint(),
     ]
@@ -147,7 +148,12 @@ def build_module(
         max_steps=cfg.trainer.max_steps,
         tokenizer_model=tokenizer.model_proto,
     )
-    if init_checkpoint is not None:
+    if init_checkpoint is not None and cfg.moe.upcycle:
+        from lightning_moe.models.upcycle import upcycle_
+
+        upcycle_(module, init_checkpoint["state_dict"], source=f"init_from={cfg.init_from!r}")
+        log.info("upcycled the MoE model from the dense checkpoint %s", cfg.init_from)
+    elif init_checkpoint is not None:
         from lightning_moe.inference import load_model_weights
 
         load_model_weights(module, cfg.init_from, init_checkpoint)

@@ -206,7 +206,8 @@ def to_train_config(cfg: Any) -> TrainConfig:
     try:
         transformer = TransformerConfig(**model_node, moe=moe)
     except (ValueError, TypeError) as err:
-        raise ConfigError(f"invalid configuration: model.{err}") from err
+        prefix = "" if str(err).startswith("moe.") else "model."
+        raise ConfigError(f"invalid configuration: {prefix}{err}") from err
     tasks = _build(MultitaskConfig, cfg.tasks, "tasks")
     missing = [lang for lang in tasks.langs() if lang not in data.langs]
     if missing:
@@ -216,6 +217,13 @@ def to_train_config(cfg: Any) -> TrainConfig:
         )
     strategy = _build(StrategyConfig, cfg.strategy, "strategy")
     trainer = _build(TrainerConfig, cfg.trainer, "trainer")
+    ep = strategy.expert_parallel_size
+    uneven = [c for c in transformer.experts_per_moe_layer() if ep != "auto" and c % ep != 0]
+    if uneven:
+        raise ConfigError(
+            f"invalid configuration: strategy.expert_parallel_size={ep} does not divide moe.num_experts="
+            f"{moe.num_experts}; use an expert-parallel size dividing every MoE layer's expert count"
+        )
     if strategy.name == "single" and (trainer.devices != 1 or trainer.num_nodes != 1):
         raise ConfigError(
             f"invalid configuration: strategy={strategy.name} runs one process but trainer.devices={trainer.devices}, "
@@ -225,6 +233,16 @@ def to_train_config(cfg: Any) -> TrainConfig:
         raise ConfigError(
             f"invalid configuration: model.max_positions={transformer.max_positions} must exceed "
             f"data.max_len={data.max_len}; raise model.max_positions or lower data.max_len"
+        )
+    if moe.aux_loss_scope == "global" and strategy.name == "ddp":
+        raise ConfigError(
+            "invalid configuration: moe.aux_loss_scope=global sums the balance statistics through the moe_zero "
+            "strategy's parallel engine; use strategy=moe_zero (any zero_stage) or moe.aux_loss_scope=local"
+        )
+    if moe.upcycle and (not cfg.init_from or not moe.enabled):
+        raise ConfigError(
+            "invalid configuration: moe.upcycle=true needs init_from=DENSE.ckpt (a dense checkpoint) and "
+            f"moe.num_experts > 0 (got init_from={cfg.init_from!r}, moe.num_experts={moe.num_experts})"
         )
     seed = cfg.seed
     if not isinstance(seed, int) or seed < 0:

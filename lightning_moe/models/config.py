@@ -12,8 +12,10 @@ The dataclasses work as Hydra/OmegaConf structured configs (no ``Literal`` or ``
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
+from lightning_moe.moe.balance import AUX_LOSS_SCOPES
 from lightning_moe.moe.experts import ACTIVATIONS
-from lightning_moe.moe.router import normalize_noisy_gate_policy
+from lightning_moe.moe.layer import DROP_POLICIES
+from lightning_moe.moe.router import SCORE_FUNCS, normalize_noisy_gate_policy
 
 __all__ = [
     "MoEConfig",
@@ -55,8 +57,11 @@ def _check_float(name: str, value: Any, low: float, high: float | None = None, *
 class MoEConfig:
     """Arguments of every MoE layer of the model; the field names are those of ``MoE(...)``."""
 
-    num_experts: int = 0
-    """Experts per MoE layer. 0 = dense model (the dense twin of the same config with experts)."""
+    num_experts: Any = 0
+    """Experts per MoE layer: one count for every layer, or a list with one count per MoE layer, encoder
+    layers first, then decoder layers (PR-MoE pyramid: ``[4, 4, 8, 8]``). 0 = dense model (the dense twin
+    of the same config with experts). Typed ``Any`` so the command line takes ``moe.num_experts=8`` and
+    ``moe.num_experts=[4,4,8,8]``; checked in ``__post_init__``."""
     k: int = 1
     """Experts each token is routed to (top-k). Also sets the dense twin's FFN width at MoE positions."""
     expert: str = "ffn"
@@ -82,11 +87,38 @@ class MoEConfig:
     """Weight of the load-balancing loss in each layer's ``aux_loss``."""
     z_loss_coef: float = 0.001
     """Weight of the router z-loss in each layer's ``aux_loss``."""
+    num_shared_experts: int = 0
+    """Always-on shared experts per MoE layer (DeepSeek/Qwen-MoE style), added to the routed experts' output;
+    counted as active parameters, split by tensor parallelism like a dense FFN. 0 = none."""
+    score_func: str = "softmax"
+    """Router scores: ``"softmax"`` over experts, or ``"sigmoid"`` per expert (DeepSeek-V3)."""
+    router_bias_update_rate: float = 0.0
+    """Aux-loss-free balancing (DeepSeek-V3): > 0 adds a per-expert bias to the scores for the choice of
+    experts only, moved by ``rate * sign(mean_load - load)`` after each optimizer step with the loads of every
+    data-parallel rank (try 1e-3 with ``aux_loss_coef=0``). 0 = off."""
+    drop_policy: str = "position"
+    """Which assignments an expert over capacity keeps: ``"position"`` (choice rank, then token order, random
+    with ``use_rts``) or ``"probs"`` (the highest router probability)."""
+    aux_loss_scope: str = "local"
+    """Balance-loss statistics: ``"local"`` (this rank's tokens) or ``"global"`` (summed over the data-parallel
+    group, so the loss equals the single-process value)."""
+    upcycle: bool = False
+    """With ``init_from=DENSE.ckpt``: build the MoE layers from the dense checkpoint's FFNs (each expert a
+    copy of the dense FFN at the same position, a zero router), see ``lightning_moe.models.upcycle``."""
 
     def __post_init__(self) -> None:
-        _check_int("moe.num_experts", self.num_experts, 0)
+        counts = self.num_experts
+        if isinstance(counts, (list, tuple)) or type(counts).__name__ == "ListConfig":
+            counts = list(counts)
+            if not counts:
+                raise ValueError("moe.num_experts=[] is invalid: use an integer >= 0 or a list of integers >= 1")
+            for i, count in enumerate(counts):
+                _check_int(f"moe.num_experts[{i}]", count, 1)
+            self.num_experts = counts
+        else:
+            _check_int("moe.num_experts", counts, 0)
         _check_int("moe.k", self.k, 1)
-        if self.num_experts > 0 and self.k > self.num_experts:
+        if self.enabled and self.k > min(self.expert_counts):
             raise ValueError(
                 f"moe.k={self.k} is larger than moe.num_experts={self.num_experts}: use k <= num_experts"
             )
@@ -103,14 +135,30 @@ class MoEConfig:
             raise ValueError(f"moe.{err}") from None
         _check_float("moe.aux_loss_coef", self.aux_loss_coef, 0.0)
         _check_float("moe.z_loss_coef", self.z_loss_coef, 0.0)
-        for name in ("drop_tokens", "use_rts", "use_residual"):
+        _check_int("moe.num_shared_experts", self.num_shared_experts, 0)
+        _check_float("moe.router_bias_update_rate", self.router_bias_update_rate, 0.0)
+        for name, value, choices in (
+            ("score_func", self.score_func, SCORE_FUNCS),
+            ("drop_policy", self.drop_policy, DROP_POLICIES),
+            ("aux_loss_scope", self.aux_loss_scope, AUX_LOSS_SCOPES),
+        ):
+            if value not in choices:
+                raise ValueError(f"moe.{name}={value!r} is not supported: use one of {list(choices)}")
+        for name in ("drop_tokens", "use_rts", "use_residual", "upcycle"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"moe.{name}={getattr(self, name)!r} is invalid: use true or false")
 
     @property
     def enabled(self) -> bool:
-        """Whether the model has MoE layers (``num_experts > 0``)."""
-        return self.num_experts > 0
+        """Whether the model has MoE layers (``num_experts`` a list, or > 0)."""
+        return isinstance(self.num_experts, list) or self.num_experts > 0
+
+    @property
+    def expert_counts(self) -> list[int]:
+        """The counts given: one per MoE layer for a list, ``[num_experts]`` for one count (``[]`` when dense)."""
+        if isinstance(self.num_experts, list):
+            return list(self.num_experts)
+        return [self.num_experts] if self.num_experts > 0 else []
 
     @property
     def resolved_activation(self) -> str:
@@ -125,7 +173,7 @@ class MoEConfig:
         ``activation`` is resolved, so the experts, the residual FFN and the dense FFNs agree.
         """
         kwargs = asdict(self)
-        del kwargs["num_experts"]
+        del kwargs["num_experts"], kwargs["upcycle"]
         kwargs["activation"] = self.resolved_activation
         return kwargs
 
@@ -202,6 +250,11 @@ class TransformerConfig:
                     f"moe_offset={self.moe_offset!r} is invalid: "
                     f"use null or an integer in [0, moe_every={self.moe_every})"
                 )
+        if isinstance(self.moe.num_experts, list) and len(self.moe.num_experts) != self.num_moe_layers:
+            raise ValueError(
+                f"moe.num_experts={self.moe.num_experts} has {len(self.moe.num_experts)} counts but the model has "
+                f"{self.num_moe_layers} MoE layers (encoder first, then decoder): give one count per MoE layer"
+            )
 
     @property
     def head_dim(self) -> int:
@@ -216,6 +269,26 @@ class TransformerConfig:
         offset = self.moe_every - 1 if self.moe_offset is None else self.moe_offset
         return index % self.moe_every == offset
 
+    @property
+    def num_moe_layers(self) -> int:
+        """MoE positions of the encoder plus those of the decoder."""
+        encoder = sum(self.is_moe_position(i) for i in range(self.encoder_layers))
+        return encoder + sum(self.is_moe_position(i) for i in range(self.decoder_layers))
+
+    def experts_per_moe_layer(self) -> list[int]:
+        """The expert count of every MoE layer, encoder layers first (``[]`` for the dense twin)."""
+        counts = self.moe.expert_counts
+        if len(counts) == 1 and not isinstance(self.moe.num_experts, list):
+            counts = counts * self.num_moe_layers
+        return counts
+
+    def num_experts_at(self, index: int, decoder: bool) -> int:
+        """The expert count of the MoE layer in block ``index`` of the encoder (or the decoder)."""
+        ordinal = sum(self.is_moe_position(i) for i in range(index))
+        if decoder:
+            ordinal += sum(self.is_moe_position(i) for i in range(self.encoder_layers))
+        return self.experts_per_moe_layer()[ordinal]
+
     def dense_ffn_hidden_size(self, index: int) -> int:
         """Hidden width of the dense FFN of block ``index`` when the model is dense (``num_experts == 0``)."""
         h = self.ffn_hidden_size
@@ -226,7 +299,7 @@ class TransformerConfig:
             # The residual branch is a plain two-matrix FFN of width h; a GLU FFN has three matrices,
             # so the same parameters buy it 2/3 of the width.
             width += h if self.moe.expert == "ffn" else (2 * h) // 3
-        return width
+        return width + self.moe.num_shared_experts * h
 
 
 def dense_twin(config: TransformerConfig) -> TransformerConfig:

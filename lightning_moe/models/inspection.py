@@ -19,7 +19,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
     ``total`` counts every parameter once (tied weights once). ``active_per_token`` counts the parameters
     one token uses: everything outside the experts (embeddings, attention, dense FFNs, routers, residual
-    FFNs), plus, in each MoE layer, ``k / E`` of its experts' parameters (``k`` of ``E`` experts). Sharded
+    FFNs, shared experts), plus, in each MoE layer, ``k / E`` of its experts' parameters (``k`` of ``E`` experts). Sharded
     (DTensor) parameters count with their global size.
     """
     expert_ids: set[int] = set()

@@ -151,11 +151,13 @@ class TiedOutputHead(nn.Module):
         return F.linear(hidden, self.embedding.weight)
 
 
-def _build_ffn(config: TransformerConfig, index: int) -> nn.Module:
-    """The FFN of block ``index``: an MoE layer at MoE positions of an MoE model, else a dense FFN."""
+def _build_ffn(config: TransformerConfig, index: int, decoder: bool = False) -> nn.Module:
+    """The FFN of block ``index`` (of the encoder, or the decoder): an MoE layer at MoE positions of an MoE
+    model, else a dense FFN."""
     moe = config.moe
     if moe.enabled and config.is_moe_position(index):
-        return MoE(config.d_model, moe.num_experts, config.ffn_hidden_size, **moe.layer_kwargs())
+        num_experts = config.num_experts_at(index, decoder)
+        return MoE(config.d_model, num_experts, config.ffn_hidden_size, **moe.layer_kwargs())
     return FeedForward(
         config.d_model,
         config.dense_ffn_hidden_size(index),
@@ -243,7 +245,7 @@ class DecoderLayer(nn.Module):
         self.cross_attn_norm = nn.LayerNorm(d, eps=config.norm_eps)
         self.cross_attn = MultiHeadAttention(d, config.num_heads, config.attention_dropout)
         self.ffn_norm = nn.LayerNorm(d, eps=config.norm_eps)
-        self.ffn = _build_ffn(config, index)
+        self.ffn = _build_ffn(config, index, decoder=True)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(

@@ -1,5 +1,6 @@
 """The Mixture-of-Experts layer. Plain tensor code: no torch.distributed, no Lightning."""
 
+from lightning_moe.moe.balance import AUX_LOSS_SCOPES, BalanceStatistics
 from lightning_moe.moe.dispatch import DispatchPlan, compute_capacity, plan_dispatch
 from lightning_moe.moe.experts import (
     GroupedFFNExperts,
@@ -8,8 +9,8 @@ from lightning_moe.moe.experts import (
     grouped_mm,
     local_tensor,
 )
-from lightning_moe.moe.layer import MoE, MoEOutput, MoEStats, find_moe_layers
-from lightning_moe.moe.router import TopKRouter
+from lightning_moe.moe.layer import DROP_POLICIES, MoE, MoEOutput, MoEStats, find_moe_layers
+from lightning_moe.moe.router import SCORE_FUNCS, TopKRouter
 from lightning_moe.moe.token_dispatcher import TokenDispatcher
 
 __all__ = [
@@ -27,4 +28,8 @@ __all__ = [
     "DispatchPlan",
     "compute_capacity",
     "plan_dispatch",
+    "BalanceStatistics",
+    "AUX_LOSS_SCOPES",
+    "DROP_POLICIES",
+    "SCORE_FUNCS",
 ]

@@ -63,12 +63,14 @@ def plan_dispatch(
     capacity: int | Tensor | None,
     valid: Tensor | None = None,
     random_priority: bool = False,
+    priority_score: Tensor | None = None,
 ) -> DispatchPlan:
     """Group the ``[T, k]`` router choices by expert, keeping at most ``capacity`` per expert.
 
     Priority for capacity: every token's first choice before any second choice (and so on); within one
     choice rank, token order, or a random order when ``random_priority`` (Random Token Selection), so
-    that capacity does not always favour the start of the batch.
+    that capacity does not always favour the start of the batch; or, with ``priority_score``, the highest
+    scores first.
 
     Args:
         expert_index: ``[T, k]`` chosen experts.
@@ -77,6 +79,9 @@ def plan_dispatch(
         capacity: the per-expert limit (an int or a 0-dim tensor), or None for dropless routing.
         valid: ``[T]`` bool, False for padding tokens (never routed); None when all are real.
         random_priority: Random Token Selection.
+        priority_score: ``[T, k]``; when given, each expert keeps its assignments with the highest score
+            (drop policy ``"probs"``), whatever their choice rank; ties keep the positional order. Overrides
+            ``random_priority``.
     """
     num_tokens, k = expert_index.shape
     device = expert_index.device
@@ -88,7 +93,11 @@ def plan_dispatch(
         # Padding gets the sentinel expert id E: it sorts after every real expert and is never kept.
         flat_expert = torch.where(valid.repeat(k), flat_expert, torch.full_like(flat_expert, num_experts))
 
-    if random_priority:
+    if priority_score is not None:
+        flat_score = priority_score.detach().t().reshape(-1)  # [k*T], choice-major like flat_expert
+        priority = torch.sort(flat_score, descending=True, stable=True).indices  # [k*T] assignment ids
+        expert_by_priority = flat_expert[priority]
+    elif random_priority:
         token_order = torch.randperm(num_tokens, device=device)  # [T]
         choice_offset = torch.arange(k, device=device).unsqueeze(1) * num_tokens  # [k, 1]
         priority = (choice_offset + token_order.unsqueeze(0)).reshape(-1)  # [k*T] assignment ids by priority

@@ -8,13 +8,18 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from lightning_moe.moe.balance import AUX_LOSS_SCOPES, BalanceStatistics
 from lightning_moe.moe.dispatch import compute_capacity, permute_tokens, plan_dispatch, unpermute_tokens
 from lightning_moe.moe.experts import ACTIVATIONS, build_experts
 from lightning_moe.moe.kernels.gradient_memory import gradient_memory_of
 from lightning_moe.moe.router import TopKRouter, normalize_noisy_gate_policy, router_losses
 from lightning_moe.moe.token_dispatcher import TokenDispatcher
 
-__all__ = ["MoE", "MoEOutput", "MoEStats", "find_moe_layers"]
+__all__ = ["MoE", "MoEOutput", "MoEStats", "find_moe_layers", "DROP_POLICIES"]
+
+DROP_POLICIES = ("position", "probs")
+"""Which assignments an expert over capacity keeps: by position (choice rank, then token order or a random
+order with ``use_rts``) or by router probability (the highest first)."""
 
 
 class MoEOutput(NamedTuple):
@@ -41,6 +46,8 @@ class MoEStats:
         router_entropy: mean entropy of the router distribution (nats; ``log E`` is uniform).
         balance_loss: the unweighted load-balancing loss (1.0 when perfectly balanced).
         z_loss: the unweighted router z-loss.
+        routed_per_expert: ``[E]`` assignments routed to each expert (before capacity).
+        num_assignments: routed assignments before capacity (``k`` x real tokens).
     """
 
     tokens_per_expert: Tensor
@@ -48,22 +55,35 @@ class MoEStats:
     router_entropy: Tensor
     balance_loss: Tensor
     z_loss: Tensor
+    routed_per_expert: Tensor | None = None
+    num_assignments: int = 0
 
 
 class _DenseFFN(nn.Module):
-    """``fc2(act(fc1(x)))``: the dense branch of a residual MoE."""
+    """``fc2(act(fc1 x))`` (``kind="ffn"``, with biases) or ``fc2(act(fc1 x) * fc3 x)`` (``"glu"``, no
+    biases): the dense branch of a residual MoE, and the shared experts."""
 
-    tensor_parallel_plan = {"fc1": "colwise", "fc2": "rowwise"}
+    tensor_parallel_plan = {"fc1": "colwise", "fc3": "colwise", "fc2": "rowwise"}
     """How tensor parallelism splits the layers (plain data, read by ``lightning_moe.parallel``)."""
 
-    def __init__(self, hidden_size: int, ffn_hidden_size: int, activation: str) -> None:
+    def __init__(self, hidden_size: int, ffn_hidden_size: int, activation: str, kind: str = "ffn") -> None:
         super().__init__()
-        self.fc1 = nn.Linear(hidden_size, ffn_hidden_size)
-        self.fc2 = nn.Linear(ffn_hidden_size, hidden_size)
+        bias = kind == "ffn"
+        self.fc1 = nn.Linear(hidden_size, ffn_hidden_size, bias=bias)
+        self.fc3: nn.Linear | None = nn.Linear(hidden_size, ffn_hidden_size, bias=False) if kind == "glu" else None
+        self.fc2 = nn.Linear(ffn_hidden_size, hidden_size, bias=bias)
         self.activation = activation
 
+    def reset_parameters(self) -> None:
+        for linear in (self.fc1, self.fc2, self.fc3):
+            if linear is not None:
+                linear.reset_parameters()
+
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(ACTIVATIONS[self.activation](self.fc1(x)))
+        h = ACTIVATIONS[self.activation](self.fc1(x))  # [..., H]
+        if self.fc3 is not None:
+            h = h * self.fc3(x)
+        return self.fc2(h)
 
 
 class MoE(nn.Module):
@@ -87,10 +107,21 @@ class MoE(nn.Module):
         aux_loss_coef: weight of the load-balancing loss in ``aux_loss``.
         z_loss_coef: weight of the router z-loss in ``aux_loss``.
         normalize_weights: rescale the top-k weights to sum to 1 (default: when ``k > 1``).
+        num_shared_experts: always-on experts (DeepSeek/Qwen-MoE style), one dense FFN of width
+            ``num_shared_experts * ffn_hidden_size`` of the experts' kind whose output is added to the routed
+            experts' output; split by tensor parallelism like a dense FFN.
+        score_func: ``"softmax"`` or ``"sigmoid"`` router scores (see :class:`TopKRouter`).
+        router_bias_update_rate: > 0 enables aux-loss-free balancing (DeepSeek-V3): a per-expert bias buffer
+            steers the choice of experts and moves by ``rate * sign(mean_load - load)`` at each
+            :meth:`update_router_bias` (called after every optimizer step with the loads of every
+            data-parallel rank, see ``lightning_moe.parallel.update_router_biases``).
+        drop_policy: ``"position"`` or ``"probs"`` (see :data:`DROP_POLICIES`); ``"probs"`` ignores ``use_rts``.
+        aux_loss_scope: ``"local"`` or ``"global"`` (see :mod:`lightning_moe.moe.balance`): ``"global"``
+            balance statistics are summed over the data-parallel group once the model is parallelised.
 
     ``forward(x, padding_mask=None)``: ``x`` is ``[..., hidden_size]``; ``padding_mask`` has ``x``'s
     leading shape, True marks padding, which is not routed, takes no capacity and counts in no loss
-    (its output row is zero, or the residual FFN's output with ``use_residual``).
+    (its output row is zero, plus the residual FFN's or the shared experts' output when the layer has them).
     """
 
     def __init__(
@@ -111,8 +142,19 @@ class MoE(nn.Module):
         aux_loss_coef: float = 0.01,
         z_loss_coef: float = 0.001,
         normalize_weights: bool | None = None,
+        num_shared_experts: int = 0,
+        score_func: str = "softmax",
+        router_bias_update_rate: float = 0.0,
+        drop_policy: str = "position",
+        aux_loss_scope: str = "local",
     ) -> None:
         super().__init__()
+        if isinstance(num_shared_experts, bool) or not isinstance(num_shared_experts, int) or num_shared_experts < 0:
+            raise ValueError(f"num_shared_experts={num_shared_experts!r} must be an integer >= 0")
+        if drop_policy not in DROP_POLICIES:
+            raise ValueError(f"drop_policy={drop_policy!r} is not supported; use one of {list(DROP_POLICIES)}")
+        if aux_loss_scope not in AUX_LOSS_SCOPES:
+            raise ValueError(f"aux_loss_scope={aux_loss_scope!r} is not supported; use one of {list(AUX_LOSS_SCOPES)}")
         _validate_arguments(
             hidden_size, num_experts, ffn_hidden_size, k, activation, capacity_factor, eval_capacity_factor,
             min_capacity, aux_loss_coef, z_loss_coef,
@@ -129,13 +171,24 @@ class MoE(nn.Module):
         self.use_residual = bool(use_residual)
         self.aux_loss_coef = float(aux_loss_coef)
         self.z_loss_coef = float(z_loss_coef)
+        self.num_shared_experts = num_shared_experts
+        self.drop_policy = drop_policy
+        self.aux_loss_scope = aux_loss_scope
         self.gate = TopKRouter(
             hidden_size, num_experts, k, normalize_noisy_gate_policy(noisy_gate_policy),
-            normalize_weights=normalize_weights,
+            normalize_weights=normalize_weights, score_func=score_func, bias_update_rate=router_bias_update_rate,
         )
         self.experts = build_experts(expert, num_experts, hidden_size, ffn_hidden_size, activation)
         # Runs the experts on the sorted rows; lightning_moe.parallel swaps it for a distributed one.
         self.token_dispatcher: TokenDispatcher = TokenDispatcher()
+        # Sums the balance statistics over ranks with aux_loss_scope="global" (swapped by lightning_moe.parallel).
+        self.balance_statistics: BalanceStatistics = BalanceStatistics()
+        if num_shared_experts > 0:
+            kind = expert if isinstance(expert, str) else "ffn"
+            shared_activation = activation or ("silu" if kind == "glu" else "gelu")
+            self.shared_experts = _DenseFFN(hidden_size, num_shared_experts * ffn_hidden_size, shared_activation, kind)
+        # Routed assignments per expert since the last router-bias update (aux-loss-free balancing only).
+        self._pending_load: Tensor | None = None
         if self.use_residual:
             self.residual_mlp = _DenseFFN(hidden_size, ffn_hidden_size, activation or "gelu")
             self.residual_coef = nn.Linear(hidden_size, 2)
@@ -151,9 +204,27 @@ class MoE(nn.Module):
             for p in self.experts.parameters():
                 nn.init.normal_(p, std=0.02)
         if self.use_residual:
-            self.residual_mlp.fc1.reset_parameters()
-            self.residual_mlp.fc2.reset_parameters()
+            self.residual_mlp.reset_parameters()
             self.residual_coef.reset_parameters()
+        if self.num_shared_experts > 0:
+            self.shared_experts.reset_parameters()
+        self._pending_load = None
+
+    @property
+    def balances_without_loss(self) -> bool:
+        """Whether the router has the aux-loss-free balancing bias (``router_bias_update_rate > 0``)."""
+        return self.gate.expert_bias is not None
+
+    def take_router_load(self) -> Tensor | None:
+        """The ``[E]`` assignments routed to each expert by training forwards since the last call (and reset);
+        None if there were none or the layer has no balancing bias. With activation checkpointing a
+        recomputed forward counts twice, which scales every count alike (the update reads only signs)."""
+        load, self._pending_load = self._pending_load, None
+        return load
+
+    def update_router_bias(self, load: Tensor) -> None:
+        """Aux-loss-free balancing step with ``load [E]`` counted over every data-parallel rank."""
+        self.gate.update_bias(load)
 
     def keep_gradient_memory(self, keep: bool) -> None:
         """Whether the CPU experts reuse one step's weight-gradient memory at the next
@@ -192,6 +263,7 @@ class MoE(nn.Module):
 
         routing = self.gate(tokens)
         num_real = num_tokens if valid is None else valid.sum()  # a tensor: no host read for the capacity
+        by_probs = self.drop_policy == "probs" and self.drop_tokens
         plan = plan_dispatch(
             routing.expert_index,
             routing.expert_weight,
@@ -199,7 +271,11 @@ class MoE(nn.Module):
             self.capacity(num_real),
             valid=valid,
             random_priority=self.use_rts and self.training and self.drop_tokens,
+            priority_score=routing.probs.gather(-1, routing.expert_index) if by_probs else None,  # [T, k]
         )
+        if self.training and self.gate.expert_bias is not None:
+            load = plan.routed_per_expert.detach()
+            self._pending_load = load if self._pending_load is None else self._pending_load + load
         expert_in = permute_tokens(tokens, plan)  # [M, d]
         expert_out = self.token_dispatcher(self.experts, expert_in, plan.tokens_per_expert)  # [M, d]
         output = unpermute_tokens(expert_out, plan, num_tokens)  # [T, d]
@@ -207,8 +283,11 @@ class MoE(nn.Module):
         if self.use_residual:
             coef = torch.softmax(self.residual_coef(tokens), dim=-1)  # [T, 2]
             output = output * coef[:, :1] + self.residual_mlp(tokens) * coef[:, 1:]
+        if self.num_shared_experts > 0:
+            output = output + self.shared_experts(tokens)
 
-        balance, z_loss, entropy = router_losses(routing, plan.routed_per_expert, valid, self.k)
+        statistics = self.balance_statistics if self.aux_loss_scope == "global" else None
+        balance, z_loss, entropy = router_losses(routing, plan.routed_per_expert, valid, self.k, statistics)
         aux_loss = self.aux_loss_coef * balance + self.z_loss_coef * z_loss
         kept = plan.tokens_per_expert.sum()
         dropped = 1.0 - kept.float() / max(plan.num_assignments, 1)
@@ -218,6 +297,8 @@ class MoE(nn.Module):
             router_entropy=entropy,
             balance_loss=balance.detach(),
             z_loss=z_loss.detach(),
+            routed_per_expert=plan.routed_per_expert.detach(),
+            num_assignments=plan.num_assignments,
         )
         # Under autocast the experts may compute (and return) the autocast dtype: the layer keeps x's dtype.
         output = output.reshape(x.shape).to(x.dtype)
@@ -227,7 +308,9 @@ class MoE(nn.Module):
         return (
             f"num_experts={self.num_experts}, k={self.k}, capacity_factor={self.capacity_factor}, "
             f"eval_capacity_factor={self.eval_capacity_factor}, min_capacity={self.min_capacity}, "
-            f"drop_tokens={self.drop_tokens}, use_rts={self.use_rts}, use_residual={self.use_residual}"
+            f"drop_tokens={self.drop_tokens}, use_rts={self.use_rts}, use_residual={self.use_residual}, "
+            f"num_shared_experts={self.num_shared_experts}, drop_policy={self.drop_policy!r}, "
+            f"aux_loss_scope={self.aux_loss_scope!r}"
         )
 
 

@@ -4,6 +4,7 @@
 See docs/INTERFACES.md ("Parallel code") for the contract.
 """
 
+from lightning_moe.parallel.balancing import DataParallelBalanceStatistics, apply_global_balance, update_router_biases
 from lightning_moe.parallel.clip import clip_grad_norm_, clip_grad_value_, grad_norm
 from lightning_moe.parallel.dims import MESH_DIM_NAMES, ParallelDims, mesh_groups, submesh
 from lightning_moe.parallel.discovery import expert_counts, find_blocks, find_moe_layers
@@ -42,4 +43,7 @@ __all__ = [
     "expert_counts",
     "find_blocks",
     "find_moe_layers",
+    "DataParallelBalanceStatistics",
+    "apply_global_balance",
+    "update_router_biases",
 ]

@@ -3,7 +3,8 @@
 Order matters: tensor parallelism first splits the dense layers over ``tp`` (DTensors over ``tp``), expert
 parallelism turns the expert weights into ``ep``-sharded DTensors and gives each MoE layer the all-to-all
 token dispatcher, the expert token split (``tp > 1``) wraps that dispatcher so that each ``tp`` rank
-dispatches only its share of the rows, activation
+dispatches only its share of the rows, the MoE layers with a global balance loss get their statistics summed
+over ``dp``, activation
 checkpointing wraps blocks (FQNs unchanged), the CPU experts stop keeping full-size gradient memory under
 ZeRO-2/3, and FSDP then shards whatever is there, bottom-up, over the
 data-parallel axes (``dp`` for dense weights: FSDP2 over a 1-D submesh of TP DTensors is the standard 2-D
@@ -16,6 +17,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy
 
+from lightning_moe.parallel.balancing import apply_global_balance
 from lightning_moe.parallel.dims import ParallelDims, submesh
 from lightning_moe.parallel.discovery import expert_counts, find_blocks, find_moe_layers
 from lightning_moe.parallel.expert_parallel import apply_expert_parallel
@@ -88,8 +90,8 @@ def parallelize(
     mp_policy: MixedPrecisionPolicy | None = None,
     activation_checkpointing: bool = False,
 ) -> nn.Module:
-    """Make ``model`` parallel in place: tensor parallelism, expert parallelism, activation checkpointing,
-    gradient memory, ZeRO (FSDP2).
+    """Make ``model`` parallel in place: tensor parallelism, expert parallelism, global balance statistics,
+    activation checkpointing, gradient memory, ZeRO (FSDP2).
 
     Args:
         model: a model containing :class:`lightning_moe.moe.MoE` layers (or none).
@@ -117,6 +119,7 @@ def parallelize(
     apply_tensor_parallel(model, tp_mesh)
     apply_expert_parallel(model, submesh(mesh, "ep"))
     apply_expert_token_split(model, tp_mesh)
+    apply_global_balance(model, submesh(mesh, "dp"))
     if activation_checkpointing:
         apply_activation_checkpointing(model)
     apply_gradient_memory(model, dims.zero_stage)

@@ -11,6 +11,8 @@ Built from ``torch.nn`` and :class:`lightning_moe.moe.MoE` only. Parity-test set
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -34,12 +36,11 @@ class DenseBlock(nn.Module):
 class MoEBlock(nn.Module):
     """Pre-norm residual MoE layer."""
 
-    def __init__(self, d: int, num_experts: int, k: int, expert: str) -> None:
+    def __init__(self, d: int, num_experts: int, k: int, expert: str, **moe_kwargs: Any) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(d)
-        self.moe = MoE(
-            d, num_experts, 2 * d, k=k, expert=expert, drop_tokens=False, aux_loss_coef=0.0, z_loss_coef=1e-3
-        )
+        kwargs: dict[str, Any] = {"drop_tokens": False, "aux_loss_coef": 0.0, "z_loss_coef": 1e-3, **moe_kwargs}
+        self.moe = MoE(d, num_experts, 2 * d, k=k, expert=expert, **kwargs)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         out = self.moe(self.norm(x))
@@ -47,16 +48,29 @@ class MoEBlock(nn.Module):
 
 
 class TinyMoEModel(nn.Module):
-    """``forward(tokens [B, T], targets [B, T]) -> loss`` (mean cross-entropy + MoE aux losses)."""
+    """``forward(tokens [B, T], targets [B, T]) -> loss`` (mean cross-entropy + MoE aux losses).
+
+    ``num_experts``: one count for every MoE layer, or one per layer (PR-MoE); ``moe_kwargs`` override the
+    MoE arguments above (e.g. ``aux_loss_coef`` with ``aux_loss_scope="global"``)."""
 
     def __init__(
-        self, vocab: int = 32, d: int = 16, num_experts: int = 4, k: int = 2, layers: int = 2, expert: str = "ffn"
+        self,
+        vocab: int = 32,
+        d: int = 16,
+        num_experts: int | list[int] = 4,
+        k: int = 2,
+        layers: int = 2,
+        expert: str = "ffn",
+        **moe_kwargs: Any,
     ) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab, d)
+        counts = num_experts if isinstance(num_experts, list) else [num_experts] * layers
+        if len(counts) != layers:
+            raise ValueError(f"num_experts={num_experts} needs one count per MoE layer ({layers})")
         blocks: list[nn.Module] = []
-        for _ in range(layers):
-            blocks += [DenseBlock(d), MoEBlock(d, num_experts, k, expert)]
+        for count in counts:
+            blocks += [DenseBlock(d), MoEBlock(d, count, k, expert, **moe_kwargs)]
         self.blocks = nn.ModuleList(blocks)
         self.norm = nn.LayerNorm(d)
         self.head = nn.Linear(d, vocab)
