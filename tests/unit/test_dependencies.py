@@ -89,9 +89,10 @@ def test_core_imports_only_torch_and_lightning() -> None:
 
 
 def test_strategy_and_layer_run_without_the_translator_packages() -> None:
-    """Import and use the strategy and the layer with the translator's packages and transformers made
-    unimportable."""
-    blocked = ", ".join(repr(name) for name in [*TRANSLATOR_ONLY, "transformers"])
+    """Import and use the strategy and the layer with the translator's packages made unimportable."""
+    # (transformers is not blocked: torchmetrics, imported by Lightning, finds it installed and imports it;
+    # the static test above keeps this code's imports of it lazy.)
+    blocked = ", ".join(repr(name) for name in TRANSLATOR_ONLY)
     script = f"""
 import sys
 for name in ({blocked},):
