@@ -52,6 +52,7 @@ __all__ = [
     "apply_hf_expert_parallel",
     "warn_unrecognised_moe_modules",
     "is_hf_expert_parallel",
+    "disable_kv_cache",
 ]
 
 EP_IMPLEMENTATION = "lightning_moe_ep"
@@ -153,6 +154,20 @@ def warn_unrecognised_moe_modules(model: nn.Module) -> list[str]:
             " its experts are ZeRO-sharded like dense weights (every rank runs every expert).",
             stacklevel=2,
         )
+    return names
+
+
+def disable_kv_cache(model: nn.Module) -> list[str]:
+    """Set ``config.use_cache = False`` on every transformers ``PreTrainedModel`` in ``model`` (returns their
+    names); under activation checkpointing. Why: a decoder layer recomputed in backward would append its keys
+    and values to the forward's KV cache a second time (transformers' own gradient checkpointing turns the
+    cache off in training the same way). Generation can still pass ``use_cache=True``."""
+    names = []
+    for name, module in model.named_modules():
+        config = getattr(module, "config", None)
+        if callable(getattr(module, "set_experts_implementation", None)) and getattr(config, "use_cache", False):
+            config.use_cache = False
+            names.append(name)
     return names
 
 

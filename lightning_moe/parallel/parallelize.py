@@ -21,7 +21,12 @@ from lightning_moe.parallel.dims import ParallelDims, submesh
 from lightning_moe.parallel.discovery import expert_counts, find_blocks, find_moe_layers
 from lightning_moe.parallel.expert_parallel import apply_expert_parallel
 from lightning_moe.parallel.fsdp import apply_fsdp, is_data_parallel
-from lightning_moe.parallel.hf_moe import apply_hf_expert_parallel, find_hf_experts, warn_unrecognised_moe_modules
+from lightning_moe.parallel.hf_moe import (
+    apply_hf_expert_parallel,
+    disable_kv_cache,
+    find_hf_experts,
+    warn_unrecognised_moe_modules,
+)
 from lightning_moe.parallel.tensor_parallel import apply_expert_token_split, apply_tensor_parallel
 
 __all__ = ["parallelize", "apply_activation_checkpointing", "apply_gradient_memory", "is_parallelized"]
@@ -32,8 +37,10 @@ def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
 
     Uses the composable ``checkpoint`` (hooks on the block), so parameter names do not change.
     Blocks are the direct children of the model's ``nn.ModuleList`` s; nested blocks inside a
-    checkpointed block are not checkpointed again.
+    checkpointed block are not checkpointed again. transformers models get ``config.use_cache = False``
+    (:func:`lightning_moe.parallel.hf_moe.disable_kv_cache`: a recomputed layer would fill the cache twice).
     """
+    disable_kv_cache(model)
     from torch.distributed._composable import checkpoint
 
     covered: set[int] = set()  # modules inside an already checkpointed block
