@@ -183,3 +183,12 @@ def test_unrecognised_block_warns_once_naming_it_and_falls_back_to_zero() -> Non
     assert len(results[0]["warnings"]) == 1
     assert "'1' (_ListExperts)" in results[0]["warnings"][0]
     assert results[1]["warnings"] == []  # rank 0 only
+
+
+def test_router_aux_loss_is_the_models_own_per_rank() -> None:
+    """``output_router_logits=True``: the model adds its load-balancing loss, computed from each rank's tokens
+    (the reference averages the per-rank losses, aux included)."""
+    ref = _reference("qwen3_moe", output_router_logits=True, router_aux_loss_coef=0.5)
+    plain = _reference("qwen3_moe")
+    assert ref["losses"][0] != plain["losses"][0]  # the aux loss is really in the loss
+    _check(ref, run_ranks(_parallel, WORLD, "qwen3_moe", 3, output_router_logits=True, router_aux_loss_coef=0.5))

@@ -59,7 +59,7 @@ def _train(rank: int, world_size: int, folder: str, ckpt: str) -> dict[str, Any]
 
     module = HFCausalLM(folder)
     strategy = MoEZeroStrategy(expert_parallel_size=2, zero_stage=3)
-    trainer = make_trainer(world_size, strategy, max_steps=3)
+    trainer = make_trainer(world_size, strategy, max_steps=3, gradient_clip_val=0.5)  # one norm over both meshes
     trainer.fit(module, train_dataloaders=_data())
     local_experts = [
         tuple(p.to_local().shape) for e in experts_of(module.model) for p in e.parameters() if isinstance(p, DTensor)
