@@ -192,3 +192,16 @@ def test_router_aux_loss_is_the_models_own_per_rank() -> None:
     plain = _reference("qwen3_moe")
     assert ref["losses"][0] != plain["losses"][0]  # the aux loss is really in the loss
     _check(ref, run_ranks(_parallel, WORLD, "qwen3_moe", 3, output_router_logits=True, router_aux_loss_coef=0.5))
+
+
+def _with_tp(rank: int, world_size: int) -> str:
+    model = tiny_model("mixtral")
+    dims = ParallelDims(world_size=world_size, expert_parallel_size=1, tensor_parallel_size=2, zero_stage=3)
+    with pytest.raises(ValueError, match="tensor_parallel_size=2 is not supported") as err:
+        parallelize(model, dims.build_mesh("cpu"), dims)
+    return str(err.value)
+
+
+def test_tensor_parallelism_with_transformers_experts_is_refused_with_a_fix() -> None:
+    for message in run_ranks(_with_tp, WORLD, timeout=60):
+        assert "tensor_parallel_size=1" in message

@@ -10,10 +10,11 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 pytest.importorskip("transformers", minversion="5")
 
+from lightning_moe.checkpoint import consolidate  # noqa: E402
 from lightning_moe.hf import export_pretrained  # noqa: E402
 from lightning_moe.strategy import MoEZeroStrategy  # noqa: E402
 from tests.distributed.harness import run_ranks  # noqa: E402
@@ -91,8 +92,17 @@ def test_hf_model_trains_with_expert_parallelism_and_checkpoints_reshard_and_exp
         assert res["ep"] == 2
         assert res["local"] and all(shape[0] == NUM_EXPERTS // 2 for shape in res["local"])
         assert len(res["losses"]) == 3 and all(torch.isfinite(torch.tensor(res["losses"])))
+    # the first step ran the pretrained weights: each rank's first loss is the HF model's on that rank's batch
+    # (Lightning's DistributedSampler shuffles training data with seed 0)
+    pretrained = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager")
+    rows = _data().dataset.tensors[0]
+    for rank, res in enumerate(trained):
+        order = list(DistributedSampler(range(len(rows)), num_replicas=WORLD, rank=rank, shuffle=True, seed=0))
+        batch = rows[order[:2]]
+        expected = pretrained(input_ids=batch, labels=batch).loss.item()
+        assert res["losses"][0] == pytest.approx(expected, rel=1e-5)
     state = trained[0]["state"]
-    initial = AutoModelForCausalLM.from_pretrained(folder).state_dict()
+    initial = pretrained.state_dict()
     # the run started from the pretrained weights, and changed them
     assert state.keys() == {f"model.{k}" for k in initial}
     assert not torch.equal(state["model.model.layers.0.mlp.experts.gate_up_proj"], initial["model.layers.0.mlp.experts.gate_up_proj"])
@@ -105,6 +115,11 @@ def test_hf_model_trains_with_expert_parallelism_and_checkpoints_reshard_and_exp
     exported = export_pretrained(ckpt, tmp_path / "exported", config=folder)
     model = AutoModelForCausalLM.from_pretrained(exported, attn_implementation="eager")
     for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, state[f"model.{name}"], rtol=0, atol=0, msg=name)
+    # a consolidated single file exports the same weights
+    consolidate(ckpt, tmp_path / "full.pt")
+    from_file = AutoModelForCausalLM.from_pretrained(export_pretrained(tmp_path / "full.pt", tmp_path / "exported2", config=folder))
+    for name, value in from_file.state_dict().items():
         torch.testing.assert_close(value, state[f"model.{name}"], rtol=0, atol=0, msg=name)
     # the exported model computes the validation loss the ep=1 run measured
     model.eval()
