@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--precision", default="32-true", help="32-true, bf16-mixed, ...")
     parser.add_argument("--export", help="folder to write the trained model to (from_pretrained format)")
     parser.add_argument("--checkpoint", default="out/hf_moe_finetune.ckpt", help="where the final checkpoint goes")
     args = parser.parse_args(argv)
@@ -128,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         devices=args.devices,
         strategy=strategy,
         max_steps=args.max_steps,
+        precision=args.precision,
         log_every_n_steps=5,
         logger=False,
         enable_checkpointing=False,

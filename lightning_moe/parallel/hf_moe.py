@@ -240,7 +240,8 @@ def expert_parallel_experts_forward(
     tokens_per_expert = torch.bincount(sorted_ids, minlength=state.dispatcher.num_experts)  # [E]
     y_sorted = state.dispatcher(_LocalRunner(self, state.inner), x_sorted, tokens_per_expert)  # [T*k, d]
     y_pairs = torch.empty_like(y_sorted).index_copy(0, perm, y_sorted)  # [T*k, d] in (token, k) order
-    weighted = y_pairs.view(num_tokens, top_k, -1) * top_k_weights.unsqueeze(-1).to(y_pairs.dtype)  # [T, k, d]
+    # in the promoted dtype (fp32 routing weights under bf16 compute), as transformers' own implementations do
+    weighted = y_pairs.view(num_tokens, top_k, -1) * top_k_weights.unsqueeze(-1)  # [T, k, d]
     return weighted.sum(dim=1).to(hidden_states.dtype)  # [T, d]
 
 
