@@ -65,13 +65,19 @@ def _reference(arch: str, world: int = WORLD, **overrides: Any) -> dict[str, Any
 
 
 def _parallel(
-    rank: int, world_size: int, arch: str, zero_stage: int, checkpointing: bool = False, **overrides: Any
+    rank: int,
+    world_size: int,
+    arch: str,
+    zero_stage: int,
+    checkpointing: bool = False,
+    offload: str = "none",
+    **overrides: Any,
 ) -> dict[str, Any]:
     from torch.distributed.tensor import DTensor
 
     model = tiny_model(arch, **overrides)
     model.train()
-    dims = ParallelDims(world_size=world_size, expert_parallel_size=2, zero_stage=zero_stage)
+    dims = ParallelDims(world_size=world_size, expert_parallel_size=2, zero_stage=zero_stage, offload=offload)
     parallelize(model, dims.build_mesh("cpu"), dims, activation_checkpointing=checkpointing)
     split = []
     for experts in experts_of(model):
@@ -133,10 +139,14 @@ def _check(ref: dict[str, Any], results: list[dict[str, Any]], efsdp: int = 1) -
             torch.testing.assert_close(res["params"][name], param, rtol=1e-4, atol=1e-5, msg=f"rank {rank}: {name}")
 
 
-@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "activation_checkpointing"])
-def test_expert_parallel_zero1_matches_transformers(checkpointing: bool) -> None:
+@pytest.mark.parametrize(
+    ("zero_stage", "checkpointing", "offload"),
+    [(0, False, "none"), (1, False, "none"), (2, True, "none"), (3, False, "params")],
+    ids=["stage0", "stage1", "stage2-activation_checkpointing", "stage3-offload_params"],
+)
+def test_expert_parallel_other_stages_match_transformers(zero_stage: int, checkpointing: bool, offload: str) -> None:
     ref = _reference("mixtral")
-    results = run_ranks(_parallel, WORLD, "mixtral", 1, checkpointing, timeout=90)
+    results = run_ranks(_parallel, WORLD, "mixtral", zero_stage, checkpointing, offload, timeout=90)
     for rank, res in enumerate(results):
         for name, param in ref["params"].items():
             torch.testing.assert_close(res["params"][name], param, rtol=1e-4, atol=1e-5, msg=f"rank {rank}: {name}")
