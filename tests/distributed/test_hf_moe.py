@@ -215,3 +215,39 @@ def _with_tp(rank: int, world_size: int) -> str:
 def test_tensor_parallelism_with_transformers_experts_is_refused_with_a_fix() -> None:
     for message in run_ranks(_with_tp, WORLD, timeout=60):
         assert "tensor_parallel_size=1" in message
+
+
+def _all_tokens_to_rank0_experts(rank: int, world_size: int, implementation: str) -> dict[str, Any]:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from lightning_moe.parallel.hf_moe import apply_hf_expert_parallel
+
+    model = tiny_model("mixtral", _experts_implementation=implementation)
+    reference = copy.deepcopy(model.model.layers[0].mlp.experts)
+    apply_hf_expert_parallel(model, init_device_mesh("cpu", (world_size,), mesh_dim_names=("ep",)))
+    experts = model.model.layers[0].mlp.experts
+    g = torch.Generator().manual_seed(rank)
+    hidden = torch.randn(5, 16, generator=g)
+    index = torch.randint(0, 2, (5, 2), generator=g)  # experts 0 and 1 only: rank 1 receives no rows
+    index[:, 1] = 1 - index[:, 0]
+    weights = torch.rand(5, 2, generator=g).requires_grad_(True)
+    x = hidden.clone().requires_grad_(True)
+    out = experts(x, index, weights)
+    out.square().sum().backward()
+    x_ref = hidden.clone().requires_grad_(True)
+    w_ref = weights.detach().clone().requires_grad_(True)
+    ref = reference(x_ref, index, w_ref)
+    ref.square().sum().backward()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(weights.grad, w_ref.grad, rtol=1e-5, atol=1e-6)
+    return {"local_grad": experts.gate_up_proj.grad.to_local().clone()}
+
+
+@pytest.mark.parametrize("implementation", ["eager", "grouped_mm"])
+def test_a_rank_receiving_no_tokens_joins_forward_and_backward(implementation: str) -> None:
+    """The eager experts return zeros unconnected to their inputs when no row arrives: the rank must still join
+    the backward all-to-all and give its experts zero (not missing) gradients."""
+    results = run_ranks(_all_tokens_to_rank0_experts, WORLD, implementation, timeout=60)
+    assert results[0]["local_grad"].abs().sum() > 0  # experts 0-1 trained
+    assert torch.equal(results[1]["local_grad"], torch.zeros_like(results[1]["local_grad"]))  # zero, not missing
