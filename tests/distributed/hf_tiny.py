@@ -1,4 +1,5 @@
-"""Tiny random transformers MoE models (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) for the HF tests."""
+"""Tiny random transformers MoE models (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, gpt-oss, DeepSeek-V3) for the HF
+tests."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "deepseek_v3")
 VOCAB = 64
 NUM_EXPERTS = 4
 
@@ -43,6 +44,27 @@ def tiny_config(arch: str, **overrides: Any) -> Any:
         )
     elif arch == "olmoe":
         cfg = transformers.OlmoeConfig(intermediate_size=12, num_experts=NUM_EXPERTS, **common)
+    elif arch == "gpt_oss":  # experts with biases, transposed weights, clamped gate; sinks in attention
+        cfg = transformers.GptOssConfig(
+            intermediate_size=12, num_local_experts=NUM_EXPERTS, head_dim=8, sliding_window=8, **common
+        )
+    elif arch == "deepseek_v3":  # sigmoid routing with a correction bias, group top-k, shared experts, MLA
+        common["num_key_value_heads"] = 2
+        cfg = transformers.DeepseekV3Config(
+            intermediate_size=24,
+            moe_intermediate_size=12,
+            n_routed_experts=NUM_EXPERTS,
+            n_shared_experts=1,
+            first_k_dense_replace=0,
+            n_group=1,
+            topk_group=1,
+            kv_lora_rank=8,
+            q_lora_rank=None,
+            qk_rope_head_dim=4,
+            qk_nope_head_dim=4,
+            v_head_dim=8,
+            **common,
+        )
     else:
         raise ValueError(f"unknown arch {arch!r}; use one of {ARCHS}")
     for key, value in overrides.items():
@@ -59,7 +81,7 @@ def tiny_model(arch: str, seed: int = 0, **overrides: Any) -> nn.Module:
     # Random init is tiny (std 0.02): widen the router so that tokens really spread over the experts.
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("mlp.gate.weight"):
+            if name.endswith(("mlp.gate.weight", "mlp.router.weight")):
                 p.normal_(0.0, 1.0)
     return model.float()
 
