@@ -276,14 +276,24 @@ def apply_hf_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh) -> list[str]
                 f"expert_parallel_size={ep} does not divide num_experts={experts.num_experts} of {name!r}; "
                 f"use a size dividing every MoE block's expert count"
             )
-    _register_implementation()
+    inner: dict[str, str] = {}
     for name, experts in found:
-        inner = experts.config._experts_implementation or "eager"  # type: ignore[union-attr]
-        if inner == EP_IMPLEMENTATION:
+        inner[name] = experts.config._experts_implementation or "eager"  # type: ignore[union-attr]
+        if inner[name] == EP_IMPLEMENTATION:
             raise ValueError(f"experts module {name!r} already uses {EP_IMPLEMENTATION!r}")
-        num_experts = int(experts.num_experts)  # type: ignore[arg-type]
-        _shard_experts_(experts, num_experts, ep_mesh)
-        _STATE[experts] = _ExpertParallelState(AllToAllTokenDispatcher(num_experts, ep_mesh), inner)
+    _register_implementation()
     for pretrained in _owning_pretrained_models(model):
         pretrained.set_experts_implementation(EP_IMPLEMENTATION)  # type: ignore[operator]
+    # Switch first, shard after: a model that refuses the switch (e.g. custom code without the experts
+    # interface) must not be left with sharded experts running their plain forward.
+    refused = [name for name, e in found if e.config._experts_implementation != EP_IMPLEMENTATION]  # type: ignore[union-attr]
+    if refused:
+        raise ValueError(
+            f"the experts implementation of {refused[0]!r} could not be switched to {EP_IMPLEMENTATION!r} "
+            "(set_experts_implementation did not apply to its config); use expert_parallel_size=1 (plain ZeRO)"
+        )
+    for name, experts in found:
+        num_experts = int(experts.num_experts)  # type: ignore[arg-type]
+        _shard_experts_(experts, num_experts, ep_mesh)
+        _STATE[experts] = _ExpertParallelState(AllToAllTokenDispatcher(num_experts, ep_mesh), inner[name])
     return [name for name, _ in found]
