@@ -1,13 +1,15 @@
-"""A transformers MoE model (Mixtral) under expert parallelism + ZeRO-3 against plain ZeRO-3: bytes per rank
-and step time.
+"""A transformers MoE model (Mixtral) under expert parallelism + ZeRO-3 against plain ZeRO-3 and against the
+``lightning_moe.MoE`` path: bytes per rank and step time.
 
-Both layouts run in the same forked gloo ranks (CPU, ``tests.distributed.harness.run_ranks``) on the same
+All layouts run in the same forked gloo ranks (CPU, ``tests.distributed.harness.run_ranks``) on the same
 random ``MixtralForCausalLM`` (fp32), parallelized with :func:`lightning_moe.parallel.parallelize`:
 
 * ``plain``: ``expert_parallel_size=1``, ``zero_stage=3``: the experts are ZeRO-sharded like any weight, so
   each MoE layer all-gathers *all* its experts on every rank and runs every expert there;
 * ``ep``: ``expert_parallel_size=ranks``, ``zero_stage=3``: each rank holds ``E/ep`` experts and runs them on
-  the tokens sent to it (two all-to-alls per layer).
+  the tokens sent to it (two all-to-alls per layer);
+* ``moe``: the same, with every decoder layer's MoE block swapped for :class:`lightning_moe.moe.MoE` of the same
+  shape (SwiGLU experts, top-2, dropless, no aux loss): this project's own MoE layer in the same model.
 
 Bytes on rank 0 (local shards of DTensors, :mod:`lightning_moe.parallel.memory`):
 
@@ -40,8 +42,9 @@ if REPO not in sys.path:
 import torch  # noqa: E402
 
 import tests.conftest  # noqa: E402,F401 - pre-imports heavy modules once, before forking the ranks
+from lightning_moe.moe import MoE  # noqa: E402
 from lightning_moe.parallel import ParallelDims, parallelize  # noqa: E402
-from lightning_moe.parallel.hf_moe import find_hf_experts  # noqa: E402
+from lightning_moe.parallel.discovery import expert_modules  # noqa: E402
 from lightning_moe.parallel.memory import (  # noqa: E402
     gradient_bytes,
     local_bytes,
@@ -74,13 +77,33 @@ def _model(args: argparse.Namespace) -> torch.nn.Module:
     return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").float()
 
 
+class _OwnMoEBlock(torch.nn.Module):
+    """``lightning_moe.moe.MoE`` in the place of a transformers MoE block: ``[B, T, d] -> [B, T, d]``."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        super().__init__()
+        self.moe = MoE(args.hidden, args.experts, args.ffn, k=2, expert="glu", drop_tokens=False, aux_loss_coef=0.0,
+                       z_loss_coef=0.0)  # fmt: skip
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.moe(hidden).output
+
+
+def _expert_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for _, e in expert_modules(model) for p in e.parameters()]
+
+
 def _measure(rank: int, world_size: int, args: argparse.Namespace) -> list[dict[str, Any]]:
     torch.set_num_threads(args.threads)
     rows = []
-    for name, ep in (("plain", 1), ("ep", world_size)):
+    for name, ep in (("plain", 1), ("ep", world_size), ("moe", world_size)):
         model = _model(args)
+        if name == "moe":
+            torch.manual_seed(0)
+            for layer in model.model.layers:
+                layer.mlp = _OwnMoEBlock(args)
         num_params = sum(p.numel() for p in model.parameters())
-        expert_params = sum(p.numel() for _, e in find_hf_experts(model) for p in e.parameters())
+        expert_params = sum(p.numel() for p in _expert_params(model))
         dims = ParallelDims(world_size, ep, zero_stage=3)
         parallelize(model, dims.build_mesh("cpu"), dims)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -94,7 +117,7 @@ def _measure(rank: int, world_size: int, args: argparse.Namespace) -> list[dict[
             unsharded = local_bytes(p for p in model.parameters() if id(p) not in resting_ids)
             gathered.append((experts, unsharded))
 
-        handles = [e.register_forward_pre_hook(pre_hook) for _, e in find_hf_experts(model)]
+        handles = [e.register_forward_pre_hook(pre_hook) for _, e in expert_modules(model)]
         g = torch.Generator().manual_seed(rank)
         times = []
         for step in range(args.warmup + args.steps):
@@ -147,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = run_ranks(_measure, args.ranks, args, timeout=3600)[0]
     r = rows[0]
     print(
-        f"MixtralForCausalLM: {r['num_params'] / 1e6:.2f} M parameters, {100 * r['expert_share']:.0f}% in experts; "
+        f"MixtralForCausalLM: {r['num_params'] / 1e6:.2f} M parameters, {100 * r['expert_share']:.0f}% in experts"
+        f" (moe: {rows[-1]['num_params'] / 1e6:.2f} M); "
         f"{args.ranks} ranks, ZeRO-3, fp32; bytes on rank 0; tokens/rank/step = {args.batch * args.seq}"
     )
     print(
