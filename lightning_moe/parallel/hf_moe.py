@@ -1,4 +1,4 @@
-"""Expert parallelism for Hugging Face transformers MoE models (Mixtral, Qwen2/3-MoE, OLMoE, ...).
+"""Expert parallelism for Hugging Face transformers MoE models (Mixtral, Qwen2/3-MoE, OLMoE, gpt-oss, DeepSeek-V3, ...
 
 transformers 5 keeps each MoE block's experts in one module whose parameters are grouped tensors
 (``experts.gate_up_proj [E, 2h, d]``, ``experts.down_proj [E, d, h]``, optional ``[E, ...]`` biases) and whose
