@@ -93,6 +93,10 @@ class MoEZeroStrategy(ParallelStrategy):
     unless ``expert_parallel_size="auto"`` and the MoE layers are created there: the mesh then depends on
     their expert counts and is built right after ``configure_model``).
 
+    Hugging Face transformers MoE models (Mixtral, Qwen2/3-MoE, OLMoE, ...) held unmodified by the LightningModule
+    get the same expert parallelism through their experts implementation, keeping their own routing
+    (:mod:`lightning_moe.parallel.hf_moe`; export with :func:`lightning_moe.hf.export_pretrained`).
+
     A model built under ``Trainer.init_module(empty_init=True)`` (meta device) is materialised after sharding
     with the weights one process would give from the same seed (:mod:`lightning_moe.parallel.init`).
 

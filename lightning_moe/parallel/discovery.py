@@ -2,6 +2,8 @@
 
 * MoE layers: instances of :class:`lightning_moe.moe.MoE`; their ``experts`` module holds ``[E, ...]``
   parameters (see docs/INTERFACES.md).
+* transformers MoE experts (Mixtral, Qwen-MoE, OLMoE, ...): see :mod:`lightning_moe.parallel.hf_moe`; their
+  parameters are ``[E, ...]`` too.
 * Blocks: the direct children of every ``nn.ModuleList`` (transformer layers, in practice). Each block is
   one FSDP unit and one activation-checkpointing region.
 """
@@ -12,12 +14,26 @@ from torch import nn
 
 from lightning_moe.moe import find_moe_layers
 
-__all__ = ["find_moe_layers", "find_blocks", "expert_counts"]
+__all__ = ["find_moe_layers", "find_blocks", "expert_counts", "expert_modules"]
 
 
 def expert_counts(model: nn.Module) -> list[int]:
-    """The expert count of every MoE layer (what :meth:`ParallelDims.resolve` needs)."""
-    return [layer.num_experts for _, layer in find_moe_layers(model)]
+    """The expert count of every MoE layer and transformers experts module (what :meth:`ParallelDims.resolve`
+    needs)."""
+    from lightning_moe.parallel.hf_moe import find_hf_experts
+
+    counts = [layer.num_experts for _, layer in find_moe_layers(model)]
+    return counts + [int(experts.num_experts) for _, experts in find_hf_experts(model)]  # type: ignore[arg-type]
+
+
+def expert_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(qualified name, experts module)`` of every MoE layer's experts and every recognised transformers
+    experts module: the modules whose ``[E, ...]`` parameters are split over ``ep`` and ZeRO-sharded over
+    ``efsdp``."""
+    from lightning_moe.parallel.hf_moe import find_hf_experts
+
+    ours = [(f"{name}.experts" if name else "experts", layer.experts) for name, layer in find_moe_layers(model)]
+    return ours + find_hf_experts(model)
 
 
 def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:

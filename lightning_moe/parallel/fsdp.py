@@ -47,7 +47,7 @@ from torch.distributed.fsdp import (
 from torch.distributed.tensor import DTensor, Shard
 
 from lightning_moe.parallel.dims import ParallelDims, expert_shard_mesh, submesh
-from lightning_moe.parallel.discovery import find_blocks, find_moe_layers
+from lightning_moe.parallel.discovery import expert_modules, find_blocks, find_moe_layers
 from lightning_moe.parallel.local import local_shard
 
 __all__ = [
@@ -153,7 +153,7 @@ def apply_fsdp(
 ) -> nn.Module:
     """Apply the ZeRO stage of ``dims`` with FSDP2, bottom-up, in place.
 
-    Units: every MoE layer's ``experts`` (over ``efsdp``, gradient divide factor = dp size), every
+    Units: every MoE layer's ``experts`` and every transformers experts module (over ``efsdp``, gradient divide factor = dp size), every
     block (direct child of an ``nn.ModuleList``) and every MoE layer outside a block (over ``dp``),
     then the root (over ``dp``) with the remaining parameters (embeddings, head, ...).
 
@@ -199,7 +199,7 @@ def apply_fsdp(
                 offload_policy=offload,
             )
 
-    experts_modules = {id(layer.experts) for _, layer in find_moe_layers(model)}
+    experts_modules = {id(experts) for _, experts in expert_modules(model)}
     blocks = [block for _, block in find_blocks(model)]
     block_ids = {id(b) for b in blocks}
     inside_block = {id(m) for b in blocks for m in b.modules()}

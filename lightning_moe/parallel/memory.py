@@ -88,11 +88,11 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 
 def dense_and_expert_parameter_bytes(model: nn.Module) -> tuple[int, int]:
-    """``(dense, experts)``: bytes of the parameters this rank holds outside / inside the MoE layers'
-    ``experts`` modules (local shards; what tensor and expert parallelism each divide)."""
-    from lightning_moe.parallel.discovery import find_moe_layers
+    """``(dense, experts)``: bytes of the parameters this rank holds outside / inside the experts modules
+    (MoE layers' and transformers MoE blocks'; local shards; what tensor and expert parallelism each divide)."""
+    from lightning_moe.parallel.discovery import expert_modules
 
-    expert_ids = {id(p) for _, layer in find_moe_layers(model) for p in layer.experts.parameters()}
+    expert_ids = {id(p) for _, experts in expert_modules(model) for p in experts.parameters()}
     params = list(model.parameters())
     return (
         local_bytes(p for p in params if id(p) not in expert_ids),

@@ -2,7 +2,8 @@
 
 Order matters: tensor parallelism first splits the dense layers over ``tp`` (DTensors over ``tp``), expert
 parallelism turns the expert weights into ``ep``-sharded DTensors and gives each MoE layer the all-to-all
-token dispatcher, the expert token split (``tp > 1``) wraps that dispatcher so that each ``tp`` rank
+token dispatcher (transformers MoE experts likewise, through their experts implementation:
+``hf_moe.py``), the expert token split (``tp > 1``) wraps that dispatcher so that each ``tp`` rank
 dispatches only its share of the rows, the MoE layers with a global balance loss get their statistics summed
 over ``dp``, activation
 checkpointing wraps blocks (FQNs unchanged), the CPU experts stop keeping full-size gradient memory under
@@ -22,6 +23,12 @@ from lightning_moe.parallel.dims import ParallelDims, submesh
 from lightning_moe.parallel.discovery import expert_counts, find_blocks, find_moe_layers
 from lightning_moe.parallel.expert_parallel import apply_expert_parallel
 from lightning_moe.parallel.fsdp import apply_fsdp, is_data_parallel
+from lightning_moe.parallel.hf_moe import (
+    apply_hf_expert_parallel,
+    disable_kv_cache,
+    find_hf_experts,
+    warn_unrecognised_moe_modules,
+)
 from lightning_moe.parallel.tensor_parallel import apply_expert_token_split, apply_tensor_parallel
 
 __all__ = [
@@ -38,8 +45,10 @@ def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
 
     Uses the composable ``checkpoint`` (hooks on the block), so parameter names do not change.
     Blocks are the direct children of the model's ``nn.ModuleList`` s; nested blocks inside a
-    checkpointed block are not checkpointed again.
+    checkpointed block are not checkpointed again. transformers models get ``config.use_cache = False``
+    (:func:`lightning_moe.parallel.hf_moe.disable_kv_cache`: a recomputed layer would fill the cache twice).
     """
+    disable_kv_cache(model)
     from torch.distributed._composable import checkpoint
 
     covered: set[int] = set()  # modules inside an already checkpointed block
@@ -94,7 +103,8 @@ def parallelize(
     activation checkpointing, gradient memory, ZeRO (FSDP2).
 
     Args:
-        model: a model containing :class:`lightning_moe.moe.MoE` layers (or none).
+        model: a model containing :class:`lightning_moe.moe.MoE` layers and/or transformers MoE models
+            (or neither).
         mesh: from ``dims.build_mesh(device_type)``.
         dims: resolved parallel dims (``dims.resolve(expert_counts(model))``), checked here against the
             model's expert counts.
@@ -115,9 +125,16 @@ def parallelize(
             f"mesh {tuple(mesh.mesh_dim_names or ())} of shape {tuple(mesh.shape)} does not match dims "
             f"(efsdp={dims.efsdp}, ep={dims.ep}, tp={dims.tp}); build it with dims.build_mesh(device_type)"
         )
+    if dims.tp > 1 and find_hf_experts(model):
+        raise ValueError(
+            f"tensor_parallel_size={dims.tp} is not supported for Hugging Face transformers MoE models; "
+            "use tensor_parallel_size=1 (expert parallelism and ZeRO work)"
+        )
+    warn_unrecognised_moe_modules(model)
     tp_mesh = submesh(mesh, "tp")
     apply_tensor_parallel(model, tp_mesh)
     apply_expert_parallel(model, submesh(mesh, "ep"))
+    apply_hf_expert_parallel(model, submesh(mesh, "ep"))
     apply_expert_token_split(model, tp_mesh)
     apply_global_balance(model, submesh(mesh, "dp"))
     if activation_checkpointing:
