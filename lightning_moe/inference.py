@@ -54,14 +54,11 @@ def read_checkpoint(path: PathLike) -> dict[str, Any]:
             consolidate(path, target)
             checkpoint = torch.load(target, map_location="cpu", weights_only=True)
     else:
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        except OSError:
-            raise
-        except Exception as err:  # torch.load fails in many ways on a file that is not a checkpoint
-            raise ValueError(
-                f"{str(path)!r} is not a checkpoint that torch.load can read ({type(err).__name__}: {_first_line(err)})"
-            ) from err
+        from lightning_moe.checkpoint.files import read_torch_file
+        from lightning_moe.checkpoint.manifest import verify_checkpoint
+
+        verify_checkpoint(path)
+        checkpoint = read_torch_file(path, weights_only=True)  # a clear ValueError for pickled code / no checkpoint
     if not isinstance(checkpoint, dict):
         raise ValueError(f"{str(path)!r} holds a {type(checkpoint).__name__}, not a lightning_moe checkpoint")
     meta = checkpoint.pop("meta", None)
