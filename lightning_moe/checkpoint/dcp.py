@@ -29,6 +29,7 @@ from lightning_moe.checkpoint.files import (
     replace_path,
     require_complete,
     temporary_sibling,
+    write_torch_file,
 )
 from lightning_moe.checkpoint.manifest import FOLDER_MANIFEST, digest, rank_shards, write_manifest
 from lightning_moe.checkpoint.state import (
@@ -80,8 +81,7 @@ def save_distributed(checkpoint: dict[str, Any], path: Path, tmp: Path) -> None:
         if rank == 0:
             try:
                 entries = {name: d for rank_entries in gathered for name, d in rank_entries.items()}
-                torch.save(meta, tmp / META_FILENAME)
-                fsync_file(tmp / META_FILENAME)
+                write_torch_file(meta, tmp / META_FILENAME)
                 for name in (DCP_METADATA, META_FILENAME):
                     entries[name] = digest(tmp / name)
                 write_manifest(tmp / FOLDER_MANIFEST, entries)

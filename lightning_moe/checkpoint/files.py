@@ -39,6 +39,7 @@ __all__ = [
     "replace_path",
     "require_complete",
     "temporary_sibling",
+    "write_torch_file",
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -179,6 +180,18 @@ def replace_path(src: Path, dst: Path) -> None:
     fsync_dir(dst.parent)
 
 
+def write_torch_file(obj: Any, path: Path) -> None:
+    """``torch.save`` through a Python file object and flush it to the disk.
+
+    Through a file object, a failed write (disk full, file size limit) raises the ``OSError`` that says so;
+    torch's own file writer reports it as an unrelated position mismatch.
+    """
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def atomic_save(obj: Any, path: PathLike, *, manifest: bool = False) -> None:
     """``torch.save`` ``obj`` to a temporary file beside ``path``, flush it, then rename it into place.
 
@@ -200,8 +213,7 @@ def atomic_save(obj: Any, path: PathLike, *, manifest: bool = False) -> None:
     tmp_manifest = temporary_sibling(file_manifest_path(path))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(obj, tmp)
-        fsync_file(tmp)
+        write_torch_file(obj, tmp)
         if manifest:
             write_manifest(tmp_manifest, {path.name: digest(tmp)})
         file_manifest_path(path).unlink(missing_ok=True)

@@ -96,6 +96,32 @@ def _preempt_and_resume(tmp_path: Path, extra: tuple[str, ...], sig: signal.Sign
 def test_sigterm_saves_at_the_current_step_and_the_same_command_continues_exactly(tmp_path: Path) -> None:
     _preempt_and_resume(tmp_path, (), signal.SIGTERM, to_child=False)
 
+    # the same run folder with another model, optimizer and data: stops before training, naming the keys
+    run_dir = tmp_path / "preempted"
+    changed = ("model.d_model=64", "optim.lr=0.002", "data.max_train_sentences=200", "trainer.max_steps=20")
+    result = subprocess.run(_command(run_dir, *changed), env=_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr[-3000:]
+    assert "3 key(s) differ" in errors[0] and "name=" in errors[0], errors[0]
+    for key in ("model.d_model: 32 -> 64", "optim.lr: 0.001 -> 0.002", "data.max_train_sentences: 300 -> 200"):
+        assert key in errors[0]
+    assert "Traceback" not in result.stderr
+    assert not (run_dir / "checkpoints" / "step-000020.ckpt").exists()
+
+    # fine-tuning from a damaged checkpoint: one line, exit 1
+    final = run_dir / "checkpoints" / f"step-{STEPS:06d}.ckpt"
+    data = bytearray(final.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    final.write_bytes(bytes(data))
+    result = subprocess.run(
+        _command(tmp_path / "finetune", f"init_from={final}"), env=_env(tmp_path), capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "damaged" in errors[0] and str(final) in errors[0], result.stderr[-3000:]
+
 
 @pytest.mark.distributed
 def test_sigusr1_to_one_of_two_ranks_stops_both_at_one_step_and_resumes_exactly(tmp_path: Path) -> None:
