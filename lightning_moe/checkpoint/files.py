@@ -35,6 +35,7 @@ __all__ = [
     "is_complete",
     "is_complete_distributed_checkpoint",
     "is_distributed_checkpoint",
+    "needs_pickled_code",
     "read_torch_file",
     "replace_path",
     "require_complete",
@@ -229,6 +230,12 @@ def atomic_save(obj: Any, path: PathLike, *, manifest: bool = False) -> None:
         tmp_manifest.unlink(missing_ok=True)
 
 
+def needs_pickled_code(err: BaseException) -> bool:
+    """Whether ``torch.load(weights_only=True)`` failed on a class or function to import (pickled code),
+    as opposed to bytes that are no checkpoint at all."""
+    return "unsupported global" in str(err).lower()
+
+
 def read_torch_file(path: Path, weights_only: bool | None, *, mmap: bool = False, map_location: Any = "cpu") -> Any:
     """``torch.load`` (onto the CPU by default); a file that ``weights_only=True`` refuses gets a one-line
     message saying what to do, and a file that is not a readable checkpoint says so.
@@ -248,11 +255,11 @@ def read_torch_file(path: Path, weights_only: bool | None, *, mmap: bool = False
         if weights_only is False:
             raise
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        detail = next((line for line in lines if "Unsupported global" in line), lines[0] if lines else "")
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
+        detail = next((line for line in lines if "unsupported" in line.lower()), lines[0] if lines else "")
+        if needs_pickled_code(e):
             raise ValueError(
                 f"refusing to load {str(path)!r} with `weights_only=True`: it holds pickled code or objects, not"
                 f" only tensors and plain types ({detail}). Only if you trust where it came from, load it"
                 " with `weights_only=False` (e.g. `Trainer.fit(..., ckpt_path=..., weights_only=False)`)."
             ) from e
-        raise ValueError(f"{str(path)!r} is not a readable checkpoint ({type(e).__name__}: {detail})") from e
+        raise ValueError(f"{str(path)!r} is not a checkpoint that torch.load can read ({type(e).__name__}: {detail})") from e

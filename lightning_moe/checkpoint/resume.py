@@ -18,7 +18,14 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from lightning_moe.checkpoint.files import COMPLETE_MARKER, META_FILENAME, atomic_save, is_complete, read_torch_file
+from lightning_moe.checkpoint.files import (
+    COMPLETE_MARKER,
+    META_FILENAME,
+    atomic_save,
+    is_complete,
+    needs_pickled_code,
+    read_torch_file,
+)
 from lightning_moe.checkpoint.manifest import DamagedCheckpointError, verify_checkpoint
 
 __all__ = [
@@ -83,7 +90,7 @@ def check_loadable(path: Path) -> None:
     try:
         torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as err:
-        if "weights_only" in str(err):
+        if needs_pickled_code(err):  # not damage: refused with its own message
             read_torch_file(path, True)  # raises the message that says what to do
         raise DamagedCheckpointError(f"checkpoint {str(path)!r} is damaged: {_first_line(err)}") from err
     except Exception as err:  # noqa: BLE001 - a damaged zip fails in several ways

@@ -81,7 +81,7 @@ def test_damage_is_detected_named_in_one_line_and_resume_falls_back(
     # loading it directly (translate / evaluate / init_from read through consolidate or read_checkpoint)
     from lightning_moe.inference import read_checkpoint
 
-    with pytest.raises(ValueError, match="damaged|not a readable checkpoint"):
+    with pytest.raises(ValueError, match="damaged|not a checkpoint that torch.load can read"):
         read_checkpoint(newest)
     # the older one still loads, and resharding loaders check sizes too
     net, opt = _trained(5)
@@ -138,6 +138,10 @@ def test_a_checkpoint_that_needs_pickled_code_is_refused_clearly(tmp_path: Path,
         io = ckpt.AtomicCheckpointIO()
         with pytest.raises(ValueError, match="refusing to load"):
             io.load_checkpoint(path)
+        file_manifest_path(path).unlink()  # without a manifest, choosing it to resume refuses it too (not "damaged")
+        with pytest.raises(ValueError, match="refusing to load") as info:
+            ckpt.resolve_resume("auto", tmp_path)
+        assert not isinstance(info.value, ckpt.DamagedCheckpointError)
 
 
 def test_no_torch_load_in_the_package_without_weights_only_true() -> None:
