@@ -115,6 +115,7 @@ class RetainingModelCheckpoint(ModelCheckpoint):
         )
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        super().on_exception(trainer, pl_module, exception)
         if self._signals is not None:
             self._signals.restore()
 
