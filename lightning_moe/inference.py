@@ -172,8 +172,17 @@ def check_language(module: MultitaskTranslationModule, lang: str, key: str) -> N
 
 
 def tokenizer_bytes(stored: Any) -> bytes:
-    """The serialized tokenizer as kept in a checkpoint (a uint8 tensor, or bytes)."""
-    return bytes(stored.numpy().tobytes()) if isinstance(stored, Tensor) else bytes(stored)
+    """The serialized tokenizer as kept in a checkpoint (a 1-D uint8 tensor, or bytes), read as data.
+
+    Raises:
+        ValueError: anything else (an int would otherwise become that many zero bytes).
+    """
+    if isinstance(stored, Tensor) and stored.dtype == torch.uint8 and stored.dim() == 1:
+        return bytes(stored.numpy().tobytes())
+    if isinstance(stored, (bytes, bytearray)):
+        return bytes(stored)
+    kind = f"a {stored.dtype} tensor of shape {list(stored.shape)}" if isinstance(stored, Tensor) else type(stored).__name__
+    raise ValueError(f"the checkpoint's tokenizer_model is {kind}, not the bytes of a tokenizer model")
 
 
 def translation_source(tokenizer: SubwordTokenizer, text: str, target_lang: str, max_len: int | None = None) -> list[int]:

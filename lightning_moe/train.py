@@ -38,6 +38,7 @@ from lightning_moe.checkpoint import AtomicCheckpointIO, RetainingModelCheckpoin
 from lightning_moe.checkpoint.files import CheckpointWriteError
 from lightning_moe.checkpoint.manifest import DamagedCheckpointError
 from lightning_moe.checkpoint.resume import read_checkpoint_meta
+from lightning_moe.cli import one_line
 from lightning_moe.config import ConfigError, TrainConfig, register_configs, to_train_config
 from lightning_moe.config.launch import check_group_options, check_multirun
 from lightning_moe.config.loggers import instantiate_callbacks, instantiate_loggers
@@ -51,6 +52,10 @@ __all__ = ["main", "run", "build_strategy", "build_trainer", "build_module"]
 log = logging.getLogger(__name__)
 
 register_configs()
+
+
+class InitFromError(ValueError):
+    """``init_from`` names a checkpoint that cannot be read or has no tokenizer (one line)."""
 
 
 def build_strategy(cfg: TrainConfig) -> Any:
@@ -179,10 +184,13 @@ def run(cfg: TrainConfig, extra_callbacks: list | None = None) -> dict[str, floa
         from lightning_moe.data.tokenizer import SubwordTokenizer
         from lightning_moe.inference import read_checkpoint, tokenizer_bytes
 
-        init_checkpoint = read_checkpoint(cfg.init_from)
-        if init_checkpoint.get("tokenizer_model") is None:
-            raise ValueError(f"init_from={cfg.init_from!r} has no tokenizer: it was not written by lightning_moe.train")
-        datamodule.tokenizer = SubwordTokenizer(tokenizer_bytes(init_checkpoint["tokenizer_model"]))
+        try:
+            init_checkpoint = read_checkpoint(cfg.init_from)
+            if init_checkpoint.get("tokenizer_model") is None:
+                raise ValueError("it has no tokenizer: it was not written by lightning_moe.train")
+            datamodule.tokenizer = SubwordTokenizer(tokenizer_bytes(init_checkpoint["tokenizer_model"]))
+        except (OSError, ValueError) as err:
+            raise InitFromError(f"init_from={cfg.init_from!r} cannot be used: {one_line(err)}") from err
     else:
         datamodule.prepare_data()  # cached and written atomically: safe on every rank
     datamodule.setup("fit")
@@ -278,7 +286,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         metrics = run(typed)
     except ConfigError as err:  # e.g. the run folder holds a checkpoint of another configuration
         _exit(err)
-    except (DamagedCheckpointError, CheckpointWriteError) as err:
+    except (DamagedCheckpointError, CheckpointWriteError, InitFromError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
     for key in sorted(metrics):

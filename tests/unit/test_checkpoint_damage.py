@@ -235,3 +235,12 @@ def test_translate_and_evaluate_name_a_damaged_checkpoint_in_one_line(tmp_path: 
     message = str(info.value.code)
     assert message.startswith("error: ") and "\n" not in message
     assert "damaged" in message and str(path) in message
+
+
+@pytest.mark.parametrize("stored", [10**12, "model", [1, 2, 3], torch.zeros(4, dtype=torch.float32), torch.zeros(2, 2, dtype=torch.uint8)])
+def test_a_stored_tokenizer_is_read_only_as_bytes(stored: object) -> None:
+    from lightning_moe.inference import tokenizer_bytes
+
+    with pytest.raises(ValueError, match="not the bytes of a tokenizer model"):
+        tokenizer_bytes(stored)  # an int would otherwise allocate that many bytes
+    assert tokenizer_bytes(torch.tensor([1, 2], dtype=torch.uint8)) == b"\x01\x02" == tokenizer_bytes(b"\x01\x02")
