@@ -6,7 +6,10 @@ A checkpoint is either a file (``torch.save``) or a distributed (DCP) folder::
       .metadata          # torch.distributed.checkpoint index (written by ``dcp.save``)
       __<rank>_0.distcp  # each rank's shards
       meta.pt            # everything but the tensors of the model and optimizers
+      manifest.json      # every file's size and SHA-256 (:mod:`.manifest`)
       .complete          # marker written last
+
+A checkpoint file ``step-N.ckpt`` has its manifest beside it (``step-N.ckpt.manifest.json``).
 
 Both are written under a temporary name beside the destination and renamed into place, so a reader never
 takes a half-written checkpoint for a whole one.

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ __all__ = [
     "digest",
     "file_manifest_path",
     "has_manifest",
+    "rank_shards",
     "verify_checkpoint",
     "write_manifest",
 ]
@@ -66,8 +68,6 @@ def has_manifest(path: Path) -> bool:
 
 def write_manifest(target: Path, entries: dict[str, dict[str, Any]]) -> None:
     """Write ``{"version", "files": {relative name: digest}}`` to ``target`` (a new file; flushed)."""
-    import os
-
     text = json.dumps({"version": _VERSION, "files": dict(sorted(entries.items()))}, indent=1)
     with open(target, "w", encoding="utf-8") as f:
         f.write(text)
