@@ -86,6 +86,7 @@ def _preempt_and_resume(tmp_path: Path, extra: tuple[str, ...], sig: signal.Sign
     result = subprocess.run(_command(run_dir, *extra), env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resuming from {run_dir / 'checkpoints' / f'step-{step:06d}.ckpt'}" in result.stdout + result.stderr
+    assert "`weights_only` was not set" not in result.stdout + result.stderr  # saved and loaded with it set
 
     expected, actual = _final_state(reference), _final_state(run_dir)
     assert expected.keys() == actual.keys()
@@ -129,3 +130,24 @@ def test_sigusr1_to_one_of_two_ranks_stops_both_at_one_step_and_resumes_exactly(
         pytest.skip("needs /proc to find the launcher's child process")
     extra = ("strategy=moe_zero", "trainer.devices=2", "strategy.timeout_s=120")
     _preempt_and_resume(tmp_path, extra, signal.SIGUSR1, to_child=True)
+
+
+def test_a_full_disk_stops_training_with_one_line_and_leaves_nothing_half_written(tmp_path: Path) -> None:
+    import resource
+
+    def limit_file_size() -> None:  # in the child: a write past 500 kB fails with EFBIG (SIGXFSZ ignored)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (500_000, 500_000))
+
+    run_dir = tmp_path / "full"
+    command = _command(run_dir)
+    command[command.index(f"trainer.max_steps={STEPS}")] = "trainer.max_steps=5"
+    result = subprocess.run(
+        command, env=_env(tmp_path), capture_output=True, text=True, timeout=600, preexec_fn=limit_file_size
+    )
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr[-3000:]
+    assert f"could not write the checkpoint '{run_dir / 'checkpoints' / 'step-000004.ckpt'}': File too large" in errors[0]
+    assert list((run_dir / "checkpoints").iterdir()) == []  # no temporary file left behind
