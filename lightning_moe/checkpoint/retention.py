@@ -92,6 +92,9 @@ class RetainingModelCheckpoint(ModelCheckpoint):
         if self._signals is not None:
             if getattr(trainer, "received_sigterm", False):  # arrived before our handlers: Lightning's caught it
                 self._signals.received = signal.SIGTERM
+                connector = getattr(trainer, "_signal_connector", None)
+                if connector is not None:  # else Lightning's loop stops this rank alone at a batch end, unsaved
+                    connector.received_sigterm = False
             # replaces Lightning's SIGTERM handler (see lightning_moe.preemption for why); Lightning puts the
             # handlers from before `fit` back when it tears down
             self._signals.install()
