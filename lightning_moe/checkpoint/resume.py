@@ -52,6 +52,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_save(checkpoint, path, manifest=True)
 
     def load_checkpoint(self, path: str | os.PathLike, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
+        if Path(path).is_dir():
+            raise ValueError(
+                f"{str(path)!r} is a sharded checkpoint folder, which only strategy=moe_zero resumes; resume with"
+                " strategy=moe_zero, or consolidate it first (python -m lightning_moe.checkpoint consolidate)"
+            )
         verify_checkpoint(Path(path), check_sums=False)  # sizes: cheap; resolve_resume compared the checksums
         return read_torch_file(Path(path), True if weights_only is None else weights_only, map_location=map_location)
 

@@ -123,6 +123,20 @@ def test_sigterm_saves_at_the_current_step_and_the_same_command_continues_exactl
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "damaged" in errors[0] and str(final) in errors[0], result.stderr[-3000:]
 
+    # resuming the run itself (two more steps): the damaged newest checkpoint is named, the one before it used,
+    # and the damaged one is replaced by the run's own new history
+    from lightning_moe.checkpoint import checkpoint_step, resolve_resume
+
+    previous = max(s for s in map(checkpoint_step, (run_dir / "checkpoints").iterdir()) if s is not None and s < STEPS)
+    longer = _command(run_dir, f"trainer.max_steps={STEPS + 2}")
+    result = subprocess.run(longer, env=_env(tmp_path), capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    damaged = [line for line in output.splitlines() if "is damaged" in line]
+    assert len(damaged) == 1 and str(final) in damaged[0] and "SHA-256" in damaged[0], output[-3000:]
+    assert f"resuming from {run_dir / 'checkpoints' / f'step-{previous:06d}.ckpt'}" in output
+    assert resolve_resume("auto", run_dir / "checkpoints") == str(run_dir / "checkpoints" / f"step-{STEPS + 2:06d}.ckpt")
+
 
 @pytest.mark.distributed
 def test_sigusr1_to_one_of_two_ranks_stops_both_at_one_step_and_resumes_exactly(tmp_path: Path) -> None:

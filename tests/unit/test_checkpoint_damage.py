@@ -244,3 +244,9 @@ def test_a_stored_tokenizer_is_read_only_as_bytes(stored: object) -> None:
     with pytest.raises(ValueError, match="not the bytes of a tokenizer model"):
         tokenizer_bytes(stored)  # an int would otherwise allocate that many bytes
     assert tokenizer_bytes(torch.tensor([1, 2], dtype=torch.uint8)) == b"\x01\x02" == tokenizer_bytes(b"\x01\x02")
+
+
+def test_the_single_process_loader_names_a_sharded_folder(tmp_path: Path) -> None:
+    path = _save(tmp_path, 4, distributed=True)
+    with pytest.raises(ValueError, match="sharded checkpoint folder, which only strategy=moe_zero resumes"):
+        ckpt.AtomicCheckpointIO().load_checkpoint(path)
