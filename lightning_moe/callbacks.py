@@ -12,7 +12,17 @@ from torch import Tensor, nn
 
 from lightning_moe.moe import MoE
 
-__all__ = ["ExpertLoadMonitor", "RouterBiasUpdate", "ROUTER_METRICS", "NonFiniteGuard", "RNGStateCheckpoint", "NonFiniteLossError", "find_moe_layers", "expert_load_heatmap"]
+__all__ = [
+    "ExpertLoadMonitor",
+    "RouterBiasUpdate",
+    "ROUTER_METRICS",
+    "NonFiniteGuard",
+    "RNGStateCheckpoint",
+    "RunConfigCheckpoint",
+    "NonFiniteLossError",
+    "find_moe_layers",
+    "expert_load_heatmap",
+]
 
 log = logging.getLogger(__name__)
 
@@ -294,4 +304,17 @@ class NonFiniteGuard(pl.Callback):
 def _local(t: Tensor) -> Tensor:
     to_local = getattr(t, "to_local", None)
     return to_local() if to_local is not None else t
+
+
+class RunConfigCheckpoint(pl.Callback):
+    """Stores the run's resolved configuration in every checkpoint (key ``run_config``, plain types), so
+    that a re-run can tell whether it continues the same run (:mod:`lightning_moe.config.resume`)."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        from lightning_moe.config.resume import RUN_CONFIG_KEY
+
+        checkpoint[RUN_CONFIG_KEY] = self.config
 

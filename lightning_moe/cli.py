@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import MISSING, Field, fields, is_dataclass
 from typing import Any, NoReturn, TextIO, TypeVar
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -110,7 +111,7 @@ def parse_args(schema: type[T], argv: Sequence[str] | None, usage: str) -> T:
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.from_dotlist(args))
         return OmegaConf.to_object(merged)
-    except (OmegaConfBaseException, ValueError, TypeError) as err:
+    except (OmegaConfBaseException, ValueError, TypeError, yaml.YAMLError) as err:  # values are parsed as YAML
         fail(f"{one_line(err)} (valid keys: {valid})")
 
 

@@ -54,14 +54,11 @@ def read_checkpoint(path: PathLike) -> dict[str, Any]:
             consolidate(path, target)
             checkpoint = torch.load(target, map_location="cpu", weights_only=True)
     else:
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        except OSError:
-            raise
-        except Exception as err:  # torch.load fails in many ways on a file that is not a checkpoint
-            raise ValueError(
-                f"{str(path)!r} is not a checkpoint that torch.load can read ({type(err).__name__}: {_first_line(err)})"
-            ) from err
+        from lightning_moe.checkpoint.files import read_torch_file
+        from lightning_moe.checkpoint.manifest import verify_checkpoint
+
+        verify_checkpoint(path)
+        checkpoint = read_torch_file(path, weights_only=True)  # a clear ValueError for pickled code / no checkpoint
     if not isinstance(checkpoint, dict):
         raise ValueError(f"{str(path)!r} holds a {type(checkpoint).__name__}, not a lightning_moe checkpoint")
     meta = checkpoint.pop("meta", None)
@@ -175,8 +172,17 @@ def check_language(module: MultitaskTranslationModule, lang: str, key: str) -> N
 
 
 def tokenizer_bytes(stored: Any) -> bytes:
-    """The serialized tokenizer as kept in a checkpoint (a uint8 tensor, or bytes)."""
-    return bytes(stored.numpy().tobytes()) if isinstance(stored, Tensor) else bytes(stored)
+    """The serialized tokenizer as kept in a checkpoint (a 1-D uint8 tensor, or bytes), read as data.
+
+    Raises:
+        ValueError: anything else (an int would otherwise become that many zero bytes).
+    """
+    if isinstance(stored, Tensor) and stored.dtype == torch.uint8 and stored.dim() == 1:
+        return bytes(stored.numpy().tobytes())
+    if isinstance(stored, (bytes, bytearray)):
+        return bytes(stored)
+    kind = f"a {stored.dtype} tensor of shape {list(stored.shape)}" if isinstance(stored, Tensor) else type(stored).__name__
+    raise ValueError(f"the checkpoint's tokenizer_model is {kind}, not the bytes of a tokenizer model")
 
 
 def translation_source(tokenizer: SubwordTokenizer, text: str, target_lang: str, max_len: int | None = None) -> list[int]:

@@ -11,7 +11,12 @@ CPU process. Every config group can be overridden, e.g.::
     python -m lightning_moe.train --help                          # the groups and their options
 
 A re-run of the same command resumes from the newest complete checkpoint (``checkpoint.resume=auto``) and
-keeps logging to the same logger version.
+keeps logging to the same logger version; a damaged newest checkpoint is reported and the one before it
+used; a re-run with another configuration (beyond ``config.resume.MAY_CHANGE_ON_RESUME``) stops, naming
+the keys. SIGTERM / SIGUSR1 (``checkpoint.preempt_signals``) save a checkpoint at the current step and
+exit with code 75 (``lightning_moe.preemption``).
+
+Exit codes: 0 done, 1 error, 2 invalid configuration, 75 preempted (checkpoint saved; re-run to continue).
 """
 
 from __future__ import annotations
@@ -28,19 +33,35 @@ import lightning.pytorch as pl
 from omegaconf import DictConfig
 
 import lightning_moe  # noqa: F401  (registers the moe_zero strategies)
-from lightning_moe.callbacks import ExpertLoadMonitor, NonFiniteGuard, RNGStateCheckpoint, RouterBiasUpdate
+from lightning_moe.callbacks import (
+    ExpertLoadMonitor,
+    NonFiniteGuard,
+    RNGStateCheckpoint,
+    RouterBiasUpdate,
+    RunConfigCheckpoint,
+)
 from lightning_moe.checkpoint import AtomicCheckpointIO, RetainingModelCheckpoint, prune_checkpoints, resolve_resume
+from lightning_moe.checkpoint.files import CheckpointWriteError
+from lightning_moe.checkpoint.manifest import DamagedCheckpointError
+from lightning_moe.checkpoint.resume import read_checkpoint_meta
+from lightning_moe.cli import one_line
 from lightning_moe.config import ConfigError, TrainConfig, register_configs, to_train_config
 from lightning_moe.config.launch import check_group_options, check_multirun
 from lightning_moe.config.loggers import instantiate_callbacks, instantiate_loggers
+from lightning_moe.config.resume import RUN_CONFIG_KEY, check_same_run, run_config
 from lightning_moe.data.datamodule import MultitaskDataModule
 from lightning_moe.module import MultitaskTranslationModule
+from lightning_moe.preemption import Preempted, request_slurm_requeue
 
 __all__ = ["main", "run", "build_strategy", "build_trainer", "build_module"]
 
 log = logging.getLogger(__name__)
 
 register_configs()
+
+
+class InitFromError(ValueError):
+    """``init_from`` names a checkpoint that cannot be read or has no tokenizer (one line)."""
 
 
 def build_strategy(cfg: TrainConfig) -> Any:
@@ -91,6 +112,7 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: list | None = None, resumin
     callbacks: list = [
         RetainingModelCheckpoint(
             keep_last=cfg.checkpoint.keep_last,
+            preempt_signals=cfg.checkpoint.preempt_signals,
             dirpath=str(checkpoint_dir(cfg)),
             filename="step-{step:06d}",
             auto_insert_metric_name=False,
@@ -101,6 +123,7 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: list | None = None, resumin
         RouterBiasUpdate(),
         NonFiniteGuard(policy=t.nonfinite, max_skips=t.nonfinite_max),
         RNGStateCheckpoint(),
+        RunConfigCheckpoint(run_config(cfg)),
     ]
     loggers = instantiate_loggers(cfg.logger, cfg.output_dir, resuming)
     if loggers:
@@ -174,10 +197,13 @@ def run(cfg: TrainConfig, extra_callbacks: list | None = None) -> dict[str, floa
         from lightning_moe.data.tokenizer import SubwordTokenizer
         from lightning_moe.inference import read_checkpoint, tokenizer_bytes
 
-        init_checkpoint = read_checkpoint(cfg.init_from)
-        if init_checkpoint.get("tokenizer_model") is None:
-            raise ValueError(f"init_from={cfg.init_from!r} has no tokenizer: it was not written by lightning_moe.train")
-        datamodule.tokenizer = SubwordTokenizer(tokenizer_bytes(init_checkpoint["tokenizer_model"]))
+        try:
+            init_checkpoint = read_checkpoint(cfg.init_from)
+            if init_checkpoint.get("tokenizer_model") is None:
+                raise ValueError("it has no tokenizer: it was not written by lightning_moe.train")
+            datamodule.tokenizer = SubwordTokenizer(tokenizer_bytes(init_checkpoint["tokenizer_model"]))
+        except (OSError, ValueError) as err:
+            raise InitFromError(f"init_from={cfg.init_from!r} cannot be used: {one_line(err)}") from err
     else:
         datamodule.prepare_data()  # cached and written atomically: safe on every rank
     datamodule.setup("fit")
@@ -188,13 +214,21 @@ def run(cfg: TrainConfig, extra_callbacks: list | None = None) -> dict[str, floa
     # Resuming wins over init_from: an interrupted fine-tuning run continues from its own checkpoints.
     ckpt_path = resolve_resume(cfg.checkpoint.resume, checkpoint_dir(cfg))
     if ckpt_path:
+        check_same_run(read_checkpoint_meta(ckpt_path).get(RUN_CONFIG_KEY), run_config(cfg), ckpt_path)
         log.info("resuming from %s", ckpt_path)
     trainer = build_trainer(cfg, extra_callbacks, resuming=ckpt_path is not None)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except Preempted as stop:
+        if trainer.is_global_zero:
+            print(f"{stop}", file=sys.stderr)
+            if cfg.checkpoint.slurm_requeue:
+                request_slurm_requeue()
+        raise
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
     final = checkpoint_dir(cfg) / f"step-{trainer.global_step:06d}.ckpt"
     if not final.exists():
-        trainer.save_checkpoint(final)  # collective under moe_zero: every rank calls it
+        trainer.save_checkpoint(final, weights_only=False)  # collective under moe_zero: every rank calls it
         trainer.strategy.barrier("final-checkpoint")
         if trainer.is_global_zero:
             prune_checkpoints(final.parent, cfg.checkpoint.keep_last)
@@ -261,7 +295,13 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         check_multirun(HydraConfig.get().mode == RunMode.MULTIRUN, t.devices, t.num_nodes, t.accelerator)
     except ConfigError as err:
         _exit(err)
-    metrics = run(typed)
+    try:
+        metrics = run(typed)
+    except ConfigError as err:  # e.g. the run folder holds a checkpoint of another configuration
+        _exit(err)
+    except (DamagedCheckpointError, CheckpointWriteError, InitFromError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
     for key in sorted(metrics):
         if key.startswith("val/"):
             print(f"{key}: {metrics[key]:.4f}")

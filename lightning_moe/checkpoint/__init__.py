@@ -14,7 +14,9 @@ one file of plain types that ``torch.load(path, weights_only=True)`` and
 
 Modules: :mod:`.files` (layouts on disk, the completeness rule, the atomic writer), :mod:`.state` (what goes
 into a checkpoint), :mod:`.dcp` and :mod:`.full` (the two layouts), :mod:`.core` (save/load entry points),
-:mod:`.consolidate`, :mod:`.resume` (which checkpoint a run resumes from), :mod:`.retention` (pruning).
+:mod:`.consolidate`, :mod:`.resume` (which checkpoint a run resumes from), :mod:`.retention` (pruning),
+:mod:`.manifest` (files, sizes and SHA-256 of each checkpoint: truncation, flipped bytes and missing shards
+are detected, and a resuming run falls back to the newest whole checkpoint).
 """
 
 from lightning_moe.checkpoint.consolidate import consolidate, consolidate_main
@@ -22,13 +24,22 @@ from lightning_moe.checkpoint.core import load_checkpoint, save_checkpoint
 from lightning_moe.checkpoint.files import (
     COMPLETE_MARKER,
     META_FILENAME,
+    CheckpointWriteError,
     IncompleteCheckpointError,
     atomic_save,
     is_complete,
     is_complete_distributed_checkpoint,
     is_distributed_checkpoint,
 )
-from lightning_moe.checkpoint.resume import AtomicCheckpointIO, checkpoint_step, find_latest_checkpoint, resolve_resume
+from lightning_moe.checkpoint.manifest import DamagedCheckpointError, verify_checkpoint
+from lightning_moe.checkpoint.resume import (
+    AtomicCheckpointIO,
+    check_loadable,
+    checkpoint_step,
+    find_latest_checkpoint,
+    newest_loadable_checkpoint,
+    resolve_resume,
+)
 from lightning_moe.checkpoint.retention import RetainingModelCheckpoint, prune_checkpoints
 from lightning_moe.checkpoint.state import CheckpointMismatchError, model_state_dict, optimizer_state_dict
 
@@ -37,9 +48,12 @@ __all__ = [
     "META_FILENAME",
     "AtomicCheckpointIO",
     "CheckpointMismatchError",
+    "CheckpointWriteError",
+    "DamagedCheckpointError",
     "IncompleteCheckpointError",
     "RetainingModelCheckpoint",
     "atomic_save",
+    "check_loadable",
     "checkpoint_step",
     "consolidate",
     "consolidate_main",
@@ -49,8 +63,10 @@ __all__ = [
     "is_distributed_checkpoint",
     "load_checkpoint",
     "model_state_dict",
+    "newest_loadable_checkpoint",
     "optimizer_state_dict",
     "prune_checkpoints",
     "resolve_resume",
     "save_checkpoint",
+    "verify_checkpoint",
 ]

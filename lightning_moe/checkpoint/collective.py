@@ -9,7 +9,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-__all__ = ["all_ok", "barrier", "broadcast_object", "dcp_call", "distributed", "rank"]
+__all__ = ["all_ok", "barrier", "gather_objects", "broadcast_object", "dcp_call", "distributed", "rank"]
 
 
 def distributed() -> bool:
@@ -35,6 +35,15 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order, on every rank (``[obj]`` without a process group)."""
+    if not distributed():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def all_ok(ok: bool) -> bool:

@@ -18,6 +18,7 @@ from torch import Tensor
 from lightning_moe.checkpoint.dcp import read_distributed_full
 from lightning_moe.checkpoint.files import PathLike, atomic_save
 from lightning_moe.checkpoint.full import read_full
+from lightning_moe.checkpoint.manifest import verify_checkpoint
 from lightning_moe.checkpoint.state import MODEL_KEY, OPTIMIZERS_KEY, to_plain
 
 __all__ = ["consolidate", "consolidate_main"]
@@ -40,6 +41,7 @@ def consolidate(checkpoint: PathLike, out_file: PathLike, *, trust_meta: bool = 
         FileNotFoundError: nothing at ``checkpoint``.
         IsADirectoryError: ``out_file`` is a folder.
         IncompleteCheckpointError: a folder whose writing did not finish.
+        DamagedCheckpointError: the checkpoint's files differ from its manifest.
     """
     src, dst = Path(checkpoint), Path(out_file)
     if not src.exists():
@@ -48,6 +50,7 @@ def consolidate(checkpoint: PathLike, out_file: PathLike, *, trust_meta: bool = 
         )
     if dst.is_dir():
         raise IsADirectoryError(f"out_file={str(dst)!r} is a folder; pass a file path.")
+    verify_checkpoint(src)
     dst.parent.mkdir(parents=True, exist_ok=True)
     weights_only = not trust_meta
     if src.is_dir():
@@ -61,7 +64,7 @@ def consolidate(checkpoint: PathLike, out_file: PathLike, *, trust_meta: bool = 
         MODEL_KEY: {str(k): v for k, v in model.items()},
         OPTIMIZERS_KEY: [to_plain(state) for state in optimizers],
     }
-    atomic_save(out, dst)
+    atomic_save(out, dst, manifest=True)
     return out
 
 

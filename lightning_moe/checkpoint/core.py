@@ -19,6 +19,7 @@ from lightning_moe.checkpoint import collective
 from lightning_moe.checkpoint.dcp import load_distributed, save_distributed
 from lightning_moe.checkpoint.files import PathLike, is_distributed_checkpoint, temporary_sibling
 from lightning_moe.checkpoint.full import load_full, save_full
+from lightning_moe.checkpoint.manifest import verify_checkpoint
 
 __all__ = ["load_checkpoint", "save_checkpoint"]
 
@@ -95,8 +96,11 @@ def load_checkpoint(
         FileNotFoundError: nothing at ``path``.
         IncompleteCheckpointError: a folder whose writing did not finish.
         CheckpointMismatchError: names or shapes differ from the model's (the message lists them).
+        DamagedCheckpointError: a file listed in the checkpoint's manifest is missing or has another size.
     """
     path = Path(path)
+    if path.exists():
+        verify_checkpoint(path, check_sums=False)  # every rank: cheap; the run checked the checksums when choosing it
     if path.is_dir():
         return load_distributed(path, model, optimizers, strict=strict, weights_only=weights_only)
     if path.is_file():

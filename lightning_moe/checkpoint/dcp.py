@@ -20,14 +20,18 @@ from torch.optim import Optimizer
 from lightning_moe.checkpoint import collective
 from lightning_moe.checkpoint.files import (
     COMPLETE_MARKER,
+    DCP_METADATA,
     META_FILENAME,
+    CheckpointWriteError,
     fsync_dir,
     fsync_file,
     read_torch_file,
     replace_path,
     require_complete,
     temporary_sibling,
+    write_torch_file,
 )
+from lightning_moe.checkpoint.manifest import FOLDER_MANIFEST, digest, rank_shards, write_manifest
 from lightning_moe.checkpoint.state import (
     MODEL_KEY,
     OPTIMIZERS_KEY,
@@ -50,6 +54,7 @@ def save_distributed(checkpoint: dict[str, Any], path: Path, tmp: Path) -> None:
     """Write ``checkpoint`` as a folder: every rank into ``tmp``, then rank 0 adds the meta and the marker
     and renames ``tmp`` to ``path``; collective."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
     rank = collective.rank()
     tensors: dict[str, Any] = {MODEL_KEY: checkpoint[MODEL_KEY]}
@@ -59,15 +64,36 @@ def save_distributed(checkpoint: dict[str, Any], path: Path, tmp: Path) -> None:
     meta[OPTIMIZERS_COUNT_KEY] = len(checkpoint.get(OPTIMIZERS_KEY, []))
     try:
         # collective: gathers the plans, every rank writes its file, rank 0 writes `.metadata`
-        with collective.dcp_call() as kwargs:
-            dcp.save(tensors, checkpoint_id=tmp, **kwargs)
+        try:
+            with collective.dcp_call() as kwargs:
+                dcp.save(tensors, checkpoint_id=tmp, **kwargs)
+            # each rank hashes the shards it wrote (in parallel); rank 0 lists them all in the manifest
+            own = {p.name: digest(p) for p in rank_shards(tmp, rank)}
+        except (OSError, RuntimeError, CheckpointException) as err:  # DCP wraps a rank's failed write
+            own, error = None, CheckpointWriteError.wrap(err, path)
+        else:
+            error = None
+        gathered = collective.gather_objects(own)
+        if any(entries is None for entries in gathered):
+            if error is not None:
+                raise error
+            raise CheckpointWriteError(None, f"another rank could not write its shards of {str(path)!r} (see its error)")
         if rank == 0:
-            torch.save(meta, tmp / META_FILENAME)
-            fsync_file(tmp / META_FILENAME)
-            (tmp / COMPLETE_MARKER).write_text("complete\n")
-            fsync_file(tmp / COMPLETE_MARKER)
-            fsync_dir(tmp)
-        collective.barrier()
+            try:
+                entries = {name: d for rank_entries in gathered for name, d in rank_entries.items()}
+                write_torch_file(meta, tmp / META_FILENAME)
+                for name in (DCP_METADATA, META_FILENAME):
+                    entries[name] = digest(tmp / name)
+                write_manifest(tmp / FOLDER_MANIFEST, entries)
+                (tmp / COMPLETE_MARKER).write_text("complete\n")
+                fsync_file(tmp / COMPLETE_MARKER)
+                fsync_dir(tmp)
+            except (OSError, RuntimeError) as err:
+                error = CheckpointWriteError.wrap(err, path)
+        if not collective.all_ok(error is None):
+            if error is not None:
+                raise error
+            raise CheckpointWriteError(None, f"rank 0 could not finish the checkpoint {str(path)!r} (see its error)")
         if rank == 0:
             replace_path(tmp, path)
         collective.barrier()

@@ -6,7 +6,10 @@ A checkpoint is either a file (``torch.save``) or a distributed (DCP) folder::
       .metadata          # torch.distributed.checkpoint index (written by ``dcp.save``)
       __<rank>_0.distcp  # each rank's shards
       meta.pt            # everything but the tensors of the model and optimizers
+      manifest.json      # every file's size and SHA-256 (:mod:`.manifest`)
       .complete          # marker written last
+
+A checkpoint file ``step-N.ckpt`` has its manifest beside it (``step-N.ckpt.manifest.json``).
 
 Both are written under a temporary name beside the destination and renamed into place, so a reader never
 takes a half-written checkpoint for a whole one.
@@ -25,6 +28,7 @@ import torch
 __all__ = [
     "COMPLETE_MARKER",
     "DCP_METADATA",
+    "CheckpointWriteError",
     "META_FILENAME",
     "IncompleteCheckpointError",
     "PathLike",
@@ -34,10 +38,12 @@ __all__ = [
     "is_complete",
     "is_complete_distributed_checkpoint",
     "is_distributed_checkpoint",
+    "needs_pickled_code",
     "read_torch_file",
     "replace_path",
     "require_complete",
     "temporary_sibling",
+    "write_torch_file",
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -52,6 +58,54 @@ DCP_METADATA = ".metadata"
 
 class IncompleteCheckpointError(ValueError):
     """The folder is not a finished checkpoint (no completion marker / no index)."""
+
+
+def _first_os_error(err: BaseException) -> OSError | None:
+    """The ``OSError`` behind ``err``: its cause/context chain, or a DCP ``CheckpointException``'s failures."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [err]
+    while todo:
+        e = todo.pop(0)
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError):
+            return e
+        todo += [c for c in (e.__cause__, e.__context__) if c is not None]
+        failures = getattr(e, "failures", None)  # torch.distributed.checkpoint.api.CheckpointException
+        if isinstance(failures, dict):
+            for f in failures.values():  # each an exception, or an (exception, traceback) pair
+                f = f[0] if isinstance(f, tuple) and f else f
+                if isinstance(f, BaseException):
+                    todo.append(f)
+    return None
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, file size limit, ...); the previous one is intact."""
+
+    @classmethod
+    def wrap(cls, err: BaseException, path: Path) -> CheckpointWriteError:
+        """One line naming ``path`` and the reason (``No space left on device``, ``File too large``, ...)."""
+        if isinstance(err, OSError):
+            reason = err.strerror or str(err) or type(err).__name__
+            if err.filename and str(err.filename) != str(path):
+                reason += f" ({err.filename})"
+            errno = err.errno
+        else:  # torch.save / DCP report a failed write as a RuntimeError / CheckpointException
+            cause = _first_os_error(err)
+            if cause is not None:
+                return cls.wrap(cause, path)
+            reason = f"{str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__} (is the disk full?)"
+            errno = None
+        return cls(
+            errno,
+            f"could not write the checkpoint {str(path)!r}: {reason}. Nothing was replaced: the previous"
+            " checkpoints are intact. Free space (or raise the file size limit) and re-run the same command",
+        )
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
 
 
 def is_distributed_checkpoint(path: PathLike) -> bool:
@@ -130,35 +184,85 @@ def replace_path(src: Path, dst: Path) -> None:
     fsync_dir(dst.parent)
 
 
-def atomic_save(obj: Any, path: PathLike) -> None:
-    """``torch.save`` ``obj`` to a temporary file beside ``path``, flush it, then rename it into place."""
+def write_torch_file(obj: Any, path: Path) -> None:
+    """``torch.save`` through a Python file object and flush it to the disk.
+
+    Through a file object, a failed write (disk full, file size limit) raises the ``OSError`` that says so;
+    torch's own file writer reports it as an unrelated position mismatch.
+    """
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def atomic_save(obj: Any, path: PathLike, *, manifest: bool = False) -> None:
+    """``torch.save`` ``obj`` to a temporary file beside ``path``, flush it, then rename it into place.
+
+    Args:
+        obj: what to save.
+        path: the destination file.
+        manifest: also write ``<path>.manifest.json`` (size and SHA-256, :mod:`.manifest`). The old
+            manifest goes first and the new one comes after the file, so an interruption leaves a whole
+            file without a manifest (accepted) rather than a manifest that does not match.
+
+    Raises:
+        CheckpointWriteError: writing failed (disk full, file size limit, permissions); the destination
+            still holds what it held before, and nothing is left behind.
+    """
+    from lightning_moe.checkpoint.manifest import digest, file_manifest_path, write_manifest
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_sibling(path)
+    tmp_manifest = temporary_sibling(file_manifest_path(path))
     try:
-        torch.save(obj, tmp)
-        fsync_file(tmp)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_torch_file(obj, tmp)
+        if manifest:
+            write_manifest(tmp_manifest, {path.name: digest(tmp)})
+        file_manifest_path(path).unlink(missing_ok=True)
         replace_path(tmp, path)
+        if manifest:
+            replace_path(tmp_manifest, file_manifest_path(path))
+    except CheckpointWriteError:
+        raise
+    except (OSError, RuntimeError) as err:
+        raise CheckpointWriteError.wrap(err, path) from err
     finally:
         tmp.unlink(missing_ok=True)
+        tmp_manifest.unlink(missing_ok=True)
 
 
-def read_torch_file(path: Path, weights_only: bool | None, *, mmap: bool = False) -> Any:
-    """``torch.load`` onto the CPU; a file that ``weights_only=True`` refuses gets a message saying what to do.
+def needs_pickled_code(err: BaseException) -> bool:
+    """Whether ``torch.load(weights_only=True)`` failed on a class or function to import (pickled code),
+    as opposed to bytes that are no checkpoint at all."""
+    return "unsupported global" in str(err).lower()
+
+
+def read_torch_file(path: Path, weights_only: bool | None, *, mmap: bool = False, map_location: Any = "cpu") -> Any:
+    """``torch.load`` (onto the CPU by default); a file that ``weights_only=True`` refuses gets a one-line
+    message saying what to do, and a file that is not a readable checkpoint says so.
 
     Args:
         path: the file.
-        weights_only: passed to ``torch.load`` (``None``: torch's default, which is ``True``).
+        weights_only: passed to ``torch.load`` (``None`` means ``True`` here, whatever torch's default).
         mmap: map the file instead of reading it (every rank then shares the page cache).
+        map_location: passed to ``torch.load``.
     """
+    weights_only = True if weights_only is None else weights_only
     try:
-        return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=mmap)
+        return torch.load(path, map_location=map_location or "cpu", weights_only=weights_only, mmap=mmap)
+    except OSError:
+        raise
     except Exception as e:  # noqa: BLE001 - the unpickler raises several types
         if weights_only is False:
             raise
-        first_line = str(e).splitlines()[0] if str(e) else ""
-        raise ValueError(
-            f"Could not read {str(path)!r} with `weights_only=True`: it holds objects other than plain types"
-            f" ({type(e).__name__}: {first_line}). If you trust this checkpoint, pass `weights_only=False`"
-            " (e.g. `Trainer.fit(..., ckpt_path=..., weights_only=False)`)."
-        ) from e
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        detail = next((line for line in lines if "unsupported" in line.lower()), lines[0] if lines else "")
+        if needs_pickled_code(e):
+            raise ValueError(
+                f"refusing to load {str(path)!r} with `weights_only=True`: it holds pickled code or objects, not"
+                f" only tensors and plain types ({detail}). Only if you trust where it came from, load it"
+                " with `weights_only=False` (e.g. `Trainer.fit(..., ckpt_path=..., weights_only=False)`)."
+            ) from e
+        raise ValueError(f"{str(path)!r} is not a checkpoint that torch.load can read ({type(e).__name__}: {detail})") from e

@@ -15,7 +15,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from lightning_moe.checkpoint import collective
-from lightning_moe.checkpoint.files import atomic_save, read_torch_file
+from lightning_moe.checkpoint.files import CheckpointWriteError, atomic_save, read_torch_file
 from lightning_moe.checkpoint.state import (
     MODEL_KEY,
     OPTIMIZERS_KEY,
@@ -34,11 +34,18 @@ LEGACY_META_KEY = "meta"
 
 def save_full(checkpoint: dict[str, Any], path: Path) -> None:
     """Rank 0 writes ``checkpoint`` (full state dicts) atomically to the file ``path``; collective."""
+    error: BaseException | None = None
     if collective.rank() == 0:
         payload = split_meta(checkpoint)  # plain containers, like meta.pt
         payload.update({k: checkpoint[k] for k in TENSOR_KEYS if k in checkpoint})
-        atomic_save(payload, path)
-    collective.barrier()
+        try:
+            atomic_save(payload, path, manifest=True)
+        except Exception as err:  # noqa: BLE001 - re-raised below after every rank learnt about it
+            error = err
+    if not collective.all_ok(error is None):
+        if error is not None:
+            raise error
+        raise CheckpointWriteError(None, f"rank 0 could not write the checkpoint {str(path)!r} (see rank 0's error)")
 
 
 def read_full(path: Path, *, weights_only: bool | None, mmap: bool = False) -> dict[str, Any]:

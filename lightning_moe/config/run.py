@@ -221,10 +221,24 @@ class CheckpointConfig:
     keep_last: int = 3
     """Keep the newest N complete checkpoints; older ones are deleted."""
     resume: str = "auto"
-    """``auto``: resume from the newest complete checkpoint in ``dirpath`` if any; ``never``; or a path."""
+    """``auto``: resume from the newest checkpoint in ``dirpath`` that is whole (a damaged newer one is
+    reported and skipped); ``never``; or a path. The run's configuration must match the checkpoint's except
+    the keys of ``lightning_moe.config.resume.MAY_CHANGE_ON_RESUME``."""
+    preempt_signals: list = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    """Signals that stop training after the current step, with a checkpoint at that step on every rank, and
+    exit with code 75 (re-run the same command to continue). ``[]``: leave signals to Lightning/Python."""
+    slurm_requeue: bool = False
+    """When preempted inside a SLURM job, rank 0 also runs ``scontrol requeue $SLURM_JOB_ID``."""
 
     def __post_init__(self) -> None:
+        from lightning_moe.preemption import parse_signal
+
         _at_least("checkpoint.every_n_train_steps", self.every_n_train_steps, 1)
         _at_least("checkpoint.keep_last", self.keep_last, 1)
         if not isinstance(self.resume, str) or not self.resume:
             raise ValueError("checkpoint.resume must be 'auto', 'never' or a checkpoint path")
+        for sig in self.preempt_signals:
+            try:
+                parse_signal(sig)
+            except ValueError as err:
+                raise ValueError(f"checkpoint.preempt_signals: {err}") from None

@@ -72,7 +72,13 @@ class SubwordTokenizer:
 
     def __init__(self, model_proto: bytes) -> None:
         self._proto = bytes(model_proto)
-        self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
+        try:
+            self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
+        except RuntimeError as err:  # sentencepiece's parser rejects bytes that are not a model
+            raise ValueError(
+                f"model_proto ({len(self._proto)} bytes) is not a sentencepiece model"
+                f" ({str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__})"
+            ) from None
         self.from_cache = False
         """True when :func:`build_tokenizer` loaded this model from its cache instead of training it."""
         expected = {PAD_ID: "<pad>", UNK_ID: "<unk>", BOS_ID: "<s>", EOS_ID: "</s>", MASK_ID: MASK_TOKEN}
