@@ -43,7 +43,7 @@ from lightning_moe.callbacks import (
 from lightning_moe.checkpoint import AtomicCheckpointIO, RetainingModelCheckpoint, prune_checkpoints, resolve_resume
 from lightning_moe.checkpoint.files import CheckpointWriteError
 from lightning_moe.checkpoint.manifest import DamagedCheckpointError
-from lightning_moe.checkpoint.resume import read_checkpoint_meta
+from lightning_moe.checkpoint.resume import later_checkpoints, read_checkpoint_meta
 from lightning_moe.cli import one_line
 from lightning_moe.config import ConfigError, TrainConfig, register_configs, to_train_config
 from lightning_moe.config.launch import check_group_options, check_multirun
@@ -213,6 +213,13 @@ def run(cfg: TrainConfig, extra_callbacks: list | None = None) -> dict[str, floa
     module = build_module(cfg, datamodule, init_checkpoint)
     # Resuming wins over init_from: an interrupted fine-tuning run continues from its own checkpoints.
     ckpt_path = resolve_resume(cfg.checkpoint.resume, checkpoint_dir(cfg))
+    later = later_checkpoints(checkpoint_dir(cfg), ckpt_path)
+    if later and cfg.checkpoint.resume != "auto":  # under `auto` they were skipped as damaged: safe to replace
+        raise ConfigError(
+            f"checkpoint.resume={cfg.checkpoint.resume} would abandon {len(later)} whole checkpoint(s) of this run"
+            f" ({later[0]}, ...), which the new run's checkpoints replace: start a new run with another name="
+            " (or move them away first)"
+        )
     if ckpt_path:
         check_same_run(read_checkpoint_meta(ckpt_path).get(RUN_CONFIG_KEY), run_config(cfg), ckpt_path)
         log.info("resuming from %s", ckpt_path)

@@ -34,6 +34,7 @@ __all__ = [
     "checkpoint_step",
     "complete_checkpoints",
     "find_latest_checkpoint",
+    "later_checkpoints",
     "newest_loadable_checkpoint",
     "read_checkpoint_meta",
     "resolve_resume",
@@ -131,7 +132,7 @@ def newest_loadable_checkpoint(folder: str | os.PathLike) -> Path | None:
     if problems:
         raise DamagedCheckpointError(
             f"no checkpoint in {str(folder)!r} can be resumed ({len(problems)} damaged, newest: {problems[0]}). Remove"
-            " them (or pass checkpoint.resume=never) to start this run over, or start a new run with another name="
+            " them to start this run over, or start a new run with another name="
         )
     return None
 
@@ -163,3 +164,10 @@ def resolve_resume(resume: str, folder: str | os.PathLike) -> str | None:
         raise ValueError(f"checkpoint.resume={resume!r} is an incomplete checkpoint (no {COMPLETE_MARKER} marker)")
     check_loadable(path)
     return str(path)
+
+
+def later_checkpoints(folder: str | os.PathLike, start: str | None) -> list[Path]:
+    """The complete checkpoints in ``folder`` of steps after ``start`` (a checkpoint path; None = step 0):
+    what a run continuing from ``start`` would abandon, newest first."""
+    start_step = -1 if start is None else (checkpoint_step(Path(start)) or -1)
+    return [p for p in complete_checkpoints(folder) if (checkpoint_step(p) or -1) > start_step]

@@ -137,6 +137,17 @@ def test_sigterm_saves_at_the_current_step_and_the_same_command_continues_exactl
     assert f"resuming from {run_dir / 'checkpoints' / f'step-{previous:06d}.ckpt'}" in output
     assert resolve_resume("auto", run_dir / "checkpoints") == str(run_dir / "checkpoints" / f"step-{STEPS + 2:06d}.ckpt")
 
+    # starting the run over (or from an older checkpoint) would replace whole checkpoints: refused, nothing deleted
+    before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    for resume in ("never", str(run_dir / "checkpoints" / f"step-{previous:06d}.ckpt")):
+        result = subprocess.run(
+            _command(run_dir, f"trainer.max_steps={STEPS + 2}", f"checkpoint.resume={resume}"),
+            env=_env(tmp_path), capture_output=True, text=True, timeout=600, cwd=tmp_path,
+        )
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert result.returncode == 2 and len(errors) == 1 and "name=" in errors[0], result.stderr[-3000:]
+        assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before
+
 
 @pytest.mark.distributed
 def test_sigusr1_to_one_of_two_ranks_stops_both_at_one_step_and_resumes_exactly(tmp_path: Path) -> None:
