@@ -83,13 +83,14 @@ class TokenCrossEntropy(torch.autograd.Function):
 def token_cross_entropy(logits: Tensor, targets: Tensor, label_smoothing: float = 0.0) -> tuple[Tensor, Tensor]:
     """Per-token ``(nll, smoothed loss)``, ``[...]`` fp32 each, for ``logits [..., V]`` and ``targets [...]``.
 
-    Chunked (see the module docstring) in eager mode; under ``torch.compile`` the plain formula, which
-    the compiler fuses itself.
+    Chunked (see the module docstring) in eager mode on CPU; on other devices (where a chunk loop would be
+    hundreds of small kernel launches and the memory is fast) and under ``torch.compile`` (which fuses it
+    itself) the plain formula.
     """
     vocab = logits.shape[-1]
     flat_logits = logits.reshape(-1, vocab)  # [N, V]
     flat_targets = targets.reshape(-1).long()  # [N]
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or logits.device.type != "cpu":
         lprobs = torch.log_softmax(flat_logits.float(), dim=-1)  # [N, V]
         nll = -lprobs.gather(-1, flat_targets[:, None]).squeeze(-1)  # [N]
         smoothed = nll if label_smoothing == 0.0 else (1.0 - label_smoothing) * nll - label_smoothing * lprobs.mean(-1)
