@@ -75,7 +75,7 @@ def attend(
 
     Same contract as ``F.scaled_dot_product_attention`` (``keep_mask`` boolean, True = attend; ``is_causal``
     without a mask, aligned top-left); short sequences on CPU take the explicit path
-    (:data:`SHORT_ATTENTION_SCORES`), whose softmax runs in fp32 whatever the inputs' dtype.
+    (:data:`SHORT_ATTENTION_SCORES`).
     """
     num_queries, num_keys = q.shape[-2], k.shape[-2]
     if q.device.type != "cpu" or num_queries * num_keys > SHORT_ATTENTION_SCORES:
@@ -85,8 +85,9 @@ def attend(
     scores = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-2, -1))  # [B, H, Tq, Tk]
     if keep_mask is not None:
         scores = scores.masked_fill(~keep_mask, float("-inf"))
-    softmax_dtype = torch.promote_types(scores.dtype, torch.float32)  # at least fp32 (bf16 scores under autocast)
-    weights = torch.softmax(scores, dim=-1, dtype=softmax_dtype).to(v.dtype)  # [B, H, Tq, Tk]
+    # torch's CPU softmax accumulates reduced-precision (bf16) inputs in fp32 and rounds once on output: the
+    # same result as an fp32 softmax cast back, without the fp32 [B, H, Tq, Tk] copy and the cast.
+    weights = torch.softmax(scores, dim=-1).to(v.dtype)  # [B, H, Tq, Tk]
     if dropout_p > 0.0:
         weights = F.dropout(weights, p=dropout_p)
     return torch.matmul(weights, v)  # [B, H, Tq, hd]

@@ -45,11 +45,13 @@ class TokenCrossEntropy(torch.autograd.Function):
         step = _chunk_rows(vocab)
         for lo in range(0, num_rows, step):
             hi = min(lo + step, num_rows)
-            z = logits[lo:hi].float()  # [n, V]
-            torch.logsumexp(z, dim=-1, out=lse[lo:hi])
-            torch.sub(lse[lo:hi], z.gather(-1, targets[lo:hi, None]).squeeze(-1), out=nll[lo:hi])
+            z = logits[lo:hi]  # [n, V] in the logits' dtype: type promotion below gives fp32 without a copy
+            top = z.amax(dim=-1, keepdim=True).float()  # [n, 1] (exact: a maximum rounds nothing)
+            sum_exp = torch.sub(z, top).exp_().sum(dim=-1)  # [n] fp32
+            torch.add(sum_exp.log_(), top.squeeze(-1), out=lse[lo:hi])
+            torch.sub(lse[lo:hi], z.gather(-1, targets[lo:hi, None]).squeeze(-1).float(), out=nll[lo:hi])
             if label_smoothing != 0.0:
-                uniform = lse[lo:hi] - z.mean(dim=-1)  # [n]: cross entropy against the uniform distribution
+                uniform = lse[lo:hi] - z.mean(dim=-1, dtype=torch.float32)  # [n]: CE against the uniform distribution
                 torch.add(nll[lo:hi] * (1.0 - label_smoothing), uniform, alpha=label_smoothing, out=smoothed[lo:hi])
         ctx.save_for_backward(logits, targets, lse)
         ctx.label_smoothing = label_smoothing
