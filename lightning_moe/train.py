@@ -107,7 +107,7 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: list | None = None, resumin
     callbacks.extend(instantiate_callbacks(cfg.callbacks))
     callbacks.extend(extra_callbacks or [])
     precision, why = resolve_precision(t.precision, t.accelerator)
-    log.info("precision %s (%s)", precision, why)
+    log.info("%s", why)  # which precision, and why
     return pl.Trainer(
         accelerator=t.accelerator,
         devices=t.devices,

@@ -47,11 +47,11 @@ def resolve_precision(precision: str, accelerator: str) -> tuple[str, str]:
     A precision other than ``auto`` is kept as given. ``why`` is one line for the log.
     """
     if precision != AUTO_PRECISION:
-        return precision, f"trainer.precision={precision} as configured"
+        return precision, f"trainer.precision={precision} (as configured)"
     on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
     if on_gpu:
-        return "bf16-mixed", "trainer.precision=auto: bf16-mixed on GPU"
+        return "bf16-mixed", "trainer.precision=auto -> bf16-mixed: training on GPU"
     units = cpu_bf16_matrix_units()
     if units is not None:
-        return "bf16-mixed", f"trainer.precision=auto: bf16-mixed, this CPU has bf16 matrix units ({units})"
-    return "32-true", "trainer.precision=auto: 32-true, this CPU has no bf16 matrix units (AMX / AVX512-BF16)"
+        return "bf16-mixed", f"trainer.precision=auto -> bf16-mixed: this CPU has bf16 matrix units ({units})"
+    return "32-true", "trainer.precision=auto -> 32-true: this CPU has no bf16 matrix units (AMX, AVX512-BF16)"
