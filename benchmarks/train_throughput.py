@@ -281,6 +281,14 @@ def peaks(args: argparse.Namespace, device: torch.device) -> dict[str, float]:
             "measured_fp32_tflops": fp32, "measured_bf16_tflops": bf16}
 
 
+def _best_peaks(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """The higher of two measurements of :func:`peaks` (a busy machine only ever lowers a measured rate)."""
+    best = {**a}
+    for key in ("peak_tflops", "measured_fp32_tflops", "measured_bf16_tflops"):
+        best[key] = max(a[key], b[key])
+    return best
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Build, warm up, time; returns the result record."""
     device = resolve_device(args.device)
@@ -344,8 +352,9 @@ def variant_name(precision: str, experts: int | None) -> str:
 
 def side_by_side(args: argparse.Namespace) -> dict[str, Any]:
     """``--side-by-side R``: the variants of :data:`SIDE_BY_SIDE` built once, warmed up, then ``R`` rounds that
-    each time ``--steps`` steps of every variant in turn (so that load from elsewhere hits all alike); the
-    median and the best round per variant, and the ratios the bf16 goals are stated in."""
+    each time ``--steps`` steps of every variant in turn (so that load from elsewhere hits all alike) and, on
+    CPU, measure the matrix-product peak again (the best measurement counts); the median and the best round
+    per variant, and the ratios the bf16 goals are stated in."""
     device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -361,6 +370,8 @@ def side_by_side(args: argparse.Namespace) -> dict[str, Any]:
         for name, trainer in trainers.items():
             elapsed, _, _ = trainer.time_steps(args.steps)
             rounds[name].append(elapsed / max(args.steps, 1))
+        if "measured_bf16_tflops" in peak:  # the peak is measured again every round: the best is the machine's
+            peak = _best_peaks(peak, peaks(args, device))
     variants = {}
     for name, trainer in trainers.items():
         times = sorted(rounds[name])
