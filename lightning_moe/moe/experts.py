@@ -21,9 +21,9 @@ Two ways to compute the grouped products:
   that are not multiples of 16 bytes, other GPUs); it reads the group sizes on the host once per call
   and runs eagerly under ``torch.compile``. Under autocast it computes in the autocast dtype like an
   ``nn.Linear`` would (weights cast once per forward, fp32 gradients; bf16 on CPU uses the matrix units
-  where the CPU has them), otherwise in the dtype of its inputs. The FFN and GLU experts run their whole expert as one autograd
-  node, experts with few rows are spread over threads, and CPU weight gradients reuse the previous step's
-  memory (:mod:`lightning_moe.moe.kernels.loop_experts`).
+  where the CPU has them), otherwise in the dtype of its inputs. The FFN and GLU experts run their whole
+  expert as one autograd node, experts with few rows are spread over threads, and CPU weight gradients
+  reuse the previous step's memory (:mod:`lightning_moe.moe.kernels.loop_experts`).
 """
 
 from __future__ import annotations
