@@ -12,7 +12,9 @@ batches kept on the device (different batches, so the routing changes from step 
   projection counts on the target side). With equal source and target lengths this is
   ``6 x active params x target tokens/s``; attention scores (``QK^T``, ``AV``) are left out, as in the
   usual ``6N`` rule, and reported apart as ``attention_tflops_per_s``;
-* ``mfu``: ``model_tflops_per_s / peak`` (``--peak-tflops``, default 989: dense bf16 on H100 SXM / H200);
+* ``mfu``: ``model_tflops_per_s / peak``: ``--peak-tflops``, by default 989 on CUDA (dense bf16 on H100 SXM /
+  H200) and on CPU the rate of one large matrix product measured at start-up in the precision's dtype (fp32 for
+  32-true, bf16 otherwise: AMX / AVX512-BF16 where the CPU has them); both measured rates are in the record;
 * ``peak_memory_gib``: ``torch.cuda.max_memory_allocated`` over the run (model, optimizer, activations);
   on CPU the process's peak resident set size instead;
 * ``dropped_fraction``: mean share of routed assignments dropped by capacity in the timed steps (the
@@ -22,6 +24,8 @@ Examples (from the repository root)::
 
     python benchmarks/train_throughput.py --device cpu --preset tiny --steps 3 --warmup 1   # seconds, CPU
     python benchmarks/train_throughput.py --device cuda --precision bf16-mixed --preset base --steps 30
+    python benchmarks/train_throughput.py --device cpu --preset small --threads 2 --batch-size 64 \
+        --side-by-side 3 --steps 5 --warmup 2    # MoE fp32 / MoE bf16 / dense bf16, interleaved rounds
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import json
 import math
 import platform
 import resource
+import statistics
 import sys
 import time
 from contextlib import nullcontext
@@ -187,72 +192,132 @@ def synchronize(device: torch.device) -> None:
 
 # --------------------------------------------------------------------------------------- benchmark
 
+PEAK_SHAPE = (4096, 512, 2048)
+"""``M, K, N`` of the matrix product whose rate is the CPU's measured peak (the shape of the expert benchmark)."""
+
+CUDA_PEAK_TFLOPS = 989.0
+"""Dense bf16 peak of an H100 SXM / H200, the reference on CUDA."""
+
+PEAK_DTYPES = {"32-true": torch.float32, "bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16}
+"""The dtype of a precision's matrix products (the peak its utilisation is taken against)."""
+
+
+def measure_matmul_tflops(dtype: torch.dtype, repeats: int = 5, shape: tuple[int, int, int] = PEAK_SHAPE) -> float:
+    """Best-of-``repeats`` rate of one ``[M, K] @ [K, N]`` product in ``dtype`` on the CPU with the current threads
+    (TFLOP/s): what this machine's matrix units deliver to a large product (bf16 reaches AMX / AVX512-BF16
+    through oneDNN where the CPU has them)."""
+    m, k, n = shape
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(m, k, generator=g).to(dtype), torch.randn(k, n, generator=g).to(dtype)
+    out = torch.empty(m, n, dtype=dtype)
+    torch.mm(a, b, out=out)  # warm-up: oneDNN's kernel selection, pages of out
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b, out=out)
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * m * k * n / best / 1e12
+
+
+class Trainer:
+    """One model with its optimizer and batches, ready to time (``args`` with ``precision`` and ``experts``)."""
+
+    def __init__(self, args: argparse.Namespace, device: torch.device) -> None:
+        torch.manual_seed(args.seed)
+        self.args, self.device = args, device
+        self.config = build_config(args)
+        model = MoETransformer(self.config).to(device)
+        if args.precision == "bf16-true":
+            model = model.to(torch.bfloat16)
+        model.train()
+        self.model = model
+        # Fused AdamW: one kernel over all parameters, on CPU as on CUDA (the per-tensor loop was ~10x slower).
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, fused=True)
+        self.autocast = (
+            torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16-mixed" else nullcontext()
+        )
+        self.forward = torch.compile(model) if args.compile else model
+        self.batches = synthetic_batches(
+            args.num_batches, args.batch_size, args.src_len, args.tgt_len, self.config.vocab_size, device, args.seed
+        )
+        self.moe_layers = [m for m in model.modules() if isinstance(m, MoE)]
+        self.flops = step_flops(model, args.batch_size, args.src_len, args.tgt_len)
+        self.counts = parameter_counts(model)
+        self.steps_done = 0
+
+    def step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.autocast:
+            out = self.forward(batch["src"], None, batch["tgt_in"], None)
+            ce, _, _ = sequence_cross_entropy(out.logits, batch["tgt_out"])
+            loss = ce + out.aux_loss if self.moe_layers else ce
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach()
+
+    def time_steps(self, steps: int) -> tuple[float, list[torch.Tensor], list[torch.Tensor]]:
+        """Seconds for ``steps`` steps (cycling through the batches), their losses and dropped fractions."""
+        dropped: list[torch.Tensor] = []
+        losses: list[torch.Tensor] = []
+        synchronize(self.device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            losses.append(self.step(self.batches[self.steps_done % len(self.batches)]))
+            self.steps_done += 1
+            dropped.extend(m.last_stats.dropped_fraction for m in self.moe_layers if m.last_stats is not None)
+        synchronize(self.device)
+        return time.perf_counter() - start, losses, dropped
+
+
+def peaks(args: argparse.Namespace, device: torch.device) -> dict[str, float]:
+    """Peak TFLOP/s to take utilisation against: ``--peak-tflops``, else 989 on CUDA, else measured here."""
+    if args.peak_tflops is not None:
+        return {"peak_tflops": args.peak_tflops, "peak_kind": "given"}
+    if device.type == "cuda":
+        return {"peak_tflops": CUDA_PEAK_TFLOPS, "peak_kind": "H100/H200 dense bf16"}
+    fp32, bf16 = measure_matmul_tflops(torch.float32), measure_matmul_tflops(torch.bfloat16)
+    peak = bf16 if PEAK_DTYPES[args.precision] == torch.bfloat16 else fp32
+    return {"peak_tflops": peak, "peak_kind": "measured mm " + "x".join(map(str, PEAK_SHAPE)),
+            "measured_fp32_tflops": fp32, "measured_bf16_tflops": bf16}
+
+
+def _best_peaks(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """The higher of two measurements of :func:`peaks` (a busy machine only ever lowers a measured rate)."""
+    best = {**a}
+    for key in ("peak_tflops", "measured_fp32_tflops", "measured_bf16_tflops"):
+        best[key] = max(a[key], b[key])
+    return best
+
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Build, warm up, time; returns the result record."""
     device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.cuda.reset_peak_memory_stats(device)
-    config = build_config(args)
-    model = MoETransformer(config).to(device)
-    if args.precision == "bf16-true":
-        model = model.to(torch.bfloat16)
-    model.train()
-    fused = device.type == "cuda"
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, fused=fused)
-    autocast = (
-        torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16-mixed" else nullcontext()
-    )
-    forward = torch.compile(model) if args.compile else model
-    batches = synthetic_batches(args.num_batches, args.batch_size, args.src_len, args.tgt_len, config.vocab_size, device, args.seed)
-    moe_layers = [m for m in model.modules() if isinstance(m, MoE)]
-
-    def train_step(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        optimizer.zero_grad(set_to_none=True)
-        with autocast:
-            out = forward(batch["src"], None, batch["tgt_in"], None)
-            ce, _, _ = sequence_cross_entropy(out.logits, batch["tgt_out"])
-            loss = ce + out.aux_loss if moe_layers else ce
-        loss.backward()
-        optimizer.step()
-        return loss.detach()
-
-    start = time.perf_counter()
-    for i in range(args.warmup):
-        train_step(batches[i % len(batches)])
-    synchronize(device)
-    warmup_s = time.perf_counter() - start
-
-    dropped: list[torch.Tensor] = []
-    losses: list[torch.Tensor] = []
-    start = time.perf_counter()
-    for i in range(args.steps):
-        losses.append(train_step(batches[i % len(batches)]))
-        dropped.extend(m.last_stats.dropped_fraction for m in moe_layers if m.last_stats is not None)
-    synchronize(device)
-    elapsed = time.perf_counter() - start
+    peak = peaks(args, device)
+    trainer = Trainer(args, device)
+    warmup_s, _, _ = trainer.time_steps(args.warmup)
+    elapsed, losses, dropped = trainer.time_steps(args.steps)
 
     profiled: dict[str, float] = {}
     if args.profile:
         sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/profiling.py
         from profiling import profile_steps
 
-        profiled = profile_steps(lambda: train_step(batches[0]), args.profile, device)
+        profiled = profile_steps(lambda: trainer.step(trainer.batches[0]), args.profile, device)
 
-    flops = step_flops(model, args.batch_size, args.src_len, args.tgt_len)
-    counts = parameter_counts(model)
+    flops, counts = trainer.flops, trainer.counts
     step_s = elapsed / max(args.steps, 1)
     tokens = flops["src_tokens"] + flops["tgt_tokens"]
     model_tflops = flops["model_flops"] / step_s / 1e12
     final_loss = float(losses[-1]) if losses else math.nan
-    return {
+    record = {
         "benchmark": "train_throughput",
         "label": args.label,
-        "config": {**{k: v for k, v in vars(args).items() if k not in ("json",)}, "model": asdict(config)},
+        "config": {**{k: v for k, v in vars(args).items() if k not in ("json",)}, "model": asdict(trainer.config)},
         "environment": environment(device),
         "params_total": int(counts["total"]),
         "params_experts": int(counts["experts"]),
@@ -265,8 +330,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "model_tflops_per_step": flops["model_flops"] / 1e12,
         "model_tflops_per_s": model_tflops,
         "attention_tflops_per_s": flops["attention_flops"] / step_s / 1e12,
-        "peak_tflops": args.peak_tflops,
-        "mfu": model_tflops / args.peak_tflops,
+        **peak,
+        "mfu": model_tflops / peak["peak_tflops"],
         "peak_memory_gib": peak_memory_gib(device),
         "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process max RSS",
         "dropped_fraction": float(torch.stack(dropped).float().mean()) if dropped else 0.0,
@@ -274,6 +339,78 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "loss_finite": math.isfinite(final_loss),
         **profiled,
     }
+    return record
+
+
+SIDE_BY_SIDE = (("32-true", None), ("bf16-mixed", None), ("bf16-mixed", 0))
+"""``(precision, experts)`` of the side-by-side variants: the MoE model in fp32 and bf16, the dense twin in bf16."""
+
+
+def variant_name(precision: str, experts: int | None) -> str:
+    return ("dense " if experts == 0 else "MoE ") + precision
+
+
+def side_by_side(args: argparse.Namespace) -> dict[str, Any]:
+    """``--side-by-side R``: the variants of :data:`SIDE_BY_SIDE` built once, warmed up, then ``R`` rounds that
+    each time ``--steps`` steps of every variant in turn (so that load from elsewhere hits all alike) and, on
+    CPU, measure the matrix-product peak again (the best measurement counts); the median and the best round
+    per variant, and the ratios the bf16 goals are stated in."""
+    device = resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    peak = peaks(args, device)
+    trainers = {}
+    for precision, experts in SIDE_BY_SIDE:
+        variant = argparse.Namespace(**{**vars(args), "precision": precision,
+                                        "experts": experts if experts is not None else args.experts})
+        trainers[variant_name(precision, experts)] = trainer = Trainer(variant, device)
+        trainer.time_steps(args.warmup)
+    rounds: dict[str, list[float]] = {name: [] for name in trainers}
+    for _ in range(args.side_by_side):
+        for name, trainer in trainers.items():
+            elapsed, _, _ = trainer.time_steps(args.steps)
+            rounds[name].append(elapsed / max(args.steps, 1))
+        if "measured_bf16_tflops" in peak:  # the peak is measured again every round: the best is the machine's
+            peak = _best_peaks(peak, peaks(args, device))
+    variants = {}
+    for name, trainer in trainers.items():
+        times = sorted(rounds[name])
+        tokens = trainer.flops["src_tokens"] + trainer.flops["tgt_tokens"]
+        median_s, best_s = statistics.median(times), times[0]
+        precision = trainer.args.precision
+        bf16_peak = peak.get("measured_bf16_tflops", peak["peak_tflops"])
+        variants[name] = {
+            "precision": precision, "experts": trainer.config.moe.num_experts, "step_s": rounds[name],
+            "tokens_per_s_median": tokens / median_s, "tokens_per_s_best": tokens / best_s,
+            "model_tflops_per_s_median": trainer.flops["model_flops"] / median_s / 1e12,
+            "utilisation_of_bf16_peak_median": trainer.flops["model_flops"] / median_s / 1e12 / bf16_peak,
+        }
+    moe_fp32, moe_bf16, dense_bf16 = (variants[variant_name(p, e)] for p, e in SIDE_BY_SIDE)
+    ratios = {
+        f"bf16_over_fp32_{stat}": moe_bf16[f"tokens_per_s_{stat}"] / moe_fp32[f"tokens_per_s_{stat}"]
+        for stat in ("median", "best")
+    } | {
+        f"moe_over_dense_bf16_{stat}": moe_bf16[f"tokens_per_s_{stat}"] / dense_bf16[f"tokens_per_s_{stat}"]
+        for stat in ("median", "best")
+    }
+    return {"benchmark": "train_throughput_side_by_side", "label": args.label, "rounds": args.side_by_side,
+            "config": {k: v for k, v in vars(args).items() if k != "json"}, "environment": environment(device),
+            **peak, "variants": variants, "ratios": ratios}
+
+
+def print_side_by_side(result: dict[str, Any]) -> None:
+    env = result["environment"]
+    peak_note = (f"measured peak fp32 {result['measured_fp32_tflops']:.3f} / bf16 {result['measured_bf16_tflops']:.3f} "
+                 "TFLOP/s" if "measured_bf16_tflops" in result else f"peak {result['peak_tflops']:g} TFLOP/s")
+    print(f"# torch {env['torch']} on {env.get('gpu', env['device'])}, {env['threads']} threads, "
+          f"{result['rounds']} interleaved rounds; {peak_note}")
+    print(f"{'variant':<18} {'tokens/s median':>16} {'tokens/s best':>14} {'TFLOP/s':>8} {'of bf16 peak':>13}")
+    for name, v in result["variants"].items():
+        print(f"{name:<18} {v['tokens_per_s_median']:>16,.0f} {v['tokens_per_s_best']:>14,.0f} "
+              f"{v['model_tflops_per_s_median']:>8.3f} {v['utilisation_of_bf16_peak_median'] * 100:>12.1f}%")
+    r = result["ratios"]
+    print(f"bf16 / fp32 (MoE): median {r['bf16_over_fp32_median']:.2f}x, best {r['bf16_over_fp32_best']:.2f}x | "
+          f"MoE / dense (bf16): median {r['moe_over_dense_bf16_median']:.2f}x, best {r['moe_over_dense_bf16_best']:.2f}x")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -281,11 +418,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     add_model_arguments(parser)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", choices=PRECISIONS, help="default: bf16-mixed on CUDA, 32-true on CPU")
-    parser.add_argument("--steps", type=int, default=30, help="timed steps")
+    parser.add_argument("--steps", type=int, default=30, help="timed steps (per round with --side-by-side)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     parser.add_argument("--num-batches", type=int, default=4, help="distinct batches cycled through")
     parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--peak-tflops", type=float, default=989.0, help="peak of the device for MFU (TFLOP/s)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="peak for MFU in TFLOP/s (default: 989 on CUDA; on CPU the measured matrix-product "
+                             "rate in the precision's dtype)")
+    parser.add_argument("--side-by-side", type=int, default=0, metavar="R",
+                        help="R interleaved rounds of MoE 32-true, MoE bf16-mixed and the dense twin in bf16-mixed")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--profile", type=int, default=0, metavar="N", help="after timing, profile N steps (table)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
@@ -295,19 +436,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     if args.precision is None:
         args.precision = "bf16-mixed" if args.device.startswith("cuda") else "32-true"
-    result = run(args)
-    env = result["environment"]
-    print(
-        f"# torch {env['torch']} on {env.get('gpu', env['device'])}, {args.precision}, preset {args.preset}, "
-        f"E={result['config']['model']['moe']['num_experts']} k={result['config']['model']['moe']['k']}, "
-        f"{result['params_total'] / 1e6:.1f}M params ({result['params_active'] / 1e6:.1f}M active)"
-    )
-    print(
-        f"step {result['step_s'] * 1e3:.1f} ms | {result['tokens_per_s']:,.0f} tokens/s | "
-        f"{result['model_tflops_per_s']:.2f} model TFLOP/s | MFU {result['mfu'] * 100:.2f}% of {args.peak_tflops:g} | "
-        f"peak {result['peak_memory_gib']:.2f} GiB ({result['peak_memory_kind']}) | dropped {result['dropped_fraction']:.3f} | "
-        f"loss {result['final_loss']:.3f}"
-    )
+    if args.side_by_side:
+        result = side_by_side(args)
+        print_side_by_side(result)
+    else:
+        result = run(args)
+        env = result["environment"]
+        print(
+            f"# torch {env['torch']} on {env.get('gpu', env['device'])}, {args.precision}, preset {args.preset}, "
+            f"E={result['config']['model']['moe']['num_experts']} k={result['config']['model']['moe']['k']}, "
+            f"{result['params_total'] / 1e6:.1f}M params ({result['params_active'] / 1e6:.1f}M active)"
+        )
+        print(
+            f"step {result['step_s'] * 1e3:.1f} ms | {result['tokens_per_s']:,.0f} tokens/s | "
+            f"{result['model_tflops_per_s']:.2f} model TFLOP/s | MFU {result['mfu'] * 100:.2f}% of "
+            f"{result['peak_tflops']:.3g} TFLOP/s ({result['peak_kind']}) | "
+            f"peak {result['peak_memory_gib']:.2f} GiB ({result['peak_memory_kind']}) | dropped {result['dropped_fraction']:.3f} | "
+            f"loss {result['final_loss']:.3f}"
+        )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))

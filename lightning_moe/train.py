@@ -48,6 +48,7 @@ from lightning_moe.cli import one_line
 from lightning_moe.config import ConfigError, TrainConfig, register_configs, to_train_config
 from lightning_moe.config.launch import check_group_options, check_multirun
 from lightning_moe.config.loggers import instantiate_callbacks, instantiate_loggers
+from lightning_moe.config.precision import resolve_precision
 from lightning_moe.config.resume import RUN_CONFIG_KEY, check_same_run, run_config
 from lightning_moe.data.datamodule import MultitaskDataModule
 from lightning_moe.module import MultitaskTranslationModule
@@ -130,12 +131,14 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: list | None = None, resumin
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     callbacks.extend(instantiate_callbacks(cfg.callbacks))
     callbacks.extend(extra_callbacks or [])
+    precision, why = resolve_precision(t.precision, t.accelerator)
+    log.info("%s", why)  # which precision, and why
     return pl.Trainer(
         accelerator=t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,
         strategy=build_strategy(cfg),
-        precision=t.precision,
+        precision=precision,
         max_steps=t.max_steps,
         max_epochs=-1,
         val_check_interval=t.val_check_interval,

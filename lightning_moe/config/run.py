@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from lightning_moe.config.precision import AUTO_PRECISION
 from lightning_moe.strategy_presets import OFFLOAD_CHOICES, STRATEGY_PRESETS, SUPPORTED_PRECISIONS, ZERO_STAGES
 
 __all__ = [
@@ -169,8 +170,10 @@ class TrainerConfig:
     """Processes per node: an int, or ``auto``."""
     num_nodes: int = 1
     """Nodes (multi-node runs start through torchrun or SLURM)."""
-    precision: str = "32-true"
-    """One of ``SUPPORTED_PRECISIONS``: ``32-true``, ``bf16-mixed``, ``bf16-true``; ``16-mixed`` on GPUs."""
+    precision: str = AUTO_PRECISION
+    """``auto`` (bf16-mixed on GPUs and on CPUs with bf16 matrix units, else 32-true:
+    :func:`lightning_moe.config.precision.resolve_precision`) or one of ``SUPPORTED_PRECISIONS``: ``32-true``,
+    ``bf16-mixed``, ``bf16-true``; ``16-mixed`` on GPUs."""
     max_steps: int = 600
     """Optimizer steps to train for."""
     val_check_interval: int = 200
@@ -195,7 +198,7 @@ class TrainerConfig:
     """K for ``nonfinite=stop_after``."""
 
     def __post_init__(self) -> None:
-        _choice("trainer.precision", self.precision, PRECISIONS)
+        _choice("trainer.precision", self.precision, (AUTO_PRECISION, *PRECISIONS))
         _choice("trainer.gradient_clip_algorithm", self.gradient_clip_algorithm, ("norm", "value"))
         _choice("trainer.nonfinite", self.nonfinite, NONFINITE_POLICIES)
         _at_least("trainer.max_steps", self.max_steps, 1)

@@ -26,6 +26,7 @@ from lightning_moe.models.attention import (
     key_padding_keep_mask,
 )
 from lightning_moe.models.config import TransformerConfig
+from lightning_moe.models.cross_entropy import token_cross_entropy
 from lightning_moe.moe import MoE
 from lightning_moe.moe.experts import ACTIVATIONS
 
@@ -306,16 +307,13 @@ def sequence_cross_entropy(
         raise ValueError(
             f"targets must have logits' shape without V, {tuple(logits.shape[:-1])}; got {tuple(targets.shape)}"
         )
-    lprobs = F.log_softmax(logits.float(), dim=-1)  # [B, T, V]
     if padding_mask is None:
         valid = torch.ones_like(targets, dtype=torch.bool)  # [B, T]
     else:
         valid = ~padding_mask
         targets = targets.masked_fill(padding_mask, 0)
-    nll = -lprobs.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)  # [B, T]
-    per_token = nll
-    if label_smoothing > 0.0:
-        per_token = (1.0 - label_smoothing) * nll - label_smoothing * lprobs.mean(dim=-1)  # [B, T]
+    # fp32 maths in cache-sized chunks: no [B, T, V] fp32 tensor (models/cross_entropy.py)
+    nll, per_token = token_cross_entropy(logits, targets, label_smoothing)  # [B, T] each
     num_tokens = valid.sum()
     denom = num_tokens.clamp_min(1).to(torch.float32)
     return (per_token * valid).sum() / denom, (nll * valid).sum() / denom, num_tokens

@@ -19,9 +19,11 @@ Two ways to compute the grouped products:
   into one graph;
 * loop: one matrix product per expert with a hand-written backward, everywhere else (CPU, fp32, widths
   that are not multiples of 16 bytes, other GPUs); it reads the group sizes on the host once per call
-  and runs eagerly under ``torch.compile``. The FFN and GLU experts run their whole expert as one autograd
-  node, experts with few rows are spread over threads, and CPU weight gradients reuse the previous step's
-  memory (:mod:`lightning_moe.moe.kernels.loop_experts`).
+  and runs eagerly under ``torch.compile``. Under autocast it computes in the autocast dtype like an
+  ``nn.Linear`` would (weights cast once per forward, fp32 gradients; bf16 on CPU uses the matrix units
+  where the CPU has them), otherwise in the dtype of its inputs. The FFN and GLU experts run their whole
+  expert as one autograd node, experts with few rows are spread over threads, and CPU weight gradients
+  reuse the previous step's memory (:mod:`lightning_moe.moe.kernels.loop_experts`).
 """
 
 from __future__ import annotations
@@ -100,6 +102,17 @@ def _compute_dtype(x: Tensor, weights: Sequence[Tensor]) -> torch.dtype | None:
     if all(w.dtype == x.dtype for w in weights):
         return x.dtype
     return None
+
+
+def _cast_for_loop(dtype: torch.dtype, *tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+    """``tensors`` in the loop path's compute ``dtype`` (see :func:`_compute_dtype`).
+
+    Under autocast this is what autocast does to an ``nn.Linear``: the fp32 weights are cast once per forward
+    (a differentiable cast, so their gradients arrive in fp32) and the products run in the autocast dtype, on
+    the CPU's bf16 matrix units where it has them. The loop kernels themselves run with autocast off, in the
+    dtype of what they are given. Without autocast every tensor already has ``dtype`` (nothing is copied).
+    """
+    return tuple(None if t is None else t.to(dtype) for t in tensors)  # .to() returns t itself when it has dtype
 
 
 def _aligned_rows(t: Tensor, alignment: int) -> bool:
@@ -258,6 +271,9 @@ def grouped_mm(x: Tensor, w: Tensor, tokens_per_expert: Tensor, bias: Tensor | N
         layout = native_group_layout(tokens_per_expert, x.shape[0])
         b = None if bias is None else bias.to(dtype)
         return _unpad_rows(_native_linear(_pad_rows(x.to(dtype), layout), w.to(dtype), layout, b), layout)
+    dtype = _compute_dtype(x, (w,))
+    if dtype is not None:
+        x, w, bias = _cast_for_loop(dtype, x, w, bias)
     return loop_grouped_mm(x, w, tokens_per_expert, bias)
 
 
@@ -320,7 +336,9 @@ class GroupedFFNExperts(nn.Module):
             h = _native_linear(_pad_rows(x.to(dtype), layout), cast(w1), layout, cast(b1))  # [rows, h]
             h = ACTIVATIONS[self.activation](h)
             return _unpad_rows(_native_linear(h, cast(w2), layout, cast(b2)), layout)  # [N, d]
-        if x.dtype == w1.dtype == w2.dtype and self.activation in ACTIVATION_BACKWARD:
+        dtype = _compute_dtype(x, (w1, w2))
+        if dtype is not None and self.activation in ACTIVATION_BACKWARD:
+            x, w1, b1, w2, b2 = _cast_for_loop(dtype, x, w1, b1, w2, b2)
             return loop_expert_ffn(x, w1, b1, w2, b2, tokens_per_expert, self.activation, self.gradient_memory)
         h = grouped_mm(x, w1, tokens_per_expert, b1)  # [N, h]
         h = ACTIVATIONS[self.activation](h)
@@ -366,7 +384,9 @@ class GroupedGLUExperts(nn.Module):
             up = _native_linear(x_pad, w3.to(dtype), layout, None)  # [rows, h]
             hidden = ACTIVATIONS[self.activation](gate) * up
             return _unpad_rows(_native_linear(hidden, w2.to(dtype), layout, None), layout)  # [N, d]
-        if x.dtype == w1.dtype == w3.dtype == w2.dtype and self.activation in ACTIVATION_BACKWARD:
+        dtype = _compute_dtype(x, (w1, w3, w2))
+        if dtype is not None and self.activation in ACTIVATION_BACKWARD:
+            x, w1, w3, w2 = _cast_for_loop(dtype, x, w1, w3, w2)
             return loop_expert_glu(x, w1, w3, w2, tokens_per_expert, self.activation, self.gradient_memory)
         gate = grouped_mm(x, w1, tokens_per_expert)  # [N, h]
         up = grouped_mm(x, w3, tokens_per_expert)  # [N, h]
