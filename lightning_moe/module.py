@@ -21,7 +21,6 @@ from torch import Tensor
 from lightning_moe.config.run import GenerationConfig, OptimConfig
 from lightning_moe.metrics import corpus_scores
 from lightning_moe.models import MoEConfig, MoETransformer, TransformerConfig, generate, sequence_cross_entropy
-from lightning_moe.parallel.optim import fused_kernels_cover
 
 __all__ = ["MultitaskTranslationModule", "transformer_config_from_dict"]
 
@@ -266,7 +265,6 @@ class MultitaskTranslationModule(pl.LightningModule):
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-            fused=fused_kernels_cover(decay + no_decay) or None,  # else torch loops over parameters on CPU
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(o, self.max_steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

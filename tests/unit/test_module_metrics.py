@@ -124,12 +124,3 @@ def test_checkpoint_hparams_with_nested_model_moe_still_load():
     assert asdict(loaded.model_config) == asdict(module.model_config)
     loaded.load_state_dict(module.state_dict())
 
-
-def test_the_optimizer_uses_fused_adamw_where_torch_has_the_kernels():
-    """On CPU torch's default AdamW loops over the parameters one by one (several times slower per step)."""
-    from torch.optim.optimizer import _get_fused_kernels_supported_devices
-
-    optimizer = _module().configure_optimizers()["optimizer"]
-    assert isinstance(optimizer, torch.optim.AdamW)
-    expected = "cpu" in _get_fused_kernels_supported_devices()
-    assert all(bool(group["fused"]) == expected for group in optimizer.param_groups)
