@@ -129,19 +129,30 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         torch.cuda.set_device(device)
     backend = "gloo" if device.type == "cpu" else ("nccl" if args.offload == "none" else "cuda:nccl,cpu:gloo")
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
-    record: dict[str, Any] = {"experts": args.experts, "zero_stage": args.zero_stage, "offload": args.offload,
-                              "environment": environment(device)}
+    record: dict[str, Any] = {
+        "experts": args.experts,
+        "zero_stage": args.zero_stage,
+        "offload": args.offload,
+        "environment": environment(device),
+    }
     try:
         torch.manual_seed(0)
         config = build_config(args)
         with torch.device("meta"):
             model = MoETransformer(config)
         counts = parameter_counts(model)
-        record.update(params=int(counts["total"]), params_experts=int(counts["experts"]), params_active=int(counts["active"]))
+        record.update(
+            params=int(counts["total"]), params_experts=int(counts["experts"]), params_active=int(counts["active"])
+        )
         if args.simulate_oom_above and args.experts > args.simulate_oom_above:
             raise torch.OutOfMemoryError(f"simulated: {args.experts} experts > --simulate-oom-above")
-        dims = ParallelDims(world_size=1, expert_parallel_size=1, tensor_parallel_size=1,
-                            zero_stage=args.zero_stage, offload=args.offload)
+        dims = ParallelDims(
+            world_size=1,
+            expert_parallel_size=1,
+            tensor_parallel_size=1,
+            zero_stage=args.zero_stage,
+            offload=args.offload,
+        )
         dims = dims.resolve(expert_counts(model))
         mesh = dims.build_mesh(device.type)
         parallelize(model, mesh, dims, mp_policy=mixed_precision_policy("bf16-mixed"))
@@ -193,7 +204,9 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     except torch.OutOfMemoryError as err:  # CUDA (or CPU allocator) out of memory: the measurement, not a bug
         record.update(ok=False, error="out of memory", message=str(err).splitlines()[0][:300])
     except Exception as err:  # noqa: BLE001 - reported to the parent, which stops this configuration
-        record.update(ok=False, error=type(err).__name__, message=str(err)[:500], traceback=traceback.format_exc()[-3000:])
+        record.update(
+            ok=False, error=type(err).__name__, message=str(err)[:500], traceback=traceback.format_exc()[-3000:]
+        )
     if device.type == "cuda":
         record["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(device)
         record["gpu_total_bytes"] = torch.cuda.get_device_properties(device).total_memory
@@ -224,10 +237,34 @@ def _count_params(args: argparse.Namespace, experts: int) -> int:
 
 
 def _run_worker(args: argparse.Namespace, stage: int, offload: str, experts: int, timeout: float) -> dict[str, Any]:
-    command = [sys.executable, str(Path(__file__).resolve()), "--worker", "--zero-stage", str(stage), "--offload", offload]
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        "--zero-stage",
+        str(stage),
+        "--offload",
+        offload,
+    ]
     for key, value in vars(args).items():
-        if key in ("worker", "zero_stage", "offload", "json", "configs", "time_budget", "experts", "no_refine",
-                   "max_experts", "experts_start", "host_memory_fraction") or value is None or value is False:
+        if (
+            key
+            in (
+                "worker",
+                "zero_stage",
+                "offload",
+                "json",
+                "configs",
+                "time_budget",
+                "experts",
+                "no_refine",
+                "max_experts",
+                "experts_start",
+                "host_memory_fraction",
+            )
+            or value is None
+            or value is False
+        ):
             continue
         flag = "--" + key.replace("_", "-")
         command += [flag] if value is True else [flag, str(value)]
@@ -240,7 +277,7 @@ def _run_worker(args: argparse.Namespace, stage: int, offload: str, experts: int
     record: dict[str, Any] = {"experts": experts, "ok": False, "error": f"exit code {proc.returncode}"}
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
-            record = json.loads(line[len("RESULT "):])
+            record = json.loads(line[len("RESULT ") :])
     if proc.returncode < 0:
         record.update(ok=False, error=f"killed by signal {-proc.returncode} (host memory?)")
     if not record.get("ok") and "message" not in record:
@@ -258,9 +295,11 @@ def _describe(record: dict[str, Any]) -> str:
     host_state = record.get("state_bytes_by_device", {}).get("cpu")
     status = "ok" if record.get("ok") else f"FAILED: {record.get('error')}"
     steps = record.get("step_s") or []
-    return (f"  E={record['experts']:>5} params={record.get('params', 0) / 1e9:7.3f}B  {status:<28} "
-            f"step={steps[-1] if steps else float('nan'):7.2f}s  peak_gpu={_gib(record.get('peak_gpu_bytes'))} GiB  "
-            f"state gpu={_gib(gpu_state)} GiB cpu={_gib(host_state)} GiB  wall={record.get('wall_s', 0):.0f}s")
+    return (
+        f"  E={record['experts']:>5} params={record.get('params', 0) / 1e9:7.3f}B  {status:<28} "
+        f"step={steps[-1] if steps else float('nan'):7.2f}s  peak_gpu={_gib(record.get('peak_gpu_bytes'))} GiB  "
+        f"state gpu={_gib(gpu_state)} GiB cpu={_gib(host_state)} GiB  wall={record.get('wall_s', 0):.0f}s"
+    )
 
 
 def scale(args: argparse.Namespace) -> dict[str, Any]:
@@ -272,8 +311,10 @@ def scale(args: argparse.Namespace) -> dict[str, Any]:
     configs = [(int(c.split(":")[0]), c.split(":")[1]) for c in args.configs]
     gpu_total: int | None = None
     results: dict[str, Any] = {
-        "benchmark": "model_scale", "environment": None,
-        "config": {k: v for k, v in vars(args).items() if k not in ("json", "worker")}, "runs": {},
+        "benchmark": "model_scale",
+        "environment": None,
+        "config": {k: v for k, v in vars(args).items() if k not in ("json", "worker")},
+        "runs": {},
     }
     for index, (stage, offload) in enumerate(configs):
         name = f"stage{stage}-{offload}"
@@ -292,12 +333,16 @@ def scale(args: argparse.Namespace) -> dict[str, Any]:
             host_need = HOST_BYTES_PER_PARAM[offload] * params
             available = _mem_available_bytes()
             if device.type == "cuda" and available is not None and host_need > args.host_memory_fraction * available:
-                stop_reason = (f"host memory guard: E={experts} needs ~{host_need / GiB:.0f} GiB of host memory for "
-                               f"{params / 1e9:.2f}B params, {available / GiB:.0f} GiB available")
+                stop_reason = (
+                    f"host memory guard: E={experts} needs ~{host_need / GiB:.0f} GiB of host memory for "
+                    f"{params / 1e9:.2f}B params, {available / GiB:.0f} GiB available"
+                )
                 attempts.append({"experts": experts, "params": params, "ok": False, "error": "skipped: host memory"})
                 bad = experts
             elif gpu_total is not None and DEVICE_BYTES_PER_PARAM[offload] * params > gpu_total:
-                stop_reason = f"E={experts}: model state alone ({DEVICE_BYTES_PER_PARAM[offload]} B/param) exceeds the GPU"
+                stop_reason = (
+                    f"E={experts}: model state alone ({DEVICE_BYTES_PER_PARAM[offload]} B/param) exceeds the GPU"
+                )
                 attempts.append({"experts": experts, "params": params, "ok": False, "error": "skipped: GPU memory"})
                 bad = experts
             else:
@@ -336,9 +381,12 @@ def scale(args: argparse.Namespace) -> dict[str, Any]:
         if best is not None:
             gpu_state = best.get("state_bytes_by_device", {}).get(device.type if device.type == "cuda" else "cpu", 0)
             summary.update(
-                largest_experts=best["experts"], largest_params=best["params"],
+                largest_experts=best["experts"],
+                largest_params=best["params"],
                 gpu_state_bytes_per_param=(gpu_state / best["params"]) if device.type == "cuda" else None,
-                peak_gpu_bytes_per_param=(best["peak_gpu_bytes"] / best["params"]) if "peak_gpu_bytes" in best else None,
+                peak_gpu_bytes_per_param=(best["peak_gpu_bytes"] / best["params"])
+                if "peak_gpu_bytes" in best
+                else None,
                 step_s=best["step_s"][-1],
             )
         results["runs"][name] = {"attempts": attempts, "summary": summary}
@@ -371,7 +419,9 @@ def _compare(runs: dict[str, Any]) -> dict[str, Any]:
                     out[f"{name}_{key}"] = o
                     if o > 0:
                         out[f"{name}_{key}_reduction"] = b / o
-            out[f"{name}_limited_by"] = "host memory" if "host memory" in s.get("stop_reason", "") else s.get("stop_reason")
+            out[f"{name}_limited_by"] = (
+                "host memory" if "host memory" in s.get("stop_reason", "") else s.get("stop_reason")
+            )
     return out
 
 
@@ -380,19 +430,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     add_model_arguments(parser)
     parser.set_defaults(preset="base", batch_size=8, src_len=128, tgt_len=128)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS),
-                        help="ZERO_STAGE:OFFLOAD pairs, e.g. 0:none 3:params 3:optimizer")
+    parser.add_argument(
+        "--configs",
+        nargs="+",
+        default=list(DEFAULT_CONFIGS),
+        help="ZERO_STAGE:OFFLOAD pairs, e.g. 0:none 3:params 3:optimizer",
+    )
     parser.add_argument("--experts-start", type=int, default=8)
     parser.add_argument("--max-experts", type=int, default=4096)
     parser.add_argument("--no-refine", action="store_true", help="do not try the size halfway after the first failure")
     parser.add_argument("--steps", type=int, default=2, help="training steps per attempt")
     parser.add_argument("--time-budget", type=float, default=180.0, help="seconds for the whole run")
-    parser.add_argument("--host-memory-fraction", type=float, default=0.8,
-                        help="skip sizes whose host-side state exceeds this share of MemAvailable (CUDA runs)")
+    parser.add_argument(
+        "--host-memory-fraction",
+        type=float,
+        default=0.8,
+        help="skip sizes whose host-side state exceeds this share of MemAvailable (CUDA runs)",
+    )
     parser.add_argument("--threads", type=int, default=0, help="CPU threads per worker (0: torch's default)")
     parser.add_argument("--json", type=Path, help="write the full record to this file")
-    parser.add_argument("--simulate-oom-above", type=int, default=0,
-                        help="testing only: workers with more experts than this report out of memory")
+    parser.add_argument(
+        "--simulate-oom-above",
+        type=int,
+        default=0,
+        help="testing only: workers with more experts than this report out of memory",
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--zero-stage", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--offload", default="none", help=argparse.SUPPRESS)

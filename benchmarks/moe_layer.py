@@ -147,9 +147,7 @@ def peak_memory_bytes(fn: Callable[[], None], device: str) -> int:
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     # Each op's own allocations minus frees, in start order: an op-granular allocation timeline.
-    events = sorted(
-        (e for e in prof.events() if e.self_cpu_memory_usage != 0), key=lambda e: e.time_range.start
-    )
+    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage != 0), key=lambda e: e.time_range.start)
     current = peak = 0
     for e in events:
         current += e.self_cpu_memory_usage
@@ -223,9 +221,7 @@ def retain_freed_memory() -> None:
         raise RuntimeError("mallopt failed: --retain-freed-memory needs glibc")
 
 
-def measure(
-    num_experts: int, k: int, args: argparse.Namespace, tokens: int, d: int, h: int
-) -> dict[str, float]:
+def measure(num_experts: int, k: int, args: argparse.Namespace, tokens: int, d: int, h: int) -> dict[str, float]:
     device, dtype = args.device, DTYPES[args.dtype]
     torch.manual_seed(0)
     contenders: dict[str, tuple[nn.Module, torch.Tensor]] = {}
@@ -235,9 +231,15 @@ def measure(
     x_dense = torch.randn(tokens * k, d, device=device, dtype=dtype, requires_grad=True)
     contenders["dense"] = (DenseFFN(d, h).to(device, dtype), x_dense)
     if args.peers:
-        contenders["per_expert_loop"] = (PerExpertLoopMoE(d, h, num_experts, k, args.capacity_factor).to(device, dtype), x)
+        contenders["per_expert_loop"] = (
+            PerExpertLoopMoE(d, h, num_experts, k, args.capacity_factor).to(device, dtype),
+            x,
+        )
         if num_experts * tokens * math.ceil(k * tokens * args.capacity_factor / num_experts) * 4 < 2**31:
-            contenders["onehot_einsum"] = (OneHotEinsumMoE(d, h, num_experts, k, args.capacity_factor).to(device, dtype), x)
+            contenders["onehot_einsum"] = (
+                OneHotEinsumMoE(d, h, num_experts, k, args.capacity_factor).to(device, dtype),
+                x,
+            )
     grads = {name: torch.randn(inp.shape, device=device, dtype=dtype) for name, (_, inp) in contenders.items()}
     runs = {name: (lambda m=m, i=i, g=grads[name]: step(m, i, g)) for name, (m, i) in contenders.items()}
 
@@ -264,7 +266,9 @@ def measure(
         # What the expert GEMMs allow: the six FFN products at T*k/E rows per expert against the same at T*k rows.
         rows = tokens * k // num_experts
         result["gemm_ceiling"] = gemm_ceiling(rows, num_experts, d, h, device, dtype, args.repeats)
-        result["grad_first_touch_ms"] = gradient_first_touch_seconds(num_experts, d, h, device, dtype, args.repeats) * 1e3
+        result["grad_first_touch_ms"] = (
+            gradient_first_touch_seconds(num_experts, d, h, device, dtype, args.repeats) * 1e3
+        )
     useful_flops = 3 * 2 * 2 * tokens * k * d * h  # fwd + bwd (2x) of two matmuls, T*k rows
     result["moe_tokens_per_s"] = tokens / moe_s
     result["moe_tflops"] = useful_flops / moe_s / 1e12
@@ -296,12 +300,21 @@ def main() -> None:
     parser.add_argument("--peers", action="store_true", help="also time the peer techniques")
     parser.add_argument("--large", action="store_true", help="add T=16384, d=2048, h=8192, E in {8, 64} (GPU)")
     parser.add_argument("--no-memory", action="store_true")
-    parser.add_argument("--ceiling", action="store_true",
-                        help="also measure the small-GEMM ceiling and the page-fault cost of fresh expert gradients")
-    parser.add_argument("--retain-freed-memory", action="store_true",
-                        help="glibc malloc keeps freed memory (no page faults on reallocation), for every contender")
-    parser.add_argument("--profile", action="store_true",
-                        help="after timing each shape, profile 3 MoE steps and print the top operators")
+    parser.add_argument(
+        "--ceiling",
+        action="store_true",
+        help="also measure the small-GEMM ceiling and the page-fault cost of fresh expert gradients",
+    )
+    parser.add_argument(
+        "--retain-freed-memory",
+        action="store_true",
+        help="glibc malloc keeps freed memory (no page faults on reallocation), for every contender",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="after timing each shape, profile 3 MoE steps and print the top operators",
+    )
     parser.add_argument("--json", type=Path, help="write the rows to this file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -312,9 +325,11 @@ def main() -> None:
     if args.large:
         shapes += [(e, k, 16384, 2048, 8192) for e in (8, 64) for k in (1, 2)]
     rows = []
-    print(f"# torch {torch.__version__}, device={args.device}, dtype={args.dtype}, threads={args.threads}, "
-          f"capacity_factor={args.capacity_factor}, median of {args.repeats}"
-          + (", malloc retains freed memory" if args.retain_freed_memory else ""))
+    print(
+        f"# torch {torch.__version__}, device={args.device}, dtype={args.dtype}, threads={args.threads}, "
+        f"capacity_factor={args.capacity_factor}, median of {args.repeats}"
+        + (", malloc retains freed memory" if args.retain_freed_memory else "")
+    )
     header = f"{'T':>6} {'d':>5} {'h':>5} {'E':>3} {'k':>2} {'moe ms':>8} {'dense ms':>9} {'eff':>5} {'tok/s':>8} {'TFLOP/s':>8}"
     if not args.no_memory:
         header += f" {'moe MiB':>8} {'dense MiB':>9} {'mem x':>6}"
@@ -326,8 +341,10 @@ def main() -> None:
     for e, k, t, d, h in shapes:
         row = measure(e, k, args, t, d, h)
         rows.append(row)
-        line = (f"{t:>6} {d:>5} {h:>5} {e:>3} {k:>2} {row['moe_ms']:>8.1f} {row['dense_ms']:>9.1f} "
-                f"{row['moe_efficiency']:>5.2f} {row['moe_tokens_per_s']:>8.0f} {row['moe_tflops']:>8.3f}")
+        line = (
+            f"{t:>6} {d:>5} {h:>5} {e:>3} {k:>2} {row['moe_ms']:>8.1f} {row['dense_ms']:>9.1f} "
+            f"{row['moe_efficiency']:>5.2f} {row['moe_tokens_per_s']:>8.0f} {row['moe_tflops']:>8.3f}"
+        )
         if not args.no_memory:
             line += f" {row['moe_peak_mib']:>8.1f} {row['dense_peak_mib']:>9.1f} {row['memory_ratio']:>6.2f}"
         if args.peers:

@@ -92,30 +92,70 @@ TIMING_NOTE = (
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line arguments; ``--smoke`` replaces the defaults by a tiny configuration."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-root", default=None, help=f"Multi30k folder (default {DEFAULT_DATA_ROOT} if it exists; --smoke: the embedded sample)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--data-root",
+        default=None,
+        help=f"Multi30k folder (default {DEFAULT_DATA_ROOT} if it exists; --smoke: the embedded sample)",
+    )
     p.add_argument("--steps", type=int, default=None, help="training steps of every model (default 1200; --smoke 8)")
     p.add_argument("--val-every", type=int, default=None, help="validation period in steps (default steps/12)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "quality"), help="output folder")
     p.add_argument("--model", default="tiny", help="model preset (lightning_moe.models.PRESETS: tiny, small, base)")
-    p.add_argument("--experts", type=int, nargs="+", default=[0, 8, 16], help="expert counts; 0 = the dense twin (required)")
+    p.add_argument(
+        "--experts", type=int, nargs="+", default=[0, 8, 16], help="expert counts; 0 = the dense twin (required)"
+    )
     p.add_argument("--k", type=int, default=2, help="experts per token (also the dense twin's FFN width factor)")
     p.add_argument("--reference-experts", type=int, default=8, help="the MoE run the equal wall-clock comparison uses")
     p.add_argument("--vocab-size", type=int, default=None, help="shared subword vocabulary (default 8000; --smoke 300)")
     p.add_argument("--max-len", type=int, default=None, help="data.max_len (default 64: Multi30k lines are short)")
     p.add_argument("--max-tokens", type=int, default=None, help="data.max_tokens per training batch (default 2048)")
     p.add_argument("--lr", type=float, default=None, help="optim.lr (default: the config's)")
-    p.add_argument("--warmup-steps", type=int, default=None, help="optim.warmup_steps (default: steps/8, at most the config's 200)")
+    p.add_argument(
+        "--warmup-steps", type=int, default=None, help="optim.warmup_steps (default: steps/8, at most the config's 200)"
+    )
     p.add_argument("--seed", type=int, default=1234, help="seed of every run")
-    p.add_argument("--max-test-sentences", type=int, default=None, help="test sentences per direction and split (default 0 = all 1000; --smoke 8)")
-    p.add_argument("--val-sentences", type=int, default=None, help="validation sentences per direction (data.max_eval_sentences; default 400; --smoke 24)")
-    p.add_argument("--equal-time-clock", choices=("wall", "cpu"), default="wall", help="clock of the equal wall-clock match (cpu: process CPU time, steadier on a loaded machine)")
-    p.add_argument("--max-dense-factor", type=float, default=4.0, help="the dense run stops at most at this many times --steps")
-    p.add_argument("--interleave-steps", type=int, default=None, help="training steps per model and turn (default 5; --smoke 1)")
+    p.add_argument(
+        "--max-test-sentences",
+        type=int,
+        default=None,
+        help="test sentences per direction and split (default 0 = all 1000; --smoke 8)",
+    )
+    p.add_argument(
+        "--val-sentences",
+        type=int,
+        default=None,
+        help="validation sentences per direction (data.max_eval_sentences; default 400; --smoke 24)",
+    )
+    p.add_argument(
+        "--equal-time-clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="clock of the equal wall-clock match (cpu: process CPU time, steadier on a loaded machine)",
+    )
+    p.add_argument(
+        "--max-dense-factor", type=float, default=4.0, help="the dense run stops at most at this many times --steps"
+    )
+    p.add_argument(
+        "--interleave-steps", type=int, default=None, help="training steps per model and turn (default 5; --smoke 1)"
+    )
     p.add_argument("--interleave-rounds", type=int, default=None, help="rounds of turns (default 7; --smoke 2)")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default 1: steadier than 2 on a shared 2-core machine)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads (default 1: steadier than 2 on a shared 2-core machine)",
+    )
     p.add_argument("--cache-dir", default=None, help="data.cache_dir for the tokenizer (default: the project's cache)")
-    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE", help="extra Hydra override for every run (repeatable)")
+    p.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra Hydra override for every run (repeatable)",
+    )
     p.add_argument("--smoke", action="store_true", help="tiny model, few steps and sentences, embedded sample data")
     args = p.parse_args(argv)
     _fill_defaults(args)
@@ -359,7 +399,9 @@ class TrainClock(pl.Callback):
             self.validations.append((trainer.global_step, float(value)))
         self.validation_seconds += self._watch.resume()
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if not self.points:  # the end of the first step starts the clock
             self._watch.start()
         elif not batch.get("is_repeat", False):
@@ -494,7 +536,9 @@ def equal_steps_checkpoint(run: RunResult) -> Path:
 # ---------------------------------------------------------------------------------------- evaluation
 
 
-def evaluate_checkpoint(args: argparse.Namespace, checkpoint: Path, directions: list[str] | None = None) -> list[dict[str, Any]]:
+def evaluate_checkpoint(
+    args: argparse.Namespace, checkpoint: Path, directions: list[str] | None = None
+) -> list[dict[str, Any]]:
     """BLEU/chrF rows (``lightning_moe.evaluate``) of ``checkpoint``, greedy, capped per direction."""
     from lightning_moe.evaluate import EvaluateConfig, EvaluateDataConfig, evaluate
 
@@ -672,7 +716,11 @@ def _loss_goal(dense: dict[str, Any], moe: list[dict[str, Any]], steps: int) -> 
         curve = dict(r["val_curve"])
         common = [s for s in curve if s in dense_curve and s <= steps]
         wins = [s for s in common if curve[s] < dense_curve[s]]
-        runs[r["label"]] = {"val_nll": r["val_nll_at_steps"], "dense_val_nll": dense_nll, "validations_below_dense": f"{len(wins)}/{len(common)}"}
+        runs[r["label"]] = {
+            "val_nll": r["val_nll_at_steps"],
+            "dense_val_nll": dense_nll,
+            "validations_below_dense": f"{len(wins)}/{len(common)}",
+        }
     measurable = bool(moe) and dense_nll is not None and all(r["val_nll_at_steps"] is not None for r in moe)
     return {
         "met": all(r["val_nll_at_steps"] < dense_nll for r in moe) if measurable else None,
@@ -723,17 +771,26 @@ def train_all(args: argparse.Namespace, out: Path) -> tuple[dict[int, RunResult]
     reference = args.reference_experts if args.reference_experts in moe else (moe[0] if moe else 0)
     runs: dict[int, RunResult] = {}
     for experts in ordered:
-        target = runs[reference].clock.elapsed(runs[reference].clock.at_step(args.steps)) if experts == 0 and reference in runs else None
+        target = (
+            runs[reference].clock.elapsed(runs[reference].clock.at_step(args.steps))
+            if experts == 0 and reference in runs
+            else None
+        )
         runs[experts] = train_one(args, experts, out, target_seconds=target)
     return runs, reference
 
 
-def equal_wall_clock_record(args: argparse.Namespace, runs: dict[int, RunResult], reference: int) -> dict[str, Any] | None:
+def equal_wall_clock_record(
+    args: argparse.Namespace, runs: dict[int, RunResult], reference: int
+) -> dict[str, Any] | None:
     """The dense checkpoint nearest the reference run's training time, scored (None when there is none)."""
     snapshot = runs[0].clock.snapshots.get("equal_time")
     if snapshot is None:
         if reference:
-            print("[quality] the dense run never reached the reference's training time (raise --max-dense-factor)", flush=True)
+            print(
+                "[quality] the dense run never reached the reference's training time (raise --max-dense-factor)",
+                flush=True,
+            )
         return None
     print("[quality] evaluating the dense model at the reference's wall-clock", flush=True)
     return {
@@ -750,7 +807,9 @@ def equal_wall_clock_record(args: argparse.Namespace, runs: dict[int, RunResult]
     }
 
 
-def evaluate_all(args: argparse.Namespace, runs: dict[int, RunResult], reference: int) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+def evaluate_all(
+    args: argparse.Namespace, runs: dict[int, RunResult], reference: int
+) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
     """The run records (dense first) with their test scores, and the equal wall-clock record."""
     display = [runs[e] for e in sorted(runs)]
     dense_at_steps = runs[0].clock.at_step(args.steps)
@@ -776,7 +835,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    command = "python benchmarks/quality.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    command = "python benchmarks/quality.py " + " ".join(
+        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)
+    )
     machine = machine_facts()
     phases: dict[str, float] = {}
 

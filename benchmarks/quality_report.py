@@ -38,11 +38,19 @@ def plot_val_curves(result: dict[str, Any], path: Path) -> Path:
         curve = run["val_curve"]
         inside = [(s, v) for s, v in curve if s <= steps]
         color = COLORS.get(run["label"])
-        label = f"{_name(run['label'])} ({run['params_total'] / 1e6:.2f}M params, {run['params_active'] / 1e6:.2f}M active)"
+        label = (
+            f"{_name(run['label'])} ({run['params_total'] / 1e6:.2f}M params, {run['params_active'] / 1e6:.2f}M active)"
+        )
         line = ax.plot(*zip(*inside), marker="o", markersize=3, label=label, color=color)[0] if inside else None
         beyond = [(s, v) for s, v in curve if s >= steps]
         if line is not None and len(beyond) > 1:
-            ax.plot(*zip(*beyond), linestyle="--", linewidth=1, color=line.get_color(), label=f"{_name(run['label'])} past {steps} steps (equal wall-clock)")
+            ax.plot(
+                *zip(*beyond),
+                linestyle="--",
+                linewidth=1,
+                color=line.get_color(),
+                label=f"{_name(run['label'])} past {steps} steps (equal wall-clock)",
+            )
     ax.axvline(steps, color="grey", linewidth=0.5)
     ax.set_xlabel("training step")
     ax.set_ylabel("validation NLL (nats/token)")
@@ -75,7 +83,11 @@ def _scores_table(result: dict[str, Any]) -> list[str]:
         lines.append(f"| {key[0]} | {key[1]} | {sentences} | " + " | ".join(cells) + " |")
     means = []
     for i in index:
-        means.append(f"{sum(r['bleu'] for r in i.values()) / len(i):.2f} / {sum(r['chrf'] for r in i.values()) / len(i):.2f}" if i else "n/a")
+        means.append(
+            f"{sum(r['bleu'] for r in i.values()) / len(i):.2f} / {sum(r['chrf'] for r in i.values()) / len(i):.2f}"
+            if i
+            else "n/a"
+        )
     lines.append("| **mean** | | | " + " | ".join(means) + " |")
     return lines
 
@@ -103,7 +115,9 @@ def _runs_table(result: dict[str, Any]) -> list[str]:
 def _equal_wall_clock(result: dict[str, Any]) -> list[str]:
     eq = result.get("equal_wall_clock")
     if not eq:
-        return ["No equal wall-clock checkpoint of the dense run (no MoE reference run, or the dense run hit its step cap)."]
+        return [
+            "No equal wall-clock checkpoint of the dense run (no MoE reference run, or the dense run hit its step cap)."
+        ]
     steps = result["settings"]["steps"]
     ref = next((r for r in result["runs"] if r["label"] == eq["reference"]), None)
     clock = eq.get("clock", "wall")
@@ -116,7 +130,8 @@ def _equal_wall_clock(result: dict[str, Any]) -> list[str]:
         + (" (its step cap, --max-dense-factor: it had not reached the reference time)" if eq.get("capped") else "")
         + ".",
         "",
-        "| split | direction | dense @ equal wall-clock BLEU / chrF | " + f"{_name(eq['reference'])} @ {steps} steps BLEU / chrF |",
+        "| split | direction | dense @ equal wall-clock BLEU / chrF | "
+        + f"{_name(eq['reference'])} @ {steps} steps BLEU / chrF |",
         "|---|---|---|---|",
     ]
     ref_rows = {(r["split"], r["direction"]): r for r in (ref or {}).get("tests", [])}
@@ -144,7 +159,9 @@ def _goals(result: dict[str, Any]) -> list[str]:
     )
     lines.append(f"3. MoE training throughput >= 0.8x dense: {_met(speed)}.")
     for label, ratio in speed["interleaved"].items():
-        lines.append(f"   - {_name(label)}: {_fmt(ratio)}x interleaved (median), {_fmt(speed['in_run'][label])}x over its whole run.")
+        lines.append(
+            f"   - {_name(label)}: {_fmt(ratio)}x interleaved (median), {_fmt(speed['in_run'][label])}x over its whole run."
+        )
     return lines
 
 

@@ -112,8 +112,15 @@ def _one_run(name: str, world_size: int, args: argparse.Namespace) -> tuple[floa
     module = _Net(args)
     timer = _StepTimer()
     trainer = Trainer(
-        accelerator="cpu", devices=world_size, strategy=_strategy(name), max_steps=args.steps, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
+        accelerator="cpu",
+        devices=world_size,
+        strategy=_strategy(name),
+        max_steps=args.steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer],
     )
     trainer.fit(module)
     return statistics.median(timer.wall[args.warmup :]), statistics.median(timer.cpu[args.warmup :])

@@ -45,9 +45,16 @@ MIB = 2**20
 
 def _model(args: argparse.Namespace) -> MoETransformer:
     config = get_preset(
-        "tiny", vocab_size=args.vocab, d_model=args.hidden, num_heads=args.heads, ffn_hidden_size=4 * args.hidden,
-        encoder_layers=args.layers, decoder_layers=args.layers, tie_embeddings=args.tied,
-        num_experts=args.experts, k=2,
+        "tiny",
+        vocab_size=args.vocab,
+        d_model=args.hidden,
+        num_heads=args.heads,
+        ffn_hidden_size=4 * args.hidden,
+        encoder_layers=args.layers,
+        decoder_layers=args.layers,
+        tie_embeddings=args.tied,
+        num_experts=args.experts,
+        k=2,
     )
     with torch.device("meta"):  # only shapes matter: no initialisation cost
         return MoETransformer(config)
@@ -80,10 +87,14 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    print(f"MoE transformer d={args.hidden}, heads={args.heads}, {args.layers}+{args.layers} layers, "
-          f"{args.experts} experts, vocab={args.vocab}, {'tied' if args.tied else 'untied'} embeddings")
-    print(f"{'tp':>3} {'dense MiB':>10} {'ideal MiB':>10} {'ratio':>6} {'split MiB':>10} {'whole MiB':>10} "
-          f"{'experts MiB':>12}")
+    print(
+        f"MoE transformer d={args.hidden}, heads={args.heads}, {args.layers}+{args.layers} layers, "
+        f"{args.experts} experts, vocab={args.vocab}, {'tied' if args.tied else 'untied'} embeddings"
+    )
+    print(
+        f"{'tp':>3} {'dense MiB':>10} {'ideal MiB':>10} {'ratio':>6} {'split MiB':>10} {'whole MiB':>10} "
+        f"{'experts MiB':>12}"
+    )
     base = None
     for tp in args.tp:
         row = run_ranks(_measure, tp, args, timeout=600)[0]
@@ -91,8 +102,10 @@ def main() -> None:
         if base is None:
             raise SystemExit("--tp must start with 1 (the reference for 'ideal')")
         ideal = base / tp
-        print(f"{tp:>3} {row['dense'] / MIB:>10.2f} {ideal / MIB:>10.2f} {row['dense'] / ideal:>6.3f} "
-              f"{row['split'] / MIB:>10.2f} {row['replicated'] / MIB:>10.2f} {row['experts'] / MIB:>12.2f}")
+        print(
+            f"{tp:>3} {row['dense'] / MIB:>10.2f} {ideal / MIB:>10.2f} {row['dense'] / ideal:>6.3f} "
+            f"{row['split'] / MIB:>10.2f} {row['replicated'] / MIB:>10.2f} {row['experts'] / MIB:>12.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -80,11 +80,21 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 def build_config(args: argparse.Namespace) -> TransformerConfig:
     """The preset with the command line's overrides (dropout off: it only adds noise to timings)."""
     overrides: dict[str, Any] = {
-        "vocab_size": args.vocab, "dropout": 0.0, "capacity_factor": args.capacity_factor,
-        "eval_capacity_factor": args.capacity_factor, "max_positions": max(args.src_len, args.tgt_len) + 1,
+        "vocab_size": args.vocab,
+        "dropout": 0.0,
+        "capacity_factor": args.capacity_factor,
+        "eval_capacity_factor": args.capacity_factor,
+        "max_positions": max(args.src_len, args.tgt_len) + 1,
     }
-    names = {"experts": "num_experts", "k": "k", "expert": "expert", "d_model": "d_model", "ffn": "ffn_hidden_size",
-             "heads": "num_heads", "moe_every": "moe_every"}
+    names = {
+        "experts": "num_experts",
+        "k": "k",
+        "expert": "expert",
+        "d_model": "d_model",
+        "ffn": "ffn_hidden_size",
+        "heads": "num_heads",
+        "moe_every": "moe_every",
+    }
     for arg, field in names.items():
         if getattr(args, arg) is not None:
             overrides[field] = getattr(args, arg)
@@ -141,7 +151,12 @@ def step_flops(model: MoETransformer, batch_size: int, src_len: int, tgt_len: in
     per_layer_enc = 2 * 2 * src_len * src_len * d
     per_layer_dec = 2 * 2 * (tgt_len * tgt_len + tgt_len * src_len) * d  # causal self (no saving taken) + cross
     attention = 3.0 * batch_size * (cfg.encoder_layers * per_layer_enc + cfg.decoder_layers * per_layer_dec)
-    return {"model_flops": model_flops, "attention_flops": attention, "src_tokens": src_tokens, "tgt_tokens": tgt_tokens}
+    return {
+        "model_flops": model_flops,
+        "attention_flops": attention,
+        "src_tokens": src_tokens,
+        "tgt_tokens": tgt_tokens,
+    }
 
 
 def synthetic_batches(
@@ -160,13 +175,19 @@ def synthetic_batches(
 def environment(device: torch.device) -> dict[str, Any]:
     """What ran the benchmark: versions, device name, threads."""
     env: dict[str, Any] = {
-        "torch": torch.__version__, "python": platform.python_version(), "device": str(device),
-        "cuda": torch.version.cuda, "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": str(device),
+        "cuda": torch.version.cuda,
+        "threads": torch.get_num_threads(),
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        env.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / GiB, 1),
-                   capability=".".join(map(str, torch.cuda.get_device_capability(device))))
+        env.update(
+            gpu=props.name,
+            gpu_memory_gib=round(props.total_memory / GiB, 1),
+            capability=".".join(map(str, torch.cuda.get_device_capability(device))),
+        )
     return env
 
 
@@ -277,8 +298,12 @@ def peaks(args: argparse.Namespace, device: torch.device) -> dict[str, float]:
         return {"peak_tflops": CUDA_PEAK_TFLOPS, "peak_kind": "H100/H200 dense bf16"}
     fp32, bf16 = measure_matmul_tflops(torch.float32), measure_matmul_tflops(torch.bfloat16)
     peak = bf16 if PEAK_DTYPES[args.precision] == torch.bfloat16 else fp32
-    return {"peak_tflops": peak, "peak_kind": "measured mm " + "x".join(map(str, PEAK_SHAPE)),
-            "measured_fp32_tflops": fp32, "measured_bf16_tflops": bf16}
+    return {
+        "peak_tflops": peak,
+        "peak_kind": "measured mm " + "x".join(map(str, PEAK_SHAPE)),
+        "measured_fp32_tflops": fp32,
+        "measured_bf16_tflops": bf16,
+    }
 
 
 def _best_peaks(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
@@ -361,8 +386,9 @@ def side_by_side(args: argparse.Namespace) -> dict[str, Any]:
     peak = peaks(args, device)
     trainers = {}
     for precision, experts in SIDE_BY_SIDE:
-        variant = argparse.Namespace(**{**vars(args), "precision": precision,
-                                        "experts": experts if experts is not None else args.experts})
+        variant = argparse.Namespace(
+            **{**vars(args), "precision": precision, "experts": experts if experts is not None else args.experts}
+        )
         trainers[variant_name(precision, experts)] = trainer = Trainer(variant, device)
         trainer.time_steps(args.warmup)
     rounds: dict[str, list[float]] = {name: [] for name in trainers}
@@ -380,8 +406,11 @@ def side_by_side(args: argparse.Namespace) -> dict[str, Any]:
         precision = trainer.args.precision
         bf16_peak = peak.get("measured_bf16_tflops", peak["peak_tflops"])
         variants[name] = {
-            "precision": precision, "experts": trainer.config.moe.num_experts, "step_s": rounds[name],
-            "tokens_per_s_median": tokens / median_s, "tokens_per_s_best": tokens / best_s,
+            "precision": precision,
+            "experts": trainer.config.moe.num_experts,
+            "step_s": rounds[name],
+            "tokens_per_s_median": tokens / median_s,
+            "tokens_per_s_best": tokens / best_s,
             "model_tflops_per_s_median": trainer.flops["model_flops"] / median_s / 1e12,
             "utilisation_of_bf16_peak_median": trainer.flops["model_flops"] / median_s / 1e12 / bf16_peak,
         }
@@ -393,24 +422,40 @@ def side_by_side(args: argparse.Namespace) -> dict[str, Any]:
         f"moe_over_dense_bf16_{stat}": moe_bf16[f"tokens_per_s_{stat}"] / dense_bf16[f"tokens_per_s_{stat}"]
         for stat in ("median", "best")
     }
-    return {"benchmark": "train_throughput_side_by_side", "label": args.label, "rounds": args.side_by_side,
-            "config": {k: v for k, v in vars(args).items() if k != "json"}, "environment": environment(device),
-            **peak, "variants": variants, "ratios": ratios}
+    return {
+        "benchmark": "train_throughput_side_by_side",
+        "label": args.label,
+        "rounds": args.side_by_side,
+        "config": {k: v for k, v in vars(args).items() if k != "json"},
+        "environment": environment(device),
+        **peak,
+        "variants": variants,
+        "ratios": ratios,
+    }
 
 
 def print_side_by_side(result: dict[str, Any]) -> None:
     env = result["environment"]
-    peak_note = (f"measured peak fp32 {result['measured_fp32_tflops']:.3f} / bf16 {result['measured_bf16_tflops']:.3f} "
-                 "TFLOP/s" if "measured_bf16_tflops" in result else f"peak {result['peak_tflops']:g} TFLOP/s")
-    print(f"# torch {env['torch']} on {env.get('gpu', env['device'])}, {env['threads']} threads, "
-          f"{result['rounds']} interleaved rounds; {peak_note}")
+    peak_note = (
+        f"measured peak fp32 {result['measured_fp32_tflops']:.3f} / bf16 {result['measured_bf16_tflops']:.3f} TFLOP/s"
+        if "measured_bf16_tflops" in result
+        else f"peak {result['peak_tflops']:g} TFLOP/s"
+    )
+    print(
+        f"# torch {env['torch']} on {env.get('gpu', env['device'])}, {env['threads']} threads, "
+        f"{result['rounds']} interleaved rounds; {peak_note}"
+    )
     print(f"{'variant':<18} {'tokens/s median':>16} {'tokens/s best':>14} {'TFLOP/s':>8} {'of bf16 peak':>13}")
     for name, v in result["variants"].items():
-        print(f"{name:<18} {v['tokens_per_s_median']:>16,.0f} {v['tokens_per_s_best']:>14,.0f} "
-              f"{v['model_tflops_per_s_median']:>8.3f} {v['utilisation_of_bf16_peak_median'] * 100:>12.1f}%")
+        print(
+            f"{name:<18} {v['tokens_per_s_median']:>16,.0f} {v['tokens_per_s_best']:>14,.0f} "
+            f"{v['model_tflops_per_s_median']:>8.3f} {v['utilisation_of_bf16_peak_median'] * 100:>12.1f}%"
+        )
     r = result["ratios"]
-    print(f"bf16 / fp32 (MoE): median {r['bf16_over_fp32_median']:.2f}x, best {r['bf16_over_fp32_best']:.2f}x | "
-          f"MoE / dense (bf16): median {r['moe_over_dense_bf16_median']:.2f}x, best {r['moe_over_dense_bf16_best']:.2f}x")
+    print(
+        f"bf16 / fp32 (MoE): median {r['bf16_over_fp32_median']:.2f}x, best {r['bf16_over_fp32_best']:.2f}x | "
+        f"MoE / dense (bf16): median {r['moe_over_dense_bf16_median']:.2f}x, best {r['moe_over_dense_bf16_best']:.2f}x"
+    )
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -422,11 +467,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     parser.add_argument("--num-batches", type=int, default=4, help="distinct batches cycled through")
     parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--peak-tflops", type=float, default=None,
-                        help="peak for MFU in TFLOP/s (default: 989 on CUDA; on CPU the measured matrix-product "
-                             "rate in the precision's dtype)")
-    parser.add_argument("--side-by-side", type=int, default=0, metavar="R",
-                        help="R interleaved rounds of MoE 32-true, MoE bf16-mixed and the dense twin in bf16-mixed")
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="peak for MFU in TFLOP/s (default: 989 on CUDA; on CPU the measured matrix-product "
+        "rate in the precision's dtype)",
+    )
+    parser.add_argument(
+        "--side-by-side",
+        type=int,
+        default=0,
+        metavar="R",
+        help="R interleaved rounds of MoE 32-true, MoE bf16-mixed and the dense twin in bf16-mixed",
+    )
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--profile", type=int, default=0, metavar="N", help="after timing, profile N steps (table)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")

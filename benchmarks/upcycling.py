@@ -70,17 +70,28 @@ def train(run_dir: Path, overrides: list[str]) -> dict[str, Any]:
         shutil.rmtree(run_dir)
     register_configs()
     with initialize_config_module(config_module="lightning_moe.conf", version_base=None):
-        cfg = compose(config_name="config", overrides=[
-            f"name={run_dir.name}", f"output_dir={run_dir}", "logger=csv", "test_after_fit=false",
-            "trainer.enable_progress_bar=false", *overrides,
-        ])
+        cfg = compose(
+            config_name="config",
+            overrides=[
+                f"name={run_dir.name}",
+                f"output_dir={run_dir}",
+                "logger=csv",
+                "test_after_fit=false",
+                "trainer.enable_progress_bar=false",
+                *overrides,
+            ],
+        )
     timer = TrainTimer()
     train_module.run(to_train_config(cfg), [timer])
     rows = list(csv.DictReader(open(next((run_dir / "logs").glob("version_*/metrics.csv")))))
     last = {key: float(row[key]) for row in rows for key in ("val/nll", "val/bleu") if row.get(key)}
     checkpoints = sorted((run_dir / "checkpoints").glob("step-*.ckpt"))
-    return {"train_seconds": timer.seconds * timer.batches / max(timer.batches - 1, 1), "step_seconds": timer.per_step(),
-            **last, "checkpoint": str(checkpoints[-1])}
+    return {
+        "train_seconds": timer.seconds * timer.batches / max(timer.batches - 1, 1),
+        "step_seconds": timer.per_step(),
+        **last,
+        "checkpoint": str(checkpoints[-1]),
+    }
 
 
 def one_seed(args: argparse.Namespace, seed: int, out: Path) -> dict[str, Any]:
@@ -88,8 +99,11 @@ def one_seed(args: argparse.Namespace, seed: int, out: Path) -> dict[str, Any]:
     moe = [f"moe={args.moe}", f"moe.num_experts={args.experts}"]
 
     def steps_args(steps: int) -> list[str]:
-        return [f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}",
-                f"checkpoint.every_n_train_steps={steps}"]
+        return [
+            f"trainer.max_steps={steps}",
+            f"trainer.val_check_interval={steps}",
+            f"checkpoint.every_n_train_steps={steps}",
+        ]
 
     scratch = train(out / f"seed{seed}" / "scratch", [*common, *moe, *steps_args(args.steps)])
     dense_steps = max(1, round(args.dense_fraction * args.steps))
@@ -102,8 +116,13 @@ def one_seed(args: argparse.Namespace, seed: int, out: Path) -> dict[str, Any]:
     )
     for run, steps in ((scratch, args.steps), (dense, dense_steps), (upcycled, upcycled_steps)):
         run["steps"] = steps
-    return {"seed": seed, "scratch": scratch, "dense": dense, "upcycled": upcycled,
-            "upcycled_total_train_seconds": dense["train_seconds"] + upcycled["train_seconds"]}
+    return {
+        "seed": seed,
+        "scratch": scratch,
+        "dense": dense,
+        "upcycled": upcycled,
+        "upcycled_total_train_seconds": dense["train_seconds"] + upcycled["train_seconds"],
+    }
 
 
 def main() -> None:
@@ -124,17 +143,26 @@ def main() -> None:
     print(f"{'arm':<10} {'val NLL':>8} {'val BLEU':>9} {'steps':>6} {'train s':>8}   (median over seeds {args.seeds})")
     for arm in ("scratch", "dense", "upcycled"):
         runs = [s[arm] for s in seeds]
-        row = {key: statistics.median(r[key] for r in runs) for key in ("val/nll", "val/bleu", "steps", "train_seconds")}
+        row = {
+            key: statistics.median(r[key] for r in runs) for key in ("val/nll", "val/bleu", "steps", "train_seconds")
+        }
         row["per_seed"] = [{k: r[k] for k in ("val/nll", "val/bleu", "steps", "train_seconds")} for r in runs]
         summary[arm] = row
-        print(f"{arm:<10} {row['val/nll']:>8.3f} {row['val/bleu']:>9.2f} {row['steps']:>6.0f} {row['train_seconds']:>8.1f}")
+        print(
+            f"{arm:<10} {row['val/nll']:>8.3f} {row['val/bleu']:>9.2f} {row['steps']:>6.0f} {row['train_seconds']:>8.1f}"
+        )
     total = statistics.median(s["upcycled_total_train_seconds"] for s in seeds)
     print(f"dense + upcycled training time: {total:.1f} s (scratch: {summary['scratch']['train_seconds']:.1f} s)")
     wins = sum(s["upcycled"]["val/nll"] < s["scratch"]["val/nll"] for s in seeds)
     print(f"upcycled has the lower validation NLL in {wins} of {len(seeds)} seeds")
     args.out.mkdir(parents=True, exist_ok=True)
-    record = {"args": {k: str(v) for k, v in vars(args).items()}, "seeds": seeds, "summary": summary,
-              "upcycled_wins_nll": wins, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    record = {
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "seeds": seeds,
+        "summary": summary,
+        "upcycled_wins_nll": wins,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
     (args.out / "results.json").write_text(json.dumps(record, indent=2))
 
 

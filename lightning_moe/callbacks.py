@@ -87,7 +87,9 @@ class ExpertLoadMonitor(pl.Callback):
         self.last_load: Tensor | None = None  # [L, E] fractions of the last heatmap
         self.layer_names: list[str] = []
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         layers = find_moe_layers(pl_module)
         stats = [(name, layer.last_stats) for name, layer in layers if layer.last_stats is not None]
         if not stats:
@@ -95,13 +97,17 @@ class ExpertLoadMonitor(pl.Callback):
         width = max(s.tokens_per_expert.numel() for _, s in stats)
         if self._load is None or self._load.shape != (len(stats), width):
             # Kept on the device of the counts: no host synchronisation per step.
-            self._load = torch.zeros(len(stats), width, dtype=torch.float64, device=stats[0][1].tokens_per_expert.device)
+            self._load = torch.zeros(
+                len(stats), width, dtype=torch.float64, device=stats[0][1].tokens_per_expert.device
+            )
             self.layer_names = [name for name, _ in stats]
         for row, (_, s) in enumerate(stats):
             counts = s.tokens_per_expert.detach()
             self._load[row, : counts.numel()] += counts.to(self._load.device, torch.float64)
         if (trainer.global_step + 1) % max(trainer.log_every_n_steps, 1) == 0:
-            metrics = router_metrics([s for _, s in stats], trainer.strategy.reduce if trainer.world_size > 1 else None, trainer.world_size)
+            metrics = router_metrics(
+                [s for _, s in stats], trainer.strategy.reduce if trainer.world_size > 1 else None, trainer.world_size
+            )
             for column, metric in enumerate(ROUTER_METRICS):
                 pl_module.log(f"moe/{metric}", metrics[:, column].mean(), on_step=True, on_epoch=False)
                 for (name, _), value in zip(stats, metrics[:, column]):
@@ -124,7 +130,11 @@ class ExpertLoadMonitor(pl.Callback):
 
     def _draw(self, trainer: pl.Trainer, fractions: Tensor) -> None:
         logger = trainer.logger
-        folder = Path(logger.log_dir) if logger is not None and getattr(logger, "log_dir", None) else Path(trainer.default_root_dir)
+        folder = (
+            Path(logger.log_dir)
+            if logger is not None and getattr(logger, "log_dir", None)
+            else Path(trainer.default_root_dir)
+        )
         path = folder / f"expert_load_step{trainer.global_step}.png"
         fig = expert_load_heatmap(fractions, self.layer_names, path)
         experiment = getattr(logger, "experiment", None)
@@ -145,13 +155,15 @@ def router_metrics(stats: list[Any], reduce_sum: Any = None, world_size: int = 1
     rows = []
     for s in stats:
         kept = s.tokens_per_expert.to(torch.float64)
-        head = torch.stack([
-            s.balance_loss.to(device, torch.float64),
-            s.z_loss.to(device, torch.float64),
-            s.router_entropy.to(device, torch.float64),
-            torch.as_tensor(s.num_assignments, dtype=torch.float64, device=device) - kept.sum(),
-            torch.as_tensor(s.num_assignments, dtype=torch.float64, device=device),
-        ])
+        head = torch.stack(
+            [
+                s.balance_loss.to(device, torch.float64),
+                s.z_loss.to(device, torch.float64),
+                s.router_entropy.to(device, torch.float64),
+                torch.as_tensor(s.num_assignments, dtype=torch.float64, device=device) - kept.sum(),
+                torch.as_tensor(s.num_assignments, dtype=torch.float64, device=device),
+            ]
+        )
         load = torch.full((width,), float("nan"), dtype=torch.float64, device=device)  # NaN: no such expert
         load[: kept.numel()] = kept
         rows.append(torch.cat([head, load]))
@@ -180,7 +192,9 @@ class RouterBiasUpdate(pl.Callback):
     def __init__(self) -> None:
         self._last_step: int | None = None
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         from lightning_moe.parallel.balancing import update_router_biases
 
         # global_step counts optimizer steps: it moves only when this batch ended an accumulation window.
@@ -237,7 +251,11 @@ class RNGStateCheckpoint(pl.Callback):
             if "cuda" in mine and torch.cuda.is_available():
                 torch.cuda.set_rng_state(mine["cuda"])
         else:
-            log.warning("checkpoint holds RNG states of %d ranks, this run has %d: keeping the seeded generators", len(ranks), trainer.world_size)
+            log.warning(
+                "checkpoint holds RNG states of %d ranks, this run has %d: keeping the seeded generators",
+                len(ranks),
+                trainer.world_size,
+            )
         self._pending = None
 
 
@@ -270,7 +288,9 @@ class NonFiniteGuard(pl.Callback):
         self.max_skips = max_skips
         self.skipped = 0
 
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
         grads = [_local(p.grad) for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         device = pl_module.device if pl_module.device.type != "meta" else torch.device("cpu")
         # One flag for all gradients: a single host synchronisation per step, not one per parameter.
@@ -286,8 +306,7 @@ class NonFiniteGuard(pl.Callback):
             for p in group["params"]:
                 p.grad = None
         message = (
-            f"non-finite loss or gradient at step {trainer.global_step}: optimizer step skipped "
-            f"({self.skipped} so far)"
+            f"non-finite loss or gradient at step {trainer.global_step}: optimizer step skipped ({self.skipped} so far)"
         )
         if self.policy == "stop" or (self.policy == "stop_after" and self.skipped >= self.max_skips):
             raise NonFiniteLossError(message + f"; stopping (trainer.nonfinite={self.policy!r})")
@@ -313,8 +332,9 @@ class RunConfigCheckpoint(pl.Callback):
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = config
 
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         from lightning_moe.config.resume import RUN_CONFIG_KEY
 
         checkpoint[RUN_CONFIG_KEY] = self.config
-

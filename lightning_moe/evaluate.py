@@ -81,9 +81,7 @@ def _directions(requested: Sequence[str], validated: Sequence[str], langs: Seque
     return pairs
 
 
-def _data_root(
-    root: str | None, data: dict[str, Any] | None, splits: Sequence[str], langs: Sequence[str]
-) -> Path:
+def _data_root(root: str | None, data: dict[str, Any] | None, splits: Sequence[str], langs: Sequence[str]) -> Path:
     """The corpus folder: ``data.root=`` when given, else the one the checkpoint was trained on."""
     from lightning_moe.data.download import resolve_data_root
 
@@ -141,8 +139,7 @@ def evaluate(cfg: EvaluateConfig, progress: bool | None = None) -> list[dict[str
     missing = [split for split in splits if split not in available_splits(root)]
     if missing:
         raise ValueError(
-            f"splits: {missing} have no files in {root}: use some of {available_splits(root)} "
-            f"(or pass data.root=)"
+            f"splits: {missing} have no files in {root}: use some of {available_splits(root)} (or pass data.root=)"
         )
     show = is_terminal() if progress is None else progress
     rows = []

@@ -66,7 +66,9 @@ def read_checkpoint(path: PathLike) -> dict[str, Any]:
         for key, value in meta.items():
             checkpoint.setdefault(key, value)
     if "state_dict" not in checkpoint:
-        raise ValueError(f"{str(path)!r} holds no 'state_dict': not a lightning_moe checkpoint (keys: {sorted(checkpoint)})")
+        raise ValueError(
+            f"{str(path)!r} holds no 'state_dict': not a lightning_moe checkpoint (keys: {sorted(checkpoint)})"
+        )
     return checkpoint
 
 
@@ -181,11 +183,17 @@ def tokenizer_bytes(stored: Any) -> bytes:
         return bytes(stored.numpy().tobytes())
     if isinstance(stored, (bytes, bytearray)):
         return bytes(stored)
-    kind = f"a {stored.dtype} tensor of shape {list(stored.shape)}" if isinstance(stored, Tensor) else type(stored).__name__
+    kind = (
+        f"a {stored.dtype} tensor of shape {list(stored.shape)}"
+        if isinstance(stored, Tensor)
+        else type(stored).__name__
+    )
     raise ValueError(f"the checkpoint's tokenizer_model is {kind}, not the bytes of a tokenizer model")
 
 
-def translation_source(tokenizer: SubwordTokenizer, text: str, target_lang: str, max_len: int | None = None) -> list[int]:
+def translation_source(
+    tokenizer: SubwordTokenizer, text: str, target_lang: str, max_len: int | None = None
+) -> list[int]:
     """Encoder input of a sentence to translate into ``target_lang``: ``[<2tgt>] + tokens + [</s>]``
     (the layout of ``lightning_moe.tasks.translation``), cut to ``max_len`` tokens."""
     tokens = tokenizer.encode(text)

@@ -141,8 +141,10 @@ class MultitaskTranslationModule(pl.LightningModule):
             rows = torch.tensor([i for i, t in enumerate(tasks) if t == task], device=logits.device)
             mask = batch.get("tgt_padding_mask")
             _, nll, _ = sequence_cross_entropy(
-                logits.index_select(0, rows), batch["tgt_out"].index_select(0, rows),
-                None if mask is None else mask.index_select(0, rows), 0.0,
+                logits.index_select(0, rows),
+                batch["tgt_out"].index_select(0, rows),
+                None if mask is None else mask.index_select(0, rows),
+                0.0,
             )
             result[task.replace(":", "_")] = nll
         return result
@@ -150,11 +152,19 @@ class MultitaskTranslationModule(pl.LightningModule):
     # ------------------------------------------------------------------------------------ validation
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
-        direction = self.val_directions[dataloader_idx] if dataloader_idx < len(self.val_directions) else str(dataloader_idx)
+        direction = (
+            self.val_directions[dataloader_idx] if dataloader_idx < len(self.val_directions) else str(dataloader_idx)
+        )
         out = self(batch)
         _, nll, _ = sequence_cross_entropy(out.logits, batch["tgt_out"], batch.get("tgt_padding_mask"), 0.0)
-        self.log(f"val/{direction}/nll", nll, batch_size=batch["src"].shape[0], sync_dist=True, add_dataloader_idx=False)
-        num_tokens = (~batch["tgt_padding_mask"]).sum() if batch.get("tgt_padding_mask") is not None else batch["tgt_out"].numel()
+        self.log(
+            f"val/{direction}/nll", nll, batch_size=batch["src"].shape[0], sync_dist=True, add_dataloader_idx=False
+        )
+        num_tokens = (
+            (~batch["tgt_padding_mask"]).sum()
+            if batch.get("tgt_padding_mask") is not None
+            else batch["tgt_out"].numel()
+        )
         self._val_nll_sum += nll.detach().double() * num_tokens
         self._val_tokens += num_tokens
         limit = self.generation_config.val_max_sentences
@@ -232,9 +242,15 @@ class MultitaskTranslationModule(pl.LightningModule):
         """Decode a batch of tagged sources to detokenized strings."""
         g = self.generation_config
         ids = generate(
-            self.model, src, src_padding_mask,
-            bos_id=self.special_ids["bos"], eos_id=self.special_ids["eos"], pad_id=self.special_ids["pad"],
-            beam_size=g.beam_size, max_len_a=g.max_len_a, max_len_b=g.max_len_b,
+            self.model,
+            src,
+            src_padding_mask,
+            bos_id=self.special_ids["bos"],
+            eos_id=self.special_ids["eos"],
+            pad_id=self.special_ids["pad"],
+            beam_size=g.beam_size,
+            max_len_a=g.max_len_a,
+            max_len_b=g.max_len_b,
             **({"length_penalty_alpha": g.length_penalty} if g.beam_size > 1 else {}),
             **self._sync_kwargs(),
         )
@@ -264,7 +280,9 @@ class MultitaskTranslationModule(pl.LightningModule):
             (decay if is_matrix else no_decay).append(param)
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+            lr=o.lr,
+            betas=tuple(o.betas),
+            eps=o.eps,
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(o, self.max_steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -284,4 +302,3 @@ def _schedule(o: OptimConfig, max_steps: int) -> Callable[[int], float]:
         return 1.0
 
     return factor
-

@@ -15,8 +15,14 @@ from torch.optim import Optimizer
 from lightning_moe.parallel import clip_grad_norm_, clip_grad_value_
 from lightning_moe.strategy_presets import SUPPORTED_PRECISIONS
 
-__all__ = ["SUPPORTED_PRECISIONS", "MeshClipping", "MoEZeroPrecision", "MoEZeroMixedPrecision", "MoEZeroHalfPrecision", "moe_zero_precision"]
-
+__all__ = [
+    "SUPPORTED_PRECISIONS",
+    "MeshClipping",
+    "MoEZeroPrecision",
+    "MoEZeroMixedPrecision",
+    "MoEZeroHalfPrecision",
+    "moe_zero_precision",
+]
 
 
 class MeshClipping:

@@ -84,7 +84,6 @@ DEFAULT_TIMEOUT = timedelta(minutes=10)
 """How long a collective waits for a rank that stopped answering (torch's own default for gloo is 30 min)."""
 
 
-
 class MoEZeroStrategy(ParallelStrategy):
     """Expert parallelism + ZeRO (FSDP2) + CPU offload for LightningModules with MoE layers.
 
@@ -562,9 +561,7 @@ class MoEZeroStrategy(ParallelStrategy):
         pass  # the optimizer states were already loaded (resharded) in `load_checkpoint()`
 
     @override
-    def save_checkpoint(
-        self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None
-    ) -> None:
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError(
                 f"`{type(self).__name__}.save_checkpoint(..., storage_options=...)` is not supported:"

@@ -70,8 +70,10 @@ class DenoisingTaskConfig:
         self.langs = list(self.langs)
         _check_fraction("denoising.mask_ratio", self.mask_ratio)
         _check_fraction("denoising.delete_prob", self.delete_prob)
-        if isinstance(self.poisson_lambda, bool) or not isinstance(self.poisson_lambda, (int, float)) or not (
-            0 < self.poisson_lambda < math.inf
+        if (
+            isinstance(self.poisson_lambda, bool)
+            or not isinstance(self.poisson_lambda, (int, float))
+            or not (0 < self.poisson_lambda < math.inf)
         ):
             raise ValueError(f"denoising.poisson_lambda={self.poisson_lambda!r} is invalid: use a number > 0")
         if isinstance(self.permute_window, bool) or not isinstance(self.permute_window, int) or self.permute_window < 0:

@@ -81,8 +81,10 @@ class MultitaskConfig:
                         f"list every direction once"
                     )
                 labels[label] = i
-        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) or not (
-            self.temperature > 0
+        if (
+            isinstance(self.temperature, bool)
+            or not isinstance(self.temperature, (int, float))
+            or not (self.temperature > 0)
         ):
             raise ValueError(f"tasks.temperature={self.temperature!r} is invalid: use a number > 0 (or inf)")
         if self.epoch_size is not None and (
@@ -107,9 +109,7 @@ class MultitaskConfig:
         return list(seen)
 
 
-def temperature_probs(
-    sizes: Sequence[int], temperature: float, weights: Sequence[float] | None = None
-) -> np.ndarray:
+def temperature_probs(sizes: Sequence[int], temperature: float, weights: Sequence[float] | None = None) -> np.ndarray:
     """``[len(sizes)]`` sampling probabilities ``p_i ∝ w_i * n_i ** (1 / T)`` (empty streams get 0)."""
     sizes_arr = np.asarray(sizes, dtype=np.float64)
     if sizes_arr.ndim != 1 or sizes_arr.size == 0 or (sizes_arr < 0).any():

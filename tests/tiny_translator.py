@@ -31,8 +31,13 @@ def write_tiny_checkpoint(path: Path, data_root: str | None = str(SAMPLE_DIR), s
     tokenizer = SubwordTokenizer.train(text, LANGS, vocab_size=300, num_threads=1)
     torch.manual_seed(seed)
     model = TransformerConfig(
-        vocab_size=tokenizer.vocab_size, d_model=32, num_heads=2, ffn_hidden_size=32,
-        encoder_layers=1, decoder_layers=1, moe=MoEConfig(num_experts=2),
+        vocab_size=tokenizer.vocab_size,
+        d_model=32,
+        num_heads=2,
+        ffn_hidden_size=32,
+        encoder_layers=1,
+        decoder_layers=1,
+        moe=MoEConfig(num_experts=2),
     )
     module = MultitaskTranslationModule(
         model=model,

@@ -77,7 +77,9 @@ def save_distributed(checkpoint: dict[str, Any], path: Path, tmp: Path) -> None:
         if any(entries is None for entries in gathered):
             if error is not None:
                 raise error
-            raise CheckpointWriteError(None, f"another rank could not write its shards of {str(path)!r} (see its error)")
+            raise CheckpointWriteError(
+                None, f"another rank could not write its shards of {str(path)!r} (see its error)"
+            )
         if rank == 0:
             try:
                 entries = {name: d for rank_entries in gathered for name, d in rank_entries.items()}

@@ -96,7 +96,9 @@ class CheckpointWriteError(OSError):
             cause = _first_os_error(err)
             if cause is not None:
                 return cls.wrap(cause, path)
-            reason = f"{str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__} (is the disk full?)"
+            reason = (
+                f"{str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__} (is the disk full?)"
+            )
             errno = None
         return cls(
             errno,
@@ -265,4 +267,6 @@ def read_torch_file(path: Path, weights_only: bool | None, *, mmap: bool = False
                 f" only tensors and plain types ({detail}). Only if you trust where it came from, load it"
                 " with `weights_only=False` (e.g. `Trainer.fit(..., ckpt_path=..., weights_only=False)`)."
             ) from e
-        raise ValueError(f"{str(path)!r} is not a checkpoint that torch.load can read ({type(e).__name__}: {detail})") from e
+        raise ValueError(
+            f"{str(path)!r} is not a checkpoint that torch.load can read ({type(e).__name__}: {detail})"
+        ) from e

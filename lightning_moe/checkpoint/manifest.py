@@ -80,7 +80,8 @@ def _read_manifest(path: Path, manifest: Path) -> dict[str, dict[str, Any]]:
         data = json.loads(manifest.read_text(encoding="utf-8"))
         files = data["files"]
         if not isinstance(files, dict) or not all(
-            isinstance(v, dict) and isinstance(v.get("size"), int) and isinstance(v.get("sha256"), str) for v in files.values()
+            isinstance(v, dict) and isinstance(v.get("size"), int) and isinstance(v.get("sha256"), str)
+            for v in files.values()
         ):
             raise TypeError("unexpected layout")
         return files

@@ -49,10 +49,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint IO with atomic writes (:func:`~lightning_moe.checkpoint.files.atomic_save`)
     and ``weights_only=True`` reads by default."""
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any | None = None) -> None:
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any | None = None
+    ) -> None:
         atomic_save(checkpoint, path, manifest=True)
 
-    def load_checkpoint(self, path: str | os.PathLike, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
+    def load_checkpoint(
+        self, path: str | os.PathLike, map_location: Any | None = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
         if Path(path).is_dir():
             raise ValueError(
                 f"{str(path)!r} is a sharded checkpoint folder, which only strategy=moe_zero resumes; resume with"
@@ -73,7 +77,9 @@ def complete_checkpoints(folder: str | os.PathLike) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    candidates = [(checkpoint_step(p), p) for p in folder.iterdir() if checkpoint_step(p) is not None and is_complete(p)]
+    candidates = [
+        (checkpoint_step(p), p) for p in folder.iterdir() if checkpoint_step(p) is not None and is_complete(p)
+    ]
     return [p for _, p in sorted(candidates, reverse=True)]
 
 
@@ -127,7 +133,11 @@ def newest_loadable_checkpoint(folder: str | os.PathLike) -> Path | None:
             log.warning("%s; trying the previous checkpoint", err)
             continue
         if problems:
-            log.warning("resuming from %s, the newest checkpoint that is whole (%d newer one(s) damaged)", path.name, len(problems))
+            log.warning(
+                "resuming from %s, the newest checkpoint that is whole (%d newer one(s) damaged)",
+                path.name,
+                len(problems),
+            )
         return path
     if problems:
         raise DamagedCheckpointError(
@@ -159,7 +169,9 @@ def resolve_resume(resume: str, folder: str | os.PathLike) -> str | None:
         return None if latest is None else str(latest)
     path = Path(resume)
     if not path.exists():
-        raise FileNotFoundError(f"checkpoint.resume={resume!r} does not exist; use 'auto', 'never' or an existing checkpoint")
+        raise FileNotFoundError(
+            f"checkpoint.resume={resume!r} does not exist; use 'auto', 'never' or an existing checkpoint"
+        )
     if not is_complete(path):
         raise ValueError(f"checkpoint.resume={resume!r} is an incomplete checkpoint (no {COMPLETE_MARKER} marker)")
     check_loadable(path)

@@ -80,11 +80,17 @@ class RetainingModelCheckpoint(ModelCheckpoint):
         super().on_train_start(trainer, pl_module)
         if trainer.is_global_zero and self.dirpath:
             folder = Path(self.dirpath)
-            later = [p for p in folder.iterdir() if (checkpoint_step(p) or -1) > trainer.global_step] if folder.is_dir() else []
+            later = (
+                [p for p in folder.iterdir() if (checkpoint_step(p) or -1) > trainer.global_step]
+                if folder.is_dir()
+                else []
+            )
             if later:
                 log.warning(
                     "deleting %d checkpoint(s) of steps after %d, the step this run continues from: %s",
-                    len(later), trainer.global_step, ", ".join(sorted(p.name for p in later)),
+                    len(later),
+                    trainer.global_step,
+                    ", ".join(sorted(p.name for p in later)),
                 )
                 prune_checkpoints(folder, self.keep_last, current_step=trainer.global_step)
         trainer.strategy.barrier("checkpoint-abandoned")

@@ -101,7 +101,9 @@ def to_plain(obj: Any) -> Any:
     if isinstance(obj, enum.Enum):
         return to_plain(obj.value)
     if isinstance(obj, Mapping):
-        return {(to_plain(k) if isinstance(k, (bool, int, float, str)) else str(k)): to_plain(v) for k, v in obj.items()}
+        return {
+            (to_plain(k) if isinstance(k, (bool, int, float, str)) else str(k)): to_plain(v) for k, v in obj.items()
+        }
     if isinstance(obj, tuple):
         return tuple(to_plain(v) for v in obj)
     if isinstance(obj, (list, set, frozenset)):

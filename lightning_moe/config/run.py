@@ -126,14 +126,26 @@ class StrategyConfig:
 
     def __post_init__(self) -> None:
         _choice("strategy.name", self.name, STRATEGY_NAMES)
-        if isinstance(self.timeout_s, bool) or not isinstance(self.timeout_s, (int, float)) or not 0 < self.timeout_s < float("inf"):
+        if (
+            isinstance(self.timeout_s, bool)
+            or not isinstance(self.timeout_s, (int, float))
+            or not 0 < self.timeout_s < float("inf")
+        ):
             raise ValueError(f"strategy.timeout_s={self.timeout_s!r} must be a positive number of seconds, e.g. 600")
         if self.expert_parallel_size != "auto":
-            if isinstance(self.expert_parallel_size, bool) or not isinstance(self.expert_parallel_size, int) or self.expert_parallel_size < 1:
+            if (
+                isinstance(self.expert_parallel_size, bool)
+                or not isinstance(self.expert_parallel_size, int)
+                or self.expert_parallel_size < 1
+            ):
                 raise ValueError(
                     f"strategy.expert_parallel_size={self.expert_parallel_size!r} must be 'auto' or a positive integer"
                 )
-        if isinstance(self.tensor_parallel_size, bool) or not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
+        if (
+            isinstance(self.tensor_parallel_size, bool)
+            or not isinstance(self.tensor_parallel_size, int)
+            or self.tensor_parallel_size < 1
+        ):
             raise ValueError(
                 f"strategy.tensor_parallel_size={self.tensor_parallel_size!r} must be a positive integer "
                 "(1 = no tensor parallelism)"
@@ -209,7 +221,9 @@ class TrainerConfig:
         _at_least("trainer.nonfinite_max", self.nonfinite_max, 1)
         if self.gradient_clip_val is not None:
             _at_least("trainer.gradient_clip_val", self.gradient_clip_val, 0)
-        if self.devices != "auto" and (isinstance(self.devices, bool) or not isinstance(self.devices, int) or self.devices < 1):
+        if self.devices != "auto" and (
+            isinstance(self.devices, bool) or not isinstance(self.devices, int) or self.devices < 1
+        ):
             raise ValueError(f"trainer.devices={self.devices!r} must be a positive integer or 'auto'")
 
 

@@ -54,4 +54,3 @@ __all__ = [
     "build_tokenizer",
     "lang_tag",
 ]
-

@@ -247,9 +247,7 @@ def resolve_data_root(
     target = target / SUBDIR
     if download:
         return download_multi30k(target, langs, splits)
-    missing = [
-        name for name in multi30k_files(langs, splits) if not _verified(target / name, *MULTI30K_FILES[name])
-    ]
+    missing = [name for name in multi30k_files(langs, splits) if not _verified(target / name, *MULTI30K_FILES[name])]
     if missing:
         raise ValueError(
             f"download=False but {target} lacks verified files {missing}: set download=True, or pass root= "

@@ -119,9 +119,7 @@ class MoEConfig:
             _check_int("moe.num_experts", counts, 0)
         _check_int("moe.k", self.k, 1)
         if self.enabled and self.k > min(self.expert_counts):
-            raise ValueError(
-                f"moe.k={self.k} is larger than moe.num_experts={self.num_experts}: use k <= num_experts"
-            )
+            raise ValueError(f"moe.k={self.k} is larger than moe.num_experts={self.num_experts}: use k <= num_experts")
         if self.expert not in EXPERT_TYPES:
             raise ValueError(f"moe.expert={self.expert!r} is not supported: use one of {list(EXPERT_TYPES)}")
         if self.activation is not None and self.activation not in ACTIVATIONS:
@@ -243,8 +241,10 @@ class TransformerConfig:
         _check_float("norm_eps", self.norm_eps, 0.0, low_open=True)
         _check_int("moe_every", self.moe_every, 1)
         if self.moe_offset is not None:
-            if isinstance(self.moe_offset, bool) or not isinstance(self.moe_offset, int) or not (
-                0 <= self.moe_offset < self.moe_every
+            if (
+                isinstance(self.moe_offset, bool)
+                or not isinstance(self.moe_offset, int)
+                or not (0 <= self.moe_offset < self.moe_every)
             ):
                 raise ValueError(
                     f"moe_offset={self.moe_offset!r} is invalid: "

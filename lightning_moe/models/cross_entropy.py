@@ -74,7 +74,9 @@ class TokenCrossEntropy(torch.autograd.Function):
         step = _chunk_rows(vocab)
         for lo in range(0, num_rows, step):
             hi = min(lo + step, num_rows)
-            p = torch.sub(logits[lo:hi], lse[lo:hi, None]).exp_().mul_(g_all[lo:hi, None])  # [n, V] fp32 (type promotion)
+            p = (
+                torch.sub(logits[lo:hi], lse[lo:hi, None]).exp_().mul_(g_all[lo:hi, None])
+            )  # [n, V] fp32 (type promotion)
             p.scatter_add_(-1, targets[lo:hi, None], -g_target[lo:hi, None])
             if eps != 0.0:
                 p.sub_(g_smooth[lo:hi, None], alpha=eps / vocab)

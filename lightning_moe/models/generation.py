@@ -269,8 +269,19 @@ def beam_search(
             logits = model.decode_step(last, memory, memory_mask, cache)[:, -1]  # [N*K, V]
             if not local_done:
                 keep, step = _beam_step(
-                    logits, scores, seqs, active, active_limits, finished, t,
-                    k, bos_id, eos_id, pad_id, length_penalty_alpha, length_penalty_style,
+                    logits,
+                    scores,
+                    seqs,
+                    active,
+                    active_limits,
+                    finished,
+                    t,
+                    k,
+                    bos_id,
+                    eos_id,
+                    pad_id,
+                    length_penalty_alpha,
+                    length_penalty_style,
                 )
                 local_done = not keep
                 t += 1
@@ -389,9 +400,7 @@ def generate(
         if unknown:
             raise ValueError(f"unknown generation arguments {sorted(unknown)}")
         greedy_kwargs = {key: value for key, value in kwargs.items() if key not in beam_only}
-        return greedy_decode(
-            model, src, src_padding_mask, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id, **greedy_kwargs
-        )
+        return greedy_decode(model, src, src_padding_mask, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id, **greedy_kwargs)
     hyps = beam_search(
         model, src, src_padding_mask, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id, beam_size=beam_size, **kwargs
     )

@@ -409,9 +409,7 @@ class MoETransformer(nn.Module):
 
     # ------------------------------------------------------------------------------------- embedding
 
-    def _embed(
-        self, tokens: Tensor, table: nn.Embedding, positions_table: nn.Embedding | None, start: int
-    ) -> Tensor:
+    def _embed(self, tokens: Tensor, table: nn.Embedding, positions_table: nn.Embedding | None, start: int) -> Tensor:
         """Scaled token embeddings plus positions ``start ...``, then dropout: ``[B, T] -> [B, T, D]``."""
         length = tokens.shape[1]
         if start + length > self.config.max_positions:

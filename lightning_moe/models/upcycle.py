@@ -37,7 +37,9 @@ def _initial_weight_sum(layer: MoE) -> float:
     return layer.k * score
 
 
-def upcycled_state_dict(model: nn.Module, dense_state: Mapping[str, Tensor], source: str = "the dense checkpoint") -> dict[str, Tensor]:
+def upcycled_state_dict(
+    model: nn.Module, dense_state: Mapping[str, Tensor], source: str = "the dense checkpoint"
+) -> dict[str, Tensor]:
     """The state dict of MoE ``model`` upcycled from ``dense_state``, the (unsharded) state dict of its dense
     version: the same qualified names, with a dense FFN (``fc1``, ``fc2``, ``fc3`` for GLU, as
     :class:`lightning_moe.models.transformer.FeedForward`) where ``model`` has an MoE layer.
@@ -66,11 +68,15 @@ def upcycled_state_dict(model: nn.Module, dense_state: Mapping[str, Tensor], sou
     return state
 
 
-def _upcycle_layer(layer: MoE, prefix: str, dense: Mapping[str, Tensor], own: Mapping[str, Tensor], source: str) -> dict[str, Tensor]:
+def _upcycle_layer(
+    layer: MoE, prefix: str, dense: Mapping[str, Tensor], own: Mapping[str, Tensor], source: str
+) -> dict[str, Tensor]:
     experts = layer.experts
     glu = hasattr(experts, "w3")
     if not hasattr(experts, "w1") or not hasattr(experts, "w2"):
-        raise ValueError(f"MoE layer {prefix[:-1]!r} has {type(experts).__name__} experts: upcycling needs 'ffn' or 'glu' experts")
+        raise ValueError(
+            f"MoE layer {prefix[:-1]!r} has {type(experts).__name__} experts: upcycling needs 'ffn' or 'glu' experts"
+        )
 
     def dense_weight(name: str, shape: tuple[int, ...]) -> Tensor:
         key = f"{prefix}{name}"

@@ -35,7 +35,9 @@ ACTIVATION_OUT: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
 """``act(pre)`` written into ``out`` (same shape), for each key of :data:`ACTIVATIONS`."""
 
 ACTIVATION_BACKWARD_OUT: dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]] = {
-    "gelu": lambda grad, pre, out: torch.ops.aten.gelu_backward.grad_input(grad, pre, approximate="none", grad_input=out),
+    "gelu": lambda grad, pre, out: torch.ops.aten.gelu_backward.grad_input(
+        grad, pre, approximate="none", grad_input=out
+    ),
     "gelu_tanh": lambda grad, pre, out: torch.ops.aten.gelu_backward.grad_input(
         grad, pre, approximate="tanh", grad_input=out
     ),

@@ -55,6 +55,7 @@ __all__ = [
     "ACTIVATIONS",
 ]
 
+
 def local_tensor(t: Tensor) -> Tensor:
     """The local part of ``t``: ``t.to_local()`` for a DTensor, ``t`` itself otherwise.
 

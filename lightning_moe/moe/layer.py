@@ -156,8 +156,16 @@ class MoE(nn.Module):
         if aux_loss_scope not in AUX_LOSS_SCOPES:
             raise ValueError(f"aux_loss_scope={aux_loss_scope!r} is not supported; use one of {list(AUX_LOSS_SCOPES)}")
         _validate_arguments(
-            hidden_size, num_experts, ffn_hidden_size, k, activation, capacity_factor, eval_capacity_factor,
-            min_capacity, aux_loss_coef, z_loss_coef,
+            hidden_size,
+            num_experts,
+            ffn_hidden_size,
+            k,
+            activation,
+            capacity_factor,
+            eval_capacity_factor,
+            min_capacity,
+            aux_loss_coef,
+            z_loss_coef,
         )
         self.hidden_size = hidden_size
         self.num_experts = num_experts
@@ -175,8 +183,13 @@ class MoE(nn.Module):
         self.drop_policy = drop_policy
         self.aux_loss_scope = aux_loss_scope
         self.gate = TopKRouter(
-            hidden_size, num_experts, k, normalize_noisy_gate_policy(noisy_gate_policy),
-            normalize_weights=normalize_weights, score_func=score_func, bias_update_rate=router_bias_update_rate,
+            hidden_size,
+            num_experts,
+            k,
+            normalize_noisy_gate_policy(noisy_gate_policy),
+            normalize_weights=normalize_weights,
+            score_func=score_func,
+            bias_update_rate=router_bias_update_rate,
         )
         self.experts = build_experts(expert, num_experts, hidden_size, ffn_hidden_size, activation)
         # Runs the experts on the sorted rows; lightning_moe.parallel swaps it for a distributed one.

@@ -40,7 +40,11 @@ class DataParallelBalanceStatistics(BalanceStatistics):
             return routed, prob_sum, num_tokens
         num_experts = routed.numel()
         packed = torch.cat(
-            [routed.detach().to(torch.float64), prob_sum.detach().to(torch.float64), num_tokens.detach().reshape(1).to(torch.float64)]
+            [
+                routed.detach().to(torch.float64),
+                prob_sum.detach().to(torch.float64),
+                num_tokens.detach().reshape(1).to(torch.float64),
+            ]
         )  # [2E+1]; fp64 keeps token counts exact
         dist.all_reduce(packed, group=self.dp_mesh.get_group())
         total_routed = packed[:num_experts].round().to(routed.dtype)
@@ -77,7 +81,11 @@ def update_router_biases(model: nn.Module, group: dist.ProcessGroup | None = Non
     for layer in layers:
         load = layer.take_router_load()
         bias = layer.gate.expert_bias
-        loads.append(torch.zeros(layer.num_experts, dtype=torch.float64, device=bias.device) if load is None else load.to(torch.float64))
+        loads.append(
+            torch.zeros(layer.num_experts, dtype=torch.float64, device=bias.device)
+            if load is None
+            else load.to(torch.float64)
+        )
     flat = torch.cat(loads)  # [sum of E]
     if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
         dist.all_reduce(flat, group=group)

@@ -33,7 +33,11 @@ def _group(grads: list[Tensor]) -> dict[tuple, list[Tensor]]:
     """Gradients keyed by (mesh, placements, local device); plain tensors under ``(None, (), device)``."""
     groups: dict[tuple, list[Tensor]] = {}
     for g in grads:
-        key = (g.device_mesh, tuple(g.placements), local_shard(g).device) if isinstance(g, DTensor) else (None, (), g.device)
+        key = (
+            (g.device_mesh, tuple(g.placements), local_shard(g).device)
+            if isinstance(g, DTensor)
+            else (None, (), g.device)
+        )
         groups.setdefault(key, []).append(g)
     return groups
 

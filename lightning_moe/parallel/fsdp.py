@@ -170,7 +170,12 @@ def apply_fsdp(
     stage = dims.zero_stage
     mp = mp_policy if mp_policy is not None else MixedPrecisionPolicy()
 
-    if stage == 0 and mp_policy is None and dims.tp == 1 and not any(isinstance(p, DTensor) for p in model.parameters()):
+    if (
+        stage == 0
+        and mp_policy is None
+        and dims.tp == 1
+        and not any(isinstance(p, DTensor) for p in model.parameters())
+    ):
         # ep == 1 (and tp == 1): every parameter is a plain tensor. DDP takes plain tensors only, and with
         # ep > 1 the experts are DTensors over ep: an optimizer's fused/foreach update cannot mix both types.
         _apply_ddp(model, dp_mesh)

@@ -114,9 +114,7 @@ def _broadcast_rng_state(group: dist.ProcessGroup | None) -> None:
     torch.set_rng_state(box[0])
 
 
-def materialize_meta_model(
-    model: nn.Module, device: torch.device, group: dist.ProcessGroup | None = None
-) -> None:
+def materialize_meta_model(model: nn.Module, device: torch.device, group: dist.ProcessGroup | None = None) -> None:
     """Allocate ``model``'s meta tensors on ``device`` (each rank its shards) and initialise them.
 
     See the module docstring for the rule. Does nothing if ``model`` has no meta tensors.

@@ -178,7 +178,9 @@ def test_missing_and_unexpected_keys_are_listed_unless_not_strict(tmp_path: Path
             super().__init__()
             self.extra = nn.Linear(2, 2)
 
-    with pytest.raises(ckpt.CheckpointMismatchError, match=r"missing from the checkpoint \(2\): extra.bias, extra.weight"):
+    with pytest.raises(
+        ckpt.CheckpointMismatchError, match=r"missing from the checkpoint \(2\): extra.bias, extra.weight"
+    ):
         ckpt.load_checkpoint(path, Extra())
     model = Extra()
     ckpt.load_checkpoint(path, model, strict=False)  # loads what is there
@@ -207,8 +209,15 @@ def test_consolidate_gives_a_plain_weights_only_file(tmp_path: Path, capsys: pyt
 
     loaded = torch.load(out, weights_only=True)  # no process group, no model code, plain types only
     # Lightning's layout: the tensors beside everything else, nothing nested
-    assert set(loaded) == {"state_dict", "optimizer_states", "global_step", "epoch", "loops", "hyper_parameters",
-                           "lr_schedulers"}
+    assert set(loaded) == {
+        "state_dict",
+        "optimizer_states",
+        "global_step",
+        "epoch",
+        "loops",
+        "hyper_parameters",
+        "lr_schedulers",
+    }
     assert loaded["state_dict"].keys() == net.state_dict().keys()
     for name, value in net.state_dict().items():
         torch.testing.assert_close(loaded["state_dict"][name], value, rtol=0, atol=0)
@@ -238,8 +247,9 @@ def test_consolidate_takes_files_and_older_consolidated_files_still_load(tmp_pat
     # the layout `consolidate` wrote before: everything but the tensors nested under "meta"
     legacy = tmp_path / "legacy.pt"
     meta = {k: v for k, v in loaded.items() if k not in ("state_dict", "optimizer_states")}
-    torch.save({"state_dict": loaded["state_dict"], "optimizer_states": loaded["optimizer_states"], "meta": meta},
-               legacy)
+    torch.save(
+        {"state_dict": loaded["state_dict"], "optimizer_states": loaded["optimizer_states"], "meta": meta}, legacy
+    )
     other, other_opt = _trained(seed=3, steps=1)
     assert ckpt.load_checkpoint(legacy, other, [other_opt], weights_only=True)["global_step"] == 7
     _assert_same(net, other, opt, other_opt)
@@ -263,11 +273,25 @@ def test_to_plain_keeps_only_weights_only_types() -> None:
             return "custom!"
 
     plain = to_plain(
-        {"a": AttributeDict(x=1), "b": (1, [2.0, Color.RED]), "c": Path("/x"), "d": Custom(), "t": torch.ones(2),
-         "dtype": torch.float16, 3: None}
+        {
+            "a": AttributeDict(x=1),
+            "b": (1, [2.0, Color.RED]),
+            "c": Path("/x"),
+            "d": Custom(),
+            "t": torch.ones(2),
+            "dtype": torch.float16,
+            3: None,
+        }
     )
-    assert plain == {"a": {"x": 1}, "b": (1, [2.0, "red"]), "c": "/x", "d": "custom!", "t": plain["t"],
-                     "dtype": "torch.float16", 3: None}
+    assert plain == {
+        "a": {"x": 1},
+        "b": (1, [2.0, "red"]),
+        "c": "/x",
+        "d": "custom!",
+        "t": plain["t"],
+        "dtype": "torch.float16",
+        3: None,
+    }
     assert type(plain["a"]) is dict
 
 
@@ -284,7 +308,10 @@ def test_module_cli_consolidates(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.run(
         [sys.executable, "-m", "lightning_moe.checkpoint", "consolidate", str(folder), str(out)],
-        capture_output=True, text=True, env=env, timeout=120,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     assert "RuntimeWarning" not in proc.stderr

@@ -61,7 +61,9 @@ def _assert_equal_states(saved: dict[str, Any], loaded: dict[str, Any]) -> None:
     for name, entries in saved["optim"].items():
         assert loaded["optim"][name].keys() == entries.keys(), name
         for key, value in entries.items():
-            torch.testing.assert_close(loaded["optim"][name][key].float(), value.float(), rtol=0, atol=0, msg=f"{name}.{key}")
+            torch.testing.assert_close(
+                loaded["optim"][name][key].float(), value.float(), rtol=0, atol=0, msg=f"{name}.{key}"
+            )
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +121,10 @@ def test_consolidated_folder_equals_the_gathered_state(
 def test_full_file_loads_on_another_layout(tmp_path: Path) -> None:
     path = str(tmp_path / "full.ckpt")
     saved = run_ranks(
-        _train_and_save, 2, dict(zero_stage=3, expert_parallel_size=2, save_distributed_checkpoint=False), path,
+        _train_and_save,
+        2,
+        dict(zero_stage=3, expert_parallel_size=2, save_distributed_checkpoint=False),
+        path,
         timeout=120,
     )[0]
     assert Path(path).is_file()

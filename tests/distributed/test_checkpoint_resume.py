@@ -87,8 +87,12 @@ def _run_with_callback(rank: int, world_size: int, dirpath: str) -> list[str]:
     torch.manual_seed(0)
     callback = ModelCheckpoint(dirpath=dirpath, every_n_epochs=1, save_top_k=1, save_last=True)
     trainer = make_trainer(
-        world_size, MoEZeroStrategy(zero_stage=3, expert_parallel_size=2), max_steps=-1, max_epochs=2,
-        enable_checkpointing=True, callbacks=[callback],
+        world_size,
+        MoEZeroStrategy(zero_stage=3, expert_parallel_size=2),
+        max_steps=-1,
+        max_epochs=2,
+        enable_checkpointing=True,
+        callbacks=[callback],
     )
     trainer.fit(TinyMoEModule(**MODULE))
     return [os.path.basename(callback.best_model_path), os.path.basename(callback.last_model_path)]

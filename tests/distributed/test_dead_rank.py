@@ -49,7 +49,9 @@ def _fit_until_a_rank_dies(rank: int, world_size: int, victim: int, signum: int,
     try:
         trainer.fit(module)
     except RankFailureError as exc:
-        raise RankFailureError(f"{exc} [after {time.monotonic() - start:.1f} s]", exc.ranks, exc.world_size, exc.where) from exc
+        raise RankFailureError(
+            f"{exc} [after {time.monotonic() - start:.1f} s]", exc.ranks, exc.world_size, exc.where
+        ) from exc
     raise AssertionError(f"rank {rank}: fit finished although rank {victim} died")
 
 

@@ -24,8 +24,14 @@ def test_ep_not_dividing_dp_names_valid_sizes() -> None:
         (dict(world_size=4, offload="disk"), r"offload='disk' is not supported; use one of \['none', 'optimizer'"),
         (dict(world_size=4, zero_stage=0, offload="optimizer"), r"offload='optimizer' needs zero_stage >= 1"),
         (dict(world_size=4, zero_stage=2, offload="params"), r"offload='params' needs zero_stage=3"),
-        (dict(world_size=4, tensor_parallel_size=3), r"tensor_parallel_size=3 does not divide world_size=4; use one of \[1, 2, 4\]"),
-        (dict(world_size=4, tensor_parallel_size=2, expert_parallel_size=4), r"expert_parallel_size=4 does not divide the data-parallel size 2"),
+        (
+            dict(world_size=4, tensor_parallel_size=3),
+            r"tensor_parallel_size=3 does not divide world_size=4; use one of \[1, 2, 4\]",
+        ),
+        (
+            dict(world_size=4, tensor_parallel_size=2, expert_parallel_size=4),
+            r"expert_parallel_size=4 does not divide the data-parallel size 2",
+        ),
         (dict(world_size=4, expert_parallel_size=0), r"expert_parallel_size=0 must be a positive integer or 'auto'"),
         (dict(world_size=4, expert_parallel_size="all"), r"expert_parallel_size='all' must be a positive integer"),
     ],

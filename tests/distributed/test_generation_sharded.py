@@ -25,8 +25,18 @@ VOCAB, PAD, BOS, EOS = 40, 0, 2, 3
 def _model() -> MoETransformer:
     torch.manual_seed(0)
     cfg = get_preset(
-        "tiny", vocab_size=VOCAB, d_model=32, num_heads=4, ffn_hidden_size=32, encoder_layers=2, decoder_layers=2,
-        dropout=0.0, max_positions=48, num_experts=4, k=2, drop_tokens=False,
+        "tiny",
+        vocab_size=VOCAB,
+        d_model=32,
+        num_heads=4,
+        ffn_hidden_size=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        dropout=0.0,
+        max_positions=48,
+        num_experts=4,
+        k=2,
+        drop_tokens=False,
     )
     return MoETransformer(cfg).eval()
 

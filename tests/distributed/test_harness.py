@@ -17,8 +17,13 @@ pytestmark = pytest.mark.distributed
 def _all_reduce_rank(rank: int, world_size: int, offset: int, *, scale: float) -> dict:
     t = torch.tensor([float(rank)])
     dist.all_reduce(t)
-    return {"rank": dist.get_rank(), "world": dist.get_world_size(), "sum": t.item() * scale + offset,
-            "threads": torch.get_num_threads(), "tensor": torch.full((2,), float(rank))}
+    return {
+        "rank": dist.get_rank(),
+        "world": dist.get_world_size(),
+        "sum": t.item() * scale + offset,
+        "threads": torch.get_num_threads(),
+        "tensor": torch.full((2,), float(rank)),
+    }
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 4])
@@ -75,7 +80,7 @@ def test_hanging_rank_times_out_naming_it() -> None:
 
 def test_unpicklable_result_is_reported() -> None:
     with pytest.raises(RankError, match="rank 0 failed"):
-        run_ranks(lambda rank, world_size: (lambda: None), 1, timeout=60)
+        run_ranks(lambda rank, world_size: lambda: None, 1, timeout=60)
 
 
 def test_rejects_bad_world_size() -> None:

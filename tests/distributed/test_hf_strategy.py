@@ -66,7 +66,12 @@ def _train(rank: int, world_size: int, folder: str, ckpt: str) -> dict[str, Any]
         tuple(p.to_local().shape) for e in experts_of(module.model) for p in e.parameters() if isinstance(p, DTensor)
     ]
     trainer.save_checkpoint(ckpt)
-    return {"losses": module.losses, "state": full_state(module), "local": local_experts, "ep": strategy.expert_parallel_size}
+    return {
+        "losses": module.losses,
+        "state": full_state(module),
+        "local": local_experts,
+        "ep": strategy.expert_parallel_size,
+    }
 
 
 def _load(rank: int, world_size: int, folder: str, ckpt: str) -> dict[str, Any]:
@@ -105,7 +110,9 @@ def test_hf_model_trains_with_expert_parallelism_and_checkpoints_reshard_and_exp
     initial = pretrained.state_dict()
     # the run started from the pretrained weights, and changed them
     assert state.keys() == {f"model.{k}" for k in initial}
-    assert not torch.equal(state["model.model.layers.0.mlp.experts.gate_up_proj"], initial["model.layers.0.mlp.experts.gate_up_proj"])
+    assert not torch.equal(
+        state["model.model.layers.0.mlp.experts.gate_up_proj"], initial["model.layers.0.mlp.experts.gate_up_proj"]
+    )
 
     loaded = run_ranks(_load, WORLD, str(folder), str(ckpt), timeout=120)
     for res in loaded:
@@ -118,7 +125,9 @@ def test_hf_model_trains_with_expert_parallelism_and_checkpoints_reshard_and_exp
         torch.testing.assert_close(value, state[f"model.{name}"], rtol=0, atol=0, msg=name)
     # a consolidated single file exports the same weights
     consolidate(ckpt, tmp_path / "full.pt")
-    from_file = AutoModelForCausalLM.from_pretrained(export_pretrained(tmp_path / "full.pt", tmp_path / "exported2", config=folder))
+    from_file = AutoModelForCausalLM.from_pretrained(
+        export_pretrained(tmp_path / "full.pt", tmp_path / "exported2", config=folder)
+    )
     for name, value in from_file.state_dict().items():
         torch.testing.assert_close(value, state[f"model.{name}"], rtol=0, atol=0, msg=name)
     # the exported model computes the validation loss the ep=1 run measured

@@ -63,7 +63,8 @@ def _materialise_sharded(rank: int, world_size: int, ep: int, stage: int, model_
 
 
 @pytest.mark.parametrize(
-    ("world_size", "ep", "stage"), [(4, 2, 3), (4, 4, 1), (2, 2, 0), (2, 1, 0), (2, 1, 2)],
+    ("world_size", "ep", "stage"),
+    [(4, 2, 3), (4, 4, 1), (2, 2, 0), (2, 1, 0), (2, 1, 2)],
     ids=["ep2-stage3", "ep4-stage1", "ep2-stage0", "ep1-stage0-ddp", "ep1-stage2"],
 )
 @pytest.mark.parametrize("model_cls", [TinyMoEModel, _OwnInitModel], ids=["reset_parameters", "init_weights"])
@@ -140,8 +141,18 @@ def test_strategy_materialises_with_the_modules_init_weights(zero_stage: int, ep
 
 def _transformer(tie: bool) -> MoETransformer:
     config = get_preset(
-        "tiny", vocab_size=48, d_model=32, num_heads=4, ffn_hidden_size=32, encoder_layers=2, decoder_layers=2,
-        max_positions=32, tie_embeddings=tie, num_experts=4, k=2, drop_tokens=False,
+        "tiny",
+        vocab_size=48,
+        d_model=32,
+        num_heads=4,
+        ffn_hidden_size=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        max_positions=32,
+        tie_embeddings=tie,
+        num_experts=4,
+        k=2,
+        drop_tokens=False,
     )
     return MoETransformer(config)
 
@@ -169,7 +180,8 @@ def _materialise_tp(rank: int, world_size: int, tp: int, ep: int, stage: int, ti
 
 
 @pytest.mark.parametrize(
-    ("world_size", "tp", "ep", "stage"), [(2, 2, 1, 2), (4, 2, 2, 3), (4, 2, 1, 0)],
+    ("world_size", "tp", "ep", "stage"),
+    [(2, 2, 1, 2), (4, 2, 2, 3), (4, 2, 1, 0)],
     ids=["tp2", "tp2-ep2-stage3", "tp2-dp2-stage0"],
 )
 @pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
@@ -222,7 +234,8 @@ def _fit_meta_tp(rank: int, world_size: int, tp: int, ep: int, stage: int, tie: 
 
 
 @pytest.mark.parametrize(
-    ("world_size", "tp", "ep", "stage", "tie"), [(2, 2, 1, 2, False), (4, 2, 2, 3, True)],
+    ("world_size", "tp", "ep", "stage", "tie"),
+    [(2, 2, 1, 2, False), (4, 2, 2, 3, True)],
     ids=["tp2-untied", "tp2-ep2-stage3-tied"],
 )
 def test_strategy_materialises_tensor_parallel_model_as_one_process(

@@ -44,7 +44,9 @@ def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone() for n, t in items}
 
 
-def _step(model: torch.nn.Module, opt: torch.optim.Optimizer, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def _step(
+    model: torch.nn.Module, opt: torch.optim.Optimizer, tokens: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor:
     loss = model(tokens, targets)
     loss.backward()
     opt.step()
@@ -118,16 +120,32 @@ def test_local_scope_reads_only_the_ranks_own_tokens() -> None:
 
 VOCAB = 48
 MODEL_OPTIONS = {
-    "num_experts": [2, 4], "k": 1, "num_shared_experts": 1, "router_bias_update_rate": 0.05,
-    "aux_loss_scope": "global", "aux_loss_coef": 0.1, "score_func": "sigmoid",
+    "num_experts": [2, 4],
+    "k": 1,
+    "num_shared_experts": 1,
+    "router_bias_update_rate": 0.05,
+    "aux_loss_scope": "global",
+    "aux_loss_coef": 0.1,
+    "score_func": "sigmoid",
 }
 
 
 def _translator(seed: int = 0) -> MoETransformer:
     torch.manual_seed(seed)
     config = get_preset(
-        "tiny", vocab_size=VOCAB, d_model=32, num_heads=4, ffn_hidden_size=32, encoder_layers=2, decoder_layers=2,
-        dropout=0.0, max_positions=32, tie_embeddings=False, drop_tokens=False, z_loss_coef=1e-3, **MODEL_OPTIONS,
+        "tiny",
+        vocab_size=VOCAB,
+        d_model=32,
+        num_heads=4,
+        ffn_hidden_size=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        dropout=0.0,
+        max_positions=32,
+        tie_embeddings=False,
+        drop_tokens=False,
+        z_loss_coef=1e-3,
+        **MODEL_OPTIONS,
     )
     return MoETransformer(config)
 
@@ -168,7 +186,9 @@ def _translator_rank(rank: int, world_size: int, folder: str) -> dict:
         opt.step()
         opt.zero_grad()
         update_router_biases(model)
-    ckpt.save_checkpoint({"state_dict": ckpt.model_state_dict(model, full=False), "global_step": STEPS}, folder, distributed=True)
+    ckpt.save_checkpoint(
+        {"state_dict": ckpt.model_state_dict(model, full=False), "global_step": STEPS}, folder, distributed=True
+    )
     return {"state": _state(model), "placement": placement}
 
 

@@ -101,13 +101,19 @@ def test_fit_matches_single_process_with_aux_losses(zero_stage: int, ep: Any) ->
     [(1, 2, "norm", 0.05), (2, 1, "value", 0.002)],
     ids=["stage1-ep2-norm", "stage2-ep1-value"],
 )
-def test_accumulation_and_clipping_match_single_process(zero_stage: int, ep: int, algorithm: str, clip_val: float) -> None:
+def test_accumulation_and_clipping_match_single_process(
+    zero_stage: int, ep: int, algorithm: str, clip_val: float
+) -> None:
     module_kwargs = dict(AUX, n_samples=16)
-    trainer_kwargs = dict(max_steps=2, accumulate_grad_batches=2, gradient_clip_val=clip_val, gradient_clip_algorithm=algorithm)
+    trainer_kwargs = dict(
+        max_steps=2, accumulate_grad_batches=2, gradient_clip_val=clip_val, gradient_clip_algorithm=algorithm
+    )
     results = run_ranks(
         _fit, WORLD, dict(zero_stage=zero_stage, expert_parallel_size=ep), module_kwargs, trainer_kwargs, timeout=120
     )
-    ref_losses, ref_state = _reference(module_kwargs, steps=2, accumulate=2, clip_val=clip_val, clip_algorithm=algorithm)
+    ref_losses, ref_state = _reference(
+        module_kwargs, steps=2, accumulate=2, clip_val=clip_val, clip_algorithm=algorithm
+    )
     # the clipping is active: without it the reference ends elsewhere
     _, unclipped_state = _reference(module_kwargs, steps=2, accumulate=2)
     assert any(not torch.allclose(unclipped_state[k], ref_state[k], atol=1e-4) for k in ref_state)
@@ -121,7 +127,11 @@ def test_offload_matches_single_process(offload: str) -> None:
     stage = 3 if offload == "params" else 2
     module_kwargs = dict(n_samples=16)
     results = run_ranks(
-        _fit, WORLD, dict(zero_stage=stage, expert_parallel_size=2, offload=offload), module_kwargs, dict(max_steps=2),
+        _fit,
+        WORLD,
+        dict(zero_stage=stage, expert_parallel_size=2, offload=offload),
+        module_kwargs,
+        dict(max_steps=2),
         timeout=120,
     )
     ref_losses, ref_state = _reference(module_kwargs, steps=2)
@@ -131,8 +141,12 @@ def test_offload_matches_single_process(offload: str) -> None:
 def test_activation_checkpointing_matches_single_process() -> None:
     module_kwargs = dict(AUX, n_samples=16)
     results = run_ranks(
-        _fit, WORLD, dict(zero_stage=3, expert_parallel_size=2, activation_checkpointing=True), module_kwargs,
-        dict(max_steps=2), timeout=120,
+        _fit,
+        WORLD,
+        dict(zero_stage=3, expert_parallel_size=2, activation_checkpointing=True),
+        module_kwargs,
+        dict(max_steps=2),
+        timeout=120,
     )
     ref_losses, ref_state = _reference(module_kwargs, steps=2)
     _assert_matches(results, ref_losses, ref_state)
@@ -143,11 +157,15 @@ def _fit_bf16(rank: int, world_size: int) -> dict[str, Any]:
     module = TinyMoEModule(n_samples=16)
     seen: list[torch.dtype] = []
     module.blocks[0].register_forward_hook(lambda mod, inp, out: seen.append(out[0].dtype))
-    trainer = make_trainer(world_size, MoEZeroStrategy(zero_stage=2, expert_parallel_size=2), max_steps=2,
-                           precision="bf16-mixed")
+    trainer = make_trainer(
+        world_size, MoEZeroStrategy(zero_stage=2, expert_parallel_size=2), max_steps=2, precision="bf16-mixed"
+    )
     trainer.fit(module)
-    return {"losses": module.losses, "compute_dtypes": sorted({str(d) for d in seen}),
-            "param_dtypes": sorted({str(p.dtype) for p in module.parameters()})}
+    return {
+        "losses": module.losses,
+        "compute_dtypes": sorted({str(d) for d in seen}),
+        "param_dtypes": sorted({str(p.dtype) for p in module.parameters()}),
+    }
 
 
 def test_bf16_mixed_computes_in_bf16_with_fp32_parameters() -> None:
@@ -163,8 +181,12 @@ def test_bf16_mixed_computes_in_bf16_with_fp32_parameters() -> None:
 
 def test_bf16_true_keeps_parameters_in_bf16() -> None:
     results = run_ranks(
-        _fit, WORLD, dict(zero_stage=3, expert_parallel_size=2), dict(n_samples=16),
-        dict(max_steps=2, precision="bf16-true"), timeout=120,
+        _fit,
+        WORLD,
+        dict(zero_stage=3, expert_parallel_size=2),
+        dict(n_samples=16),
+        dict(max_steps=2, precision="bf16-true"),
+        timeout=120,
     )
     for r in results:
         assert r["param_dtypes"] == ["torch.bfloat16"]
@@ -212,8 +234,12 @@ def _fit_late(rank: int, world_size: int, ep: Any) -> dict[str, Any]:
     module = _LateModule(n_samples=16)
     strategy = MoEZeroStrategy(zero_stage=3, expert_parallel_size=ep)
     make_trainer(world_size, strategy, max_steps=2).fit(module)
-    return {"mesh": module.mesh_in_configure_model, "ep": strategy.expert_parallel_size,
-            "losses": module.losses, "state": full_state(module)}
+    return {
+        "mesh": module.mesh_in_configure_model,
+        "ep": strategy.expert_parallel_size,
+        "losses": module.losses,
+        "state": full_state(module),
+    }
 
 
 @pytest.mark.parametrize("ep", [2, "auto"])
@@ -271,15 +297,24 @@ class _WithEval(TinyMoEModule):
 def _fit_then_evaluate(rank: int, world_size: int) -> dict[str, Any]:
     torch.manual_seed(0)
     module = _WithEval(n_samples=8)
-    trainer = make_trainer(world_size, MoEZeroStrategy(zero_stage=3, expert_parallel_size=2), max_steps=2,
-                           max_epochs=1, limit_val_batches=2)
+    trainer = make_trainer(
+        world_size,
+        MoEZeroStrategy(zero_stage=3, expert_parallel_size=2),
+        max_steps=2,
+        max_epochs=1,
+        limit_val_batches=2,
+    )
     trainer.fit(module)
     after_fit = full_state(module)
     val = trainer.validate(module, verbose=False)[0]
     test = trainer.test(module, verbose=False)[0]
     predictions = trainer.predict(module)
-    return {"val": val, "test": test, "n_predictions": sum(p.shape[0] for p in predictions),
-            "unchanged": all(torch.equal(v, full_state(module)[k]) for k, v in after_fit.items())}
+    return {
+        "val": val,
+        "test": test,
+        "n_predictions": sum(p.shape[0] for p in predictions),
+        "unchanged": all(torch.equal(v, full_state(module)[k]) for k, v in after_fit.items()),
+    }
 
 
 def test_validate_test_predict_after_fit_reuse_the_parallel_model() -> None:
@@ -299,9 +334,12 @@ def _fit_meta_init(rank: int, world_size: int) -> dict[str, Any]:
     meta_before = all(p.is_meta for p in module.parameters())
     trainer.fit(module)
     state = full_state(module)
-    return {"meta_before": meta_before, "finite": all(torch.isfinite(v).all() for v in state.values()),
-            "nonzero": all(v.abs().sum() > 0 for k, v in state.items() if k.endswith("weight") or "experts.w" in k),
-            "losses": module.losses}
+    return {
+        "meta_before": meta_before,
+        "finite": all(torch.isfinite(v).all() for v in state.values()),
+        "nonzero": all(v.abs().sum() > 0 for k, v in state.items() if k.endswith("weight") or "experts.w" in k),
+        "losses": module.losses,
+    }
 
 
 def test_meta_device_initialisation_is_materialised_after_sharding() -> None:
@@ -328,8 +366,12 @@ def _count_reduce_scatters(rank: int, world_size: int, zero_stage: int) -> int:
 
         setattr(dist, name, counting)
     torch.manual_seed(0)
-    trainer = make_trainer(world_size, MoEZeroStrategy(zero_stage=zero_stage, expert_parallel_size=2), max_steps=2,
-                           accumulate_grad_batches=2)
+    trainer = make_trainer(
+        world_size,
+        MoEZeroStrategy(zero_stage=zero_stage, expert_parallel_size=2),
+        max_steps=2,
+        accumulate_grad_batches=2,
+    )
     trainer.fit(TinyMoEModule(n_samples=16))
     return calls[0]
 

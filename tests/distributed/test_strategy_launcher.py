@@ -57,7 +57,12 @@ def test_stock_launcher_runs_two_processes(tmp_path: Path) -> None:
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for rank, r in enumerate(results):
         assert (r["rank"], r["world"], r["strategy"], r["stage"], r["ep"], r["backend"]) == (
-            rank, 2, "MoEZeroStrategy", 3, 2, "gloo"
+            rank,
+            2,
+            "MoEZeroStrategy",
+            3,
+            2,
+            "gloo",
         )
     torch.manual_seed(0)
     ref = reference_run(TinyMoEModule(n_samples=16, aux_loss_coef=0.05), 2, 2)

@@ -46,9 +46,20 @@ VOCAB, LR, STEPS = 48, 1e-2, 3
 
 def _config(tie: bool = False, aux: float = 0.0, heads: int = 4, **overrides: Any):
     settings: dict[str, Any] = dict(
-        vocab_size=VOCAB, d_model=32, num_heads=heads, ffn_hidden_size=32, encoder_layers=2, decoder_layers=2,
-        dropout=0.0, max_positions=32, tie_embeddings=tie, num_experts=4, k=2, drop_tokens=False,
-        aux_loss_coef=aux, z_loss_coef=1e-3,
+        vocab_size=VOCAB,
+        d_model=32,
+        num_heads=heads,
+        ffn_hidden_size=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        dropout=0.0,
+        max_positions=32,
+        tie_embeddings=tie,
+        num_experts=4,
+        k=2,
+        drop_tokens=False,
+        aux_loss_coef=aux,
+        z_loss_coef=1e-3,
     )
     return get_preset("tiny", **{**settings, **overrides})
 
@@ -125,7 +136,11 @@ def _train(
     dims = dims.resolve(expert_counts(model))
     mesh = dims.build_mesh("cpu")
     parallelize(
-        model, mesh, dims, mp_policy=mixed_precision_policy(precision), activation_checkpointing=activation_checkpointing
+        model,
+        mesh,
+        dims,
+        mp_policy=mixed_precision_policy(precision),
+        activation_checkpointing=activation_checkpointing,
     )
     for _, layer in find_moe_layers(model):  # the row split wraps the all-to-all (or the local dispatcher)
         assert isinstance(layer.token_dispatcher, TokenSplitDispatcher) == (tp > 1)
@@ -259,8 +274,9 @@ def test_clipping_norm_over_tp_and_expert_meshes() -> None:
 
 def _train_with_dropout(rank: int, world_size: int) -> dict[str, Any]:
     torch.manual_seed(0)
-    model = MoETransformer(_config(dropout=0.2, attention_dropout=0.1, drop_tokens=True, use_rts=True,
-                                   noisy_gate_policy="jitter"))
+    model = MoETransformer(
+        _config(dropout=0.2, attention_dropout=0.1, drop_tokens=True, use_rts=True, noisy_gate_policy="jitter")
+    )
     torch.manual_seed(100 + rank)  # every rank its own random stream, as without a shared seed
     dims = ParallelDims(world_size, 1, tensor_parallel_size=2, zero_stage=2).resolve(expert_counts(model))
     parallelize(model, dims.build_mesh("cpu"), dims)
@@ -341,7 +357,10 @@ def test_row_split_sizes() -> None:
     [
         (dict(world_size=4, tensor_parallel_size=3), r"tensor_parallel_size=3 does not divide world_size=4"),
         (dict(world_size=4, tensor_parallel_size=0), r"tensor_parallel_size=0 must be a positive integer"),
-        (dict(world_size=4, tensor_parallel_size=2, expert_parallel_size=4), r"expert_parallel_size=4 does not divide the data-parallel size 2"),
+        (
+            dict(world_size=4, tensor_parallel_size=2, expert_parallel_size=4),
+            r"expert_parallel_size=4 does not divide the data-parallel size 2",
+        ),
     ],
 )
 def test_invalid_dims_rejected(kwargs: dict[str, Any], match: str) -> None:
@@ -396,11 +415,17 @@ def _save_tp2(rank: int, world_size: int, folder: str, file: str, tie: bool) -> 
     loss.backward()
     opt.step()
     opt.zero_grad()
-    sharded = {"state_dict": ckpt.model_state_dict(model, full=False),
-               "optimizer_states": [ckpt.optimizer_state_dict(model, opt, full=False)], "global_step": 1}
+    sharded = {
+        "state_dict": ckpt.model_state_dict(model, full=False),
+        "optimizer_states": [ckpt.optimizer_state_dict(model, opt, full=False)],
+        "global_step": 1,
+    }
     ckpt.save_checkpoint(sharded, folder, distributed=True)
-    full = {"state_dict": ckpt.model_state_dict(model, full=True),
-            "optimizer_states": [ckpt.optimizer_state_dict(model, opt, full=True)], "global_step": 1}
+    full = {
+        "state_dict": ckpt.model_state_dict(model, full=True),
+        "optimizer_states": [ckpt.optimizer_state_dict(model, opt, full=True)],
+        "global_step": 1,
+    }
     ckpt.save_checkpoint(full, file, distributed=False)
     return {"params": _full_params(model), "optim": _full_optim(model, opt)}
 

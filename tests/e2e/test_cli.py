@@ -38,7 +38,9 @@ def _run(args: list[str], cwd: Path, stdin: str | None = None, check: bool = Tru
         [sys.executable, "-m", *args], cwd=cwd, env=env, input=stdin, capture_output=True, text=True, timeout=600
     )
     if check and result.returncode != 0:
-        raise AssertionError(f"{args[0]} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+        raise AssertionError(
+            f"{args[0]} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        )
     return result
 
 
@@ -74,7 +76,10 @@ def test_train_resume_translate_evaluate_finetune(tmp_path: Path):
     assert len(out.stdout.splitlines()) == 2
 
     # evaluate prints BLEU and chrF per direction with sacrebleu's signature
-    ev = _run(["lightning_moe.evaluate", f"checkpoint={ckpts / 'step-000012.ckpt'}", "max_sentences=8", "directions=[en-de]"], tmp_path)
+    ev = _run(
+        ["lightning_moe.evaluate", f"checkpoint={ckpts / 'step-000012.ckpt'}", "max_sentences=8", "directions=[en-de]"],
+        tmp_path,
+    )
     assert "en-de" in ev.stdout and "BLEU signature: nrefs:1" in ev.stdout and "chrF signature" in ev.stdout
 
     # multitask fine-tuning on a new pair of the corpus (de-fr) from the checkpoint: fresh step counter,
@@ -82,9 +87,15 @@ def test_train_resume_translate_evaluate_finetune(tmp_path: Path):
     ft_dir = tmp_path / "finetune"
     _run(
         [
-            "lightning_moe.train", *TINY, f"hydra.run.dir={ft_dir}", "experiment=finetune",
-            f"init_from={ckpts / 'step-000012.ckpt'}", "trainer.max_steps=4", "test_after_fit=false",
-            "tasks.tasks=[{name:translation,src_lang:de,tgt_lang:fr}]", "data.max_train_sentences=200",
+            "lightning_moe.train",
+            *TINY,
+            f"hydra.run.dir={ft_dir}",
+            "experiment=finetune",
+            f"init_from={ckpts / 'step-000012.ckpt'}",
+            "trainer.max_steps=4",
+            "test_after_fit=false",
+            "tasks.tasks=[{name:translation,src_lang:de,tgt_lang:fr}]",
+            "data.max_train_sentences=200",
         ],
         tmp_path,
     )

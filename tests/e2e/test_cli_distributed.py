@@ -16,8 +16,13 @@ pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 def test_moe_zero_two_processes_train_checkpoint_translate_resume(tmp_path: Path):
     run_dir = tmp_path / "run"
     command = [
-        "lightning_moe.train", *TINY, f"hydra.run.dir={run_dir}", "strategy=moe_zero_stage3", "trainer.devices=2",
-        "strategy.expert_parallel_size=2", "test_after_fit=false",
+        "lightning_moe.train",
+        *TINY,
+        f"hydra.run.dir={run_dir}",
+        "strategy=moe_zero_stage3",
+        "trainer.devices=2",
+        "strategy.expert_parallel_size=2",
+        "test_after_fit=false",
     ]
     _run([*command, "trainer.max_steps=4"], tmp_path)
     ckpts = run_dir / "checkpoints"

@@ -23,8 +23,15 @@ pytestmark = pytest.mark.slow
 def test_consolidated_checkpoint_loads_with_torch_and_lightning(tmp_path: Path, strategy: list[str]) -> None:
     run_dir = tmp_path / "run"
     _run(
-        ["lightning_moe.train", *TINY, *strategy, f"hydra.run.dir={run_dir}", "trainer.max_steps=1",
-         "checkpoint.every_n_train_steps=1", "test_after_fit=false"],
+        [
+            "lightning_moe.train",
+            *TINY,
+            *strategy,
+            f"hydra.run.dir={run_dir}",
+            "trainer.max_steps=1",
+            "checkpoint.every_n_train_steps=1",
+            "test_after_fit=false",
+        ],
         tmp_path,
     )
     source = run_dir / "checkpoints" / "step-000001.ckpt"

@@ -52,14 +52,24 @@ def test_a_killed_rank_stops_the_job_naming_it(tmp_path: Path, victim: int) -> N
     for key in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     command = [
-        sys.executable, "-m", "lightning_moe.train", *TINY, f"hydra.run.dir={run_dir}", "strategy=moe_zero",
-        "trainer.devices=2", "trainer.max_steps=100000", "test_after_fit=false", "strategy.timeout_s=60",
+        sys.executable,
+        "-m",
+        "lightning_moe.train",
+        *TINY,
+        f"hydra.run.dir={run_dir}",
+        "strategy=moe_zero",
+        "trainer.devices=2",
+        "trainer.max_steps=100000",
+        "test_after_fit=false",
+        "strategy.timeout_s=60",
     ]
     log = tmp_path / "output.log"
     with open(log, "wb") as out:
         main = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
-        started = _wait_until(lambda: (run_dir / "checkpoints" / "step-000004.ckpt").exists() or main.poll() is not None, 300)
+        started = _wait_until(
+            lambda: (run_dir / "checkpoints" / "step-000004.ckpt").exists() or main.poll() is not None, 300
+        )
         assert started and main.poll() is None, f"training did not get going:\n{log.read_text()[-3000:]}"
         children = _children(main.pid)
         assert len(children) == 1, children

@@ -16,18 +16,36 @@ pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 
 def test_dense_checkpoint_upcycled_into_a_pyramid_trains_with_ep2(tmp_path: Path):
-    base = [a for a in TINY if not a.startswith("moe.num_experts")] + ["test_after_fit=false", "trainer.log_every_n_steps=1"]
+    base = [a for a in TINY if not a.startswith("moe.num_experts")] + [
+        "test_after_fit=false",
+        "trainer.log_every_n_steps=1",
+    ]
     dense_dir, moe_dir = tmp_path / "dense", tmp_path / "moe"
-    _run(["lightning_moe.train", *base, f"hydra.run.dir={dense_dir}", "moe=dense", "moe.k=1", "trainer.max_steps=4"], tmp_path)
+    _run(
+        ["lightning_moe.train", *base, f"hydra.run.dir={dense_dir}", "moe=dense", "moe.k=1", "trainer.max_steps=4"],
+        tmp_path,
+    )
     dense_ckpt = dense_dir / "checkpoints" / "step-000004.ckpt"
     options = [
-        "moe.num_experts=[2,4]", "moe.k=1", "moe.upcycle=true", "moe.drop_tokens=false",
-        "moe.router_bias_update_rate=0.01", "moe.aux_loss_scope=global", "moe.score_func=sigmoid",
+        "moe.num_experts=[2,4]",
+        "moe.k=1",
+        "moe.upcycle=true",
+        "moe.drop_tokens=false",
+        "moe.router_bias_update_rate=0.01",
+        "moe.aux_loss_scope=global",
+        "moe.score_func=sigmoid",
     ]
     _run(
         [
-            "lightning_moe.train", *base, f"hydra.run.dir={moe_dir}", f"init_from={dense_ckpt}", *options,
-            "strategy=moe_zero_stage3", "trainer.devices=2", "strategy.expert_parallel_size=2", "trainer.max_steps=3",
+            "lightning_moe.train",
+            *base,
+            f"hydra.run.dir={moe_dir}",
+            f"init_from={dense_ckpt}",
+            *options,
+            "strategy=moe_zero_stage3",
+            "trainer.devices=2",
+            "strategy.expert_parallel_size=2",
+            "trainer.max_steps=3",
             "checkpoint.every_n_train_steps=3",
         ],
         tmp_path,

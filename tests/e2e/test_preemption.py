@@ -32,9 +32,18 @@ def _env(tmp_path: Path) -> dict[str, str]:
 def _command(run_dir: Path, *extra: str) -> list[str]:
     # dropout and RTS on: the RNG states must be restored too, not only parameters and data order
     return [
-        sys.executable, "-m", "lightning_moe.train", *TINY, f"hydra.run.dir={run_dir}", f"trainer.max_steps={STEPS}",
-        "test_after_fit=false", "model.dropout=0.2", "moe.use_rts=true", "moe.capacity_factor=1.0",
-        "trainer.val_check_interval=3", *extra,
+        sys.executable,
+        "-m",
+        "lightning_moe.train",
+        *TINY,
+        f"hydra.run.dir={run_dir}",
+        f"trainer.max_steps={STEPS}",
+        "test_after_fit=false",
+        "model.dropout=0.2",
+        "moe.use_rts=true",
+        "moe.capacity_factor=1.0",
+        "trainer.val_check_interval=3",
+        *extra,
     ]
 
 
@@ -60,7 +69,9 @@ def _preempt_and_resume(tmp_path: Path, extra: tuple[str, ...], sig: signal.Sign
     run_dir = tmp_path / "preempted"
     log = tmp_path / "preempted.log"
     with open(log, "wb") as out:
-        process = subprocess.Popen(_command(run_dir, *extra), env=env, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
+        process = subprocess.Popen(
+            _command(run_dir, *extra), env=env, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path
+        )
         first = run_dir / "checkpoints" / "step-000004.ckpt"
         deadline = time.time() + 300
         while not first.exists() and process.poll() is None and time.time() < deadline:
@@ -83,7 +94,9 @@ def _preempt_and_resume(tmp_path: Path, extra: tuple[str, ...], sig: signal.Sign
     assert Path(match.group(2)).exists()
     assert not (run_dir / "checkpoints" / f"step-{STEPS:06d}.ckpt").exists()
 
-    result = subprocess.run(_command(run_dir, *extra), env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    result = subprocess.run(
+        _command(run_dir, *extra), env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resuming from {run_dir / 'checkpoints' / f'step-{step:06d}.ckpt'}" in result.stdout + result.stderr
     assert "`weights_only` was not set" not in result.stdout + result.stderr  # saved and loaded with it set
@@ -100,7 +113,9 @@ def test_sigterm_saves_at_the_current_step_and_the_same_command_continues_exactl
     # the same run folder with another model, optimizer and data: stops before training, naming the keys
     run_dir = tmp_path / "preempted"
     changed = ("model.d_model=64", "optim.lr=0.002", "data.max_train_sentences=200", "trainer.max_steps=20")
-    result = subprocess.run(_command(run_dir, *changed), env=_env(tmp_path), capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        _command(run_dir, *changed), env=_env(tmp_path), capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 2, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, result.stderr[-3000:]
@@ -116,7 +131,11 @@ def test_sigterm_saves_at_the_current_step_and_the_same_command_continues_exactl
     data[len(data) // 2] ^= 0xFF
     final.write_bytes(bytes(data))
     result = subprocess.run(
-        _command(tmp_path / "finetune", f"init_from={final}"), env=_env(tmp_path), capture_output=True, text=True, timeout=600
+        _command(tmp_path / "finetune", f"init_from={final}"),
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 1, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
@@ -135,14 +154,20 @@ def test_sigterm_saves_at_the_current_step_and_the_same_command_continues_exactl
     damaged = [line for line in output.splitlines() if "is damaged" in line]
     assert len(damaged) == 1 and str(final) in damaged[0] and "SHA-256" in damaged[0], output[-3000:]
     assert f"resuming from {run_dir / 'checkpoints' / f'step-{previous:06d}.ckpt'}" in output
-    assert resolve_resume("auto", run_dir / "checkpoints") == str(run_dir / "checkpoints" / f"step-{STEPS + 2:06d}.ckpt")
+    assert resolve_resume("auto", run_dir / "checkpoints") == str(
+        run_dir / "checkpoints" / f"step-{STEPS + 2:06d}.ckpt"
+    )
 
     # starting the run over (or from an older checkpoint) would replace whole checkpoints: refused, nothing deleted
     before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     for resume in ("never", str(run_dir / "checkpoints" / f"step-{previous:06d}.ckpt")):
         result = subprocess.run(
             _command(run_dir, f"trainer.max_steps={STEPS + 2}", f"checkpoint.resume={resume}"),
-            env=_env(tmp_path), capture_output=True, text=True, timeout=600, cwd=tmp_path,
+            env=_env(tmp_path),
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=tmp_path,
         )
         errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
         assert result.returncode == 2 and len(errors) == 1 and "name=" in errors[0], result.stderr[-3000:]
@@ -174,5 +199,7 @@ def test_a_full_disk_stops_training_with_one_line_and_leaves_nothing_half_writte
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, result.stderr[-3000:]
-    assert f"could not write the checkpoint '{run_dir / 'checkpoints' / 'step-000004.ckpt'}': File too large" in errors[0]
+    assert (
+        f"could not write the checkpoint '{run_dir / 'checkpoints' / 'step-000004.ckpt'}': File too large" in errors[0]
+    )
     assert list((run_dir / "checkpoints").iterdir()) == []  # no temporary file left behind

@@ -28,9 +28,17 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
 def _command(run_dir: Path, max_steps: int) -> list[str]:
     # dropout and RTS on: the RNG states must be restored too, not only parameters and data order
     return [
-        sys.executable, "-m", "lightning_moe.train", *TINY, f"hydra.run.dir={run_dir}",
-        f"trainer.max_steps={max_steps}", "test_after_fit=false", "model.dropout=0.2", "moe.use_rts=true",
-        "moe.capacity_factor=1.0", "trainer.val_check_interval=3",
+        sys.executable,
+        "-m",
+        "lightning_moe.train",
+        *TINY,
+        f"hydra.run.dir={run_dir}",
+        f"trainer.max_steps={max_steps}",
+        "test_after_fit=false",
+        "model.dropout=0.2",
+        "moe.use_rts=true",
+        "moe.capacity_factor=1.0",
+        "trainer.val_check_interval=3",
     ]
 
 
@@ -46,7 +54,9 @@ def test_sigkill_then_same_command_reaches_the_uninterrupted_parameters(tmp_path
     subprocess.run(_command(reference, steps), env=env, check=True, capture_output=True, timeout=600)
 
     interrupted = tmp_path / "interrupted"
-    process = subprocess.Popen(_command(interrupted, steps), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        _command(interrupted, steps), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     first = interrupted / "checkpoints" / "step-000004.ckpt"
     deadline = time.time() + 300
     while not first.exists() and process.poll() is None and time.time() < deadline:

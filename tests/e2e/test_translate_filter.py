@@ -26,7 +26,10 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_first_chunk_comes_out_before_stdin_closes(checkpoint: Path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "lightning_moe.translate", f"checkpoint={checkpoint}", "target_lang=de", "chunk_size=2"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_ENV,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=_ENV,
     )
     lines: queue.Queue = queue.Queue()
     reader = threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True)
@@ -54,7 +57,10 @@ def test_first_chunk_comes_out_before_stdin_closes(checkpoint: Path):
 def test_missing_checkpoint_is_one_line_and_nonzero(command: str, tmp_path: Path):
     result = subprocess.run(
         [sys.executable, "-m", command, f"checkpoint={tmp_path / 'nope.ckpt'}"],
-        input=b"hello\n", capture_output=True, env=_ENV, timeout=300,
+        input=b"hello\n",
+        capture_output=True,
+        env=_ENV,
+        timeout=300,
     )
     assert result.returncode == 1
     assert result.stdout == b""

@@ -77,7 +77,9 @@ def _inputs(tokens: int = 2048, d: int = 256) -> tuple[torch.Tensor, torch.Tenso
 
 
 @pytest.mark.parametrize(
-    ("expert", "drop_tokens", "k"), [("ffn", True, 1), ("ffn", False, 2), ("glu", True, 2)], ids=["ffn-cap-k1", "ffn-dropless-k2", "glu-cap-k2"]
+    ("expert", "drop_tokens", "k"),
+    [("ffn", True, 1), ("ffn", False, 2), ("glu", True, 2)],
+    ids=["ffn-cap-k1", "ffn-dropless-k2", "glu-cap-k2"],
 )
 def test_bf16_layer_matches_fp32_expert_loop(expert: str, drop_tokens: bool, k: int, grouped_mm_calls) -> None:
     fp32, bf16 = _pair(expert, drop_tokens, k)
@@ -171,9 +173,7 @@ def test_fused_path_with_unaligned_groups_in_a_subprocess() -> None:
     misaligned TMA access would leave a sticky CUDA error that fails every later test."""
     if not fused_grouped_mm_device():
         pytest.skip("no fused grouped GEMM on this GPU (sm90/sm100 only)")
-    proc = subprocess.run(
-        [sys.executable, "-c", _UNPADDED, str(REPO)], capture_output=True, text=True, timeout=120
-    )
+    proc = subprocess.run([sys.executable, "-c", _UNPADDED, str(REPO)], capture_output=True, text=True, timeout=120)
     print(proc.stdout, proc.stderr[-2000:])
     errors: dict[str, float] = {}
     for line in proc.stdout.splitlines():

@@ -23,7 +23,9 @@ pytestmark = pytest.mark.gpu
 STEPS = 6
 
 
-def synthetic_batch(vocab: int, batch: int = 16, src_len: int = 24, tgt_len: int = 20, seed: int = 0) -> dict[str, torch.Tensor]:
+def synthetic_batch(
+    vocab: int, batch: int = 16, src_len: int = 24, tgt_len: int = 20, seed: int = 0
+) -> dict[str, torch.Tensor]:
     """One fixed batch of random token ids (ids 5.. are ordinary tokens), some padding in source and target."""
     g = torch.Generator().manual_seed(seed)
     src = torch.randint(5, vocab, (batch, src_len), generator=g)
@@ -32,7 +34,13 @@ def synthetic_batch(vocab: int, batch: int = 16, src_len: int = 24, tgt_len: int
     src_pad[::3, src_len - 5 :] = True
     tgt_pad = torch.zeros(batch, tgt_len, dtype=torch.bool)
     tgt_pad[1::4, tgt_len - 4 :] = True
-    return {"src": src, "src_padding_mask": src_pad, "tgt_in": tgt[:, :-1], "tgt_out": tgt[:, 1:], "tgt_padding_mask": tgt_pad}
+    return {
+        "src": src,
+        "src_padding_mask": src_pad,
+        "tgt_in": tgt[:, :-1],
+        "tgt_out": tgt[:, 1:],
+        "tgt_padding_mask": tgt_pad,
+    }
 
 
 class _Repeat(Dataset):
@@ -52,8 +60,18 @@ class SyntheticTranslation(LightningModule):
     def __init__(self, lr: float = 3e-3) -> None:
         super().__init__()
         self.config = get_preset(
-            "tiny", vocab_size=512, d_model=128, num_heads=4, ffn_hidden_size=256, encoder_layers=2, decoder_layers=2,
-            dropout=0.0, max_positions=64, num_experts=8, k=2, moe_every=1,
+            "tiny",
+            vocab_size=512,
+            d_model=128,
+            num_heads=4,
+            ffn_hidden_size=256,
+            encoder_layers=2,
+            decoder_layers=2,
+            dropout=0.0,
+            max_positions=64,
+            num_experts=8,
+            k=2,
+            moe_every=1,
         )
         self.model = MoETransformer(self.config)
         self.lr = lr
@@ -110,9 +128,19 @@ def test_moe_transformer_trains_on_one_gpu(zero_stage: int, offload: str, isolat
     module = SyntheticTranslation()
     strategy = MoEZeroStrategy(zero_stage=zero_stage, offload=offload)
     trainer = Trainer(
-        accelerator="gpu", devices=1, strategy=strategy, precision="bf16-mixed", max_steps=STEPS,
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        limit_val_batches=0, num_sanity_val_steps=0, use_distributed_sampler=False, callbacks=[_Losses()],
+        accelerator="gpu",
+        devices=1,
+        strategy=strategy,
+        precision="bf16-mixed",
+        max_steps=STEPS,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,
+        callbacks=[_Losses()],
     )
     trainer.fit(module)
 
@@ -129,7 +157,9 @@ def test_moe_transformer_trains_on_one_gpu(zero_stage: int, offload: str, isolat
     params = [p for group in optimizer.param_groups for p in group["params"]]
     param_devices = {_local(p).device.type for p in params}
     state_devices = {
-        _local(v).device.type for state in optimizer.state.values() for v in state.values()
+        _local(v).device.type
+        for state in optimizer.state.values()
+        for v in state.values()
         if isinstance(v, torch.Tensor) and v.dim() > 0
     }
     if offload == "params":

@@ -73,8 +73,9 @@ def test_layer_under_bf16_autocast_matches_float64_per_token_loop(k: int, expert
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
-def test_chunked_cross_entropy_matches_float64(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype,
-                                               smoothing: float) -> None:
+def test_chunked_cross_entropy_matches_float64(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, smoothing: float
+) -> None:
     monkeypatch.setattr(ce_mod, "CHUNK_ELEMENTS", 3 * 37)  # chunks of 3 rows: 15 rows = 5 chunks
     logits = (torch.randn(3, 5, 37) * 4).to(dtype).requires_grad_()
     targets = torch.randint(0, 37, (3, 5))
@@ -97,7 +98,9 @@ def test_chunked_cross_entropy_matches_float64(monkeypatch: pytest.MonkeyPatch, 
     torch.testing.assert_close(nll.double(), ref_nll, rtol=1e-6, atol=1e-6)
     assert logits.grad.dtype == dtype
     grad_tol = 1e-6 if dtype == torch.float32 else 2**-8
-    torch.testing.assert_close(logits.grad.double(), l64.grad, rtol=grad_tol, atol=grad_tol * float(l64.grad.abs().max()))
+    torch.testing.assert_close(
+        logits.grad.double(), l64.grad, rtol=grad_tol, atol=grad_tol * float(l64.grad.abs().max())
+    )
     assert float(logits.grad[0, 3:].abs().max()) == 0.0  # padding positions get no gradient
 
 
@@ -142,8 +145,17 @@ def test_bf16_mixed_training_reaches_the_fp32_validation_nll() -> None:
         for precision in ("32-true", "bf16-mixed"):
             torch.manual_seed(0)
             cfg = get_preset(
-                "tiny", vocab_size=VOCAB, d_model=64, num_heads=4, ffn_hidden_size=128, dropout=0.0,
-                max_positions=16, num_experts=4, k=2, capacity_factor=2.0, eval_capacity_factor=2.0,
+                "tiny",
+                vocab_size=VOCAB,
+                d_model=64,
+                num_heads=4,
+                ffn_hidden_size=128,
+                dropout=0.0,
+                max_positions=16,
+                num_experts=4,
+                k=2,
+                capacity_factor=2.0,
+                eval_capacity_factor=2.0,
             )
             model = MoETransformer(cfg)
             optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)

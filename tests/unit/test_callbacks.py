@@ -41,8 +41,13 @@ def _fit(module: pl.LightningModule, callbacks: list, steps: int = 5) -> pl.Trai
     torch.manual_seed(0)
     data = TensorDataset(torch.randn(64, 8), torch.randn(64))
     trainer = pl.Trainer(
-        max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=callbacks,
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
     )
     trainer.fit(module, DataLoader(data, batch_size=8))
     return trainer
@@ -87,9 +92,17 @@ def test_expert_load_monitor_accumulates_and_draws(tmp_path):
     data = DataLoader(TensorDataset(torch.randn(64, 8), torch.randn(64)), batch_size=8)
     monitor = ExpertLoadMonitor()
     trainer = pl.Trainer(
-        max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=[monitor], val_check_interval=4, limit_val_batches=1,
-        default_root_dir=tmp_path, log_every_n_steps=1,
+        max_steps=4,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[monitor],
+        val_check_interval=4,
+        limit_val_batches=1,
+        default_root_dir=tmp_path,
+        log_every_n_steps=1,
     )
     trainer.fit(WithVal(), data, data)
     assert monitor.last_load is not None and monitor.last_load.shape == (1, 4)

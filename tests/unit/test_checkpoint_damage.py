@@ -61,7 +61,9 @@ ALL_DAMAGE = [(name, fn, msg, True) for name, fn, msg in FOLDER_DAMAGE] + [
 ]
 
 
-@pytest.mark.parametrize(("damage", "message", "distributed"), [a[1:] for a in ALL_DAMAGE], ids=[a[0] for a in ALL_DAMAGE])
+@pytest.mark.parametrize(
+    ("damage", "message", "distributed"), [a[1:] for a in ALL_DAMAGE], ids=[a[0] for a in ALL_DAMAGE]
+)
 def test_damage_is_detected_named_in_one_line_and_resume_falls_back(
     tmp_path: Path, damage: Callable[[Path], None], message: str, distributed: bool, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -111,7 +113,10 @@ def test_abandoned_later_checkpoints_and_their_manifests_are_pruned(tmp_path: Pa
     deleted = ckpt.prune_checkpoints(tmp_path, keep_last=3, current_step=8)
     assert [p.name for p in deleted] == ["step-000012.ckpt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "step-000004.ckpt", "step-000004.ckpt.manifest.json", "step-000008.ckpt", "step-000008.ckpt.manifest.json",
+        "step-000004.ckpt",
+        "step-000004.ckpt.manifest.json",
+        "step-000008.ckpt",
+        "step-000008.ckpt.manifest.json",
     ]
 
 
@@ -151,7 +156,11 @@ def test_no_torch_load_in_the_package_without_weights_only_true() -> None:
     offenders = []
     for file in root.rglob("*.py"):
         for number, line in enumerate(file.read_text().splitlines(), 1):
-            if re.search(r"\btorch\.load\(", line) and "weights_only=True" not in line and "weights_only=weights_only" not in line:
+            if (
+                re.search(r"\btorch\.load\(", line)
+                and "weights_only=True" not in line
+                and "weights_only=weights_only" not in line
+            ):
                 offenders.append(f"{file.relative_to(root)}:{number}: {line.strip()}")
     assert not offenders, offenders
 
@@ -189,15 +198,26 @@ def test_a_save_that_runs_out_of_space_keeps_the_previous_checkpoint(tmp_path: P
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     root = Path(__file__).parents[2]
     result = subprocess.run(
-        [sys.executable, "-c", _FULL_DISK, str(tmp_path)], cwd=root, env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", _FULL_DISK, str(tmp_path)],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
-    assert [line.split(" ", 2)[:2] for line in lines] == [[layout, "ERROR"] for layout in ("file", "file", "folder", "folder")]
+    assert [line.split(" ", 2)[:2] for line in lines] == [
+        [layout, "ERROR"] for layout in ("file", "file", "folder", "folder")
+    ]
     for layout in ("file", "folder"):
         folder = tmp_path / layout
-        for line, target in zip([line for line in lines if line.startswith(layout)], ("step-000004.ckpt", "step-000008.ckpt")):
-            assert str(folder / target) in line and "File too large" in line and "previous checkpoints are intact" in line
+        for line, target in zip(
+            [line for line in lines if line.startswith(layout)], ("step-000004.ckpt", "step-000008.ckpt")
+        ):
+            assert (
+                str(folder / target) in line and "File too large" in line and "previous checkpoints are intact" in line
+            )
         # nothing half-written is left, and the previous checkpoint is whole and loads
         assert sorted(p.name for p in folder.iterdir()) == sorted(
             ["step-000004.ckpt"] + (["step-000004.ckpt.manifest.json"] if layout == "file" else [])
@@ -223,7 +243,9 @@ def test_signal_names_are_validated() -> None:
 
 @pytest.mark.parametrize("command", ["translate", "evaluate"])
 @pytest.mark.parametrize("distributed", [False, True], ids=["file", "folder"])
-def test_translate_and_evaluate_name_a_damaged_checkpoint_in_one_line(tmp_path: Path, command: str, distributed: bool) -> None:
+def test_translate_and_evaluate_name_a_damaged_checkpoint_in_one_line(
+    tmp_path: Path, command: str, distributed: bool
+) -> None:
     import importlib
 
     path = _save(tmp_path, 4, distributed=distributed)
@@ -237,7 +259,9 @@ def test_translate_and_evaluate_name_a_damaged_checkpoint_in_one_line(tmp_path: 
     assert "damaged" in message and str(path) in message
 
 
-@pytest.mark.parametrize("stored", [10**12, "model", [1, 2, 3], torch.zeros(4, dtype=torch.float32), torch.zeros(2, 2, dtype=torch.uint8)])
+@pytest.mark.parametrize(
+    "stored", [10**12, "model", [1, 2, 3], torch.zeros(4, dtype=torch.float32), torch.zeros(2, 2, dtype=torch.uint8)]
+)
 def test_a_stored_tokenizer_is_read_only_as_bytes(stored: object) -> None:
     from lightning_moe.inference import tokenizer_bytes
 

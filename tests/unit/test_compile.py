@@ -41,7 +41,9 @@ def _grads(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.grad.detach().clone() for name, p in module.named_parameters() if p.grad is not None}
 
 
-def _layer_step(call: torch.nn.Module, layer: torch.nn.Module, x: torch.Tensor, padding_mask: torch.Tensor, weight: torch.Tensor):
+def _layer_step(
+    call: torch.nn.Module, layer: torch.nn.Module, x: torch.Tensor, padding_mask: torch.Tensor, weight: torch.Tensor
+):
     """One forward + backward through ``call`` (eager ``layer`` or its compiled wrapper); grads read off ``layer``."""
     layer.zero_grad(set_to_none=True)
     x = x.detach().clone().requires_grad_(True)
@@ -87,7 +89,13 @@ def _batch(vocab: int) -> dict[str, torch.Tensor]:
     src_pad[1, 6:] = True
     tgt_pad = torch.zeros_like(tgt, dtype=torch.bool)
     tgt_pad[3, 5:] = True
-    return {"src": src, "src_padding_mask": src_pad, "tgt_in": tgt, "tgt_out": tgt.roll(-1, 1), "tgt_padding_mask": tgt_pad}
+    return {
+        "src": src,
+        "src_padding_mask": src_pad,
+        "tgt_in": tgt,
+        "tgt_out": tgt.roll(-1, 1),
+        "tgt_padding_mask": tgt_pad,
+    }
 
 
 def _model_step(call: torch.nn.Module, model: torch.nn.Module, batch: dict[str, torch.Tensor]):
@@ -104,8 +112,20 @@ def _model_step(call: torch.nn.Module, model: torch.nn.Module, batch: dict[str, 
 def _check_model(backend: str) -> None:
     torch.manual_seed(0)
     config = get_preset(
-        "tiny", vocab_size=40, d_model=32, num_heads=2, ffn_hidden_size=64, encoder_layers=1, decoder_layers=1,
-        dropout=0.0, max_positions=16, num_experts=4, k=2, moe_every=1, use_rts=False, capacity_factor=1.0,
+        "tiny",
+        vocab_size=40,
+        d_model=32,
+        num_heads=2,
+        ffn_hidden_size=64,
+        encoder_layers=1,
+        decoder_layers=1,
+        dropout=0.0,
+        max_positions=16,
+        num_experts=4,
+        k=2,
+        moe_every=1,
+        use_rts=False,
+        capacity_factor=1.0,
     )
     model = MoETransformer(config)
     compiled = torch.compile(model, backend=backend)

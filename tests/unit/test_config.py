@@ -16,7 +16,11 @@ from lightning_moe.config.schema import group_presets
 from lightning_moe.models import PRESETS
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
-YAML_GROUPS = {p.name: sorted(q.stem for q in p.glob("*.yaml")) for p in CONF.iterdir() if p.is_dir() and not p.name.startswith("_")}
+YAML_GROUPS = {
+    p.name: sorted(q.stem for q in p.glob("*.yaml"))
+    for p in CONF.iterdir()
+    if p.is_dir() and not p.name.startswith("_")
+}
 PYTHON_GROUPS = {group: sorted(options) for group, options in group_presets().items()}
 OPTIONS = [(g, o) for groups in (YAML_GROUPS, PYTHON_GROUPS) for g, options in sorted(groups.items()) for o in options]
 

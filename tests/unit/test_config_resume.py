@@ -59,7 +59,9 @@ def test_other_keys_stop_the_run_naming_them(group: str, values: object, key: st
     saved, current = _cfg(), _cfg(**{group: values})
     differences = config_differences(saved, current)
     assert [d.split(":")[0] for d in differences] == [key]
-    with pytest.raises(ConfigError, match=rf"1 key\(s\) differ: {key}: .* -> .*start a new run with another name") as info:
+    with pytest.raises(
+        ConfigError, match=rf"1 key\(s\) differ: {key}: .* -> .*start a new run with another name"
+    ) as info:
         check_same_run(saved, current, "runs/x/checkpoints/step-000004.ckpt")
     assert "\n" not in str(info.value)
 
@@ -68,7 +70,9 @@ def test_tasks_changes_stop_the_run() -> None:
     saved = _cfg()
     current = _cfg(tasks={"tasks": saved["tasks"]["tasks"][:1]})
     assert [d.split(":")[0] for d in config_differences(saved, current)] == ["tasks.tasks"]
-    assert [d.split(":")[0] for d in config_differences(saved, _cfg(tasks={"temperature": 1.0}))] == ["tasks.temperature"]
+    assert [d.split(":")[0] for d in config_differences(saved, _cfg(tasks={"temperature": 1.0}))] == [
+        "tasks.temperature"
+    ]
 
 
 def test_a_checkpoint_without_a_stored_config_is_accepted() -> None:

@@ -187,7 +187,9 @@ def test_presets() -> None:
     assert small.max_train_sentences == 2000 and small.vocab_size < DataConfig().vocab_size
     assert Path(get_data_preset("sample").root) == SAMPLE_DIR
     assert get_data_preset("small", seed=3).seed == 3
-    with pytest.raises(ValueError, match=r"data preset 'huge' does not exist: use one of \['multi30k', 'sample', 'small'\]"):
+    with pytest.raises(
+        ValueError, match=r"data preset 'huge' does not exist: use one of \['multi30k', 'sample', 'small'\]"
+    ):
         get_data_preset("huge")
     with pytest.raises(ValueError, match=r"unknown data config keys \['batch_size'\]"):
         get_data_preset("small", batch_size=32)
@@ -222,8 +224,13 @@ def test_sample_preset_batches(tmp_path: Path) -> None:
 @needs_multi30k
 def test_multi30k_test_splits_skip_missing_languages(tmp_path: Path) -> None:
     config = get_data_preset(
-        "small", root=str(MULTI30K), cache_dir=str(tmp_path), langs=["en", "cs"], max_train_sentences=300,
-        vocab_size=500, max_eval_sentences=20,
+        "small",
+        root=str(MULTI30K),
+        cache_dir=str(tmp_path),
+        langs=["en", "cs"],
+        max_train_sentences=300,
+        vocab_size=500,
+        max_eval_sentences=20,
     )
     dm = MultitaskDataModule(config, {"tasks": [{"name": "translation", "src_lang": "en", "tgt_lang": "cs"}]})
     dm.setup("test")  # test_2017_flickr has no cs: its directions are skipped, not an error

@@ -119,14 +119,19 @@ def test_cache_key_depends_on_content_order_and_options() -> None:
     swapped = dict(reversed(list(sentences().items())))
     edited = sentences()
     edited["en"][7] += "!"
-    assert len({
-        base,
-        tokenizer_cache_key(swapped, 200),
-        tokenizer_cache_key(edited, 200),
-        tokenizer_cache_key(sentences(), 201),
-        tokenizer_cache_key(sentences(), 200, model_type="bpe"),
-        tokenizer_cache_key(sentences(), 200, character_coverage=0.9995),
-    }) == 6
+    assert (
+        len(
+            {
+                base,
+                tokenizer_cache_key(swapped, 200),
+                tokenizer_cache_key(edited, 200),
+                tokenizer_cache_key(sentences(), 201),
+                tokenizer_cache_key(sentences(), 200, model_type="bpe"),
+                tokenizer_cache_key(sentences(), 200, character_coverage=0.9995),
+            }
+        )
+        == 6
+    )
 
 
 def test_corrupt_cache_entry_is_retrained(tmp_path: Path) -> None:

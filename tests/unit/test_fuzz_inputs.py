@@ -20,7 +20,14 @@ from hypothesis import strategies as st
 from lightning_moe.data.corpus import CorpusError, load_split
 
 #: Examples per fuzzed entry point (the README quotes these).
-EXAMPLES = {"corpus": 150, "tokenizer_bytes": 100, "tokenizer_text": 150, "cli_args": 200, "train_args": 60, "translate": 40}
+EXAMPLES = {
+    "corpus": 150,
+    "tokenizer_bytes": 100,
+    "tokenizer_text": 150,
+    "cli_args": 200,
+    "train_args": 60,
+    "translate": 40,
+}
 
 _SETTINGS = {
     "deadline": None,
@@ -31,7 +38,20 @@ _SETTINGS = {
 
 # lines built from the troublesome pieces: NUL, lone CR, CRLF, invalid UTF-8, long runs, plain words
 _PIECES = st.sampled_from(
-    [b"\x00", b"\r", b"\r\n", b"\n", b"\xff", b"\xc3", b"\xe2\x82", b"caf\xc3\xa9", b"word ", b"\t", b" ", b"\xef\xbb\xbf"]
+    [
+        b"\x00",
+        b"\r",
+        b"\r\n",
+        b"\n",
+        b"\xff",
+        b"\xc3",
+        b"\xe2\x82",
+        b"caf\xc3\xa9",
+        b"word ",
+        b"\t",
+        b" ",
+        b"\xef\xbb\xbf",
+    ]
 )
 _LINEISH = st.one_of(
     st.binary(max_size=300),
@@ -90,7 +110,11 @@ def test_tokenizer_model_bytes_load_or_fail_with_a_value_error(tokenizer, data: 
 
     if isinstance(data, int):  # a real model cut short, or with one byte changed
         proto = bytearray(tokenizer.model_proto)
-        data = bytes(proto[: data * 10]) if data % 2 else bytes(proto[:data] + bytes([proto[data] ^ 0xFF]) + proto[data + 1 :])
+        data = (
+            bytes(proto[: data * 10])
+            if data % 2
+            else bytes(proto[:data] + bytes([proto[data] ^ 0xFF]) + proto[data + 1 :])
+        )
     try:
         loaded = SubwordTokenizer(data)
     except ValueError as err:
@@ -100,7 +124,11 @@ def test_tokenizer_model_bytes_load_or_fail_with_a_value_error(tokenizer, data: 
 
 
 @settings(max_examples=EXAMPLES["tokenizer_text"], **_SETTINGS)
-@given(text=st.one_of(st.text(max_size=500), st.lists(_PIECES, max_size=80).map(lambda b: b"".join(b).decode("utf-8", "replace"))))
+@given(
+    text=st.one_of(
+        st.text(max_size=500), st.lists(_PIECES, max_size=80).map(lambda b: b"".join(b).decode("utf-8", "replace"))
+    )
+)
 def test_tokenizer_encodes_and_decodes_any_text(tokenizer, text: str) -> None:
     ids = tokenizer.encode(text)
     assert all(0 <= i < tokenizer.vocab_size for i in ids)
@@ -109,8 +137,14 @@ def test_tokenizer_encodes_and_decodes_any_text(tokenizer, text: str) -> None:
 
 _ARG = st.one_of(
     st.text(max_size=40),
-    st.builds(lambda k, v: f"{k}={v}", st.sampled_from(["checkpoint", "beam_size", "batch_size", "input", "device", "x.y", ""]), st.text(max_size=30)),
-    st.sampled_from(["beam_size=-1", "batch_size=1e999", "beam_size=[1,2", "source_lang=${oops}", "a=b=c", "=", "beam_size=\x00"]),
+    st.builds(
+        lambda k, v: f"{k}={v}",
+        st.sampled_from(["checkpoint", "beam_size", "batch_size", "input", "device", "x.y", ""]),
+        st.text(max_size=30),
+    ),
+    st.sampled_from(
+        ["beam_size=-1", "batch_size=1e999", "beam_size=[1,2", "source_lang=${oops}", "a=b=c", "=", "beam_size=\x00"]
+    ),
 )
 
 
@@ -131,7 +165,19 @@ def test_key_value_parser_gives_a_config_or_one_error_line(args: list[str]) -> N
 
 
 @settings(max_examples=EXAMPLES["train_args"], **_SETTINGS)
-@given(args=st.lists(st.one_of(st.text(max_size=30), st.builds(lambda g, v: f"{g}={v}", st.sampled_from(["model", "moe", "data", "strategy", "trainer", "tasks", "logger"]), st.text(max_size=20))), max_size=4))
+@given(
+    args=st.lists(
+        st.one_of(
+            st.text(max_size=30),
+            st.builds(
+                lambda g, v: f"{g}={v}",
+                st.sampled_from(["model", "moe", "data", "strategy", "trainer", "tasks", "logger"]),
+                st.text(max_size=20),
+            ),
+        ),
+        max_size=4,
+    )
+)
 def test_train_group_options_are_checked_with_a_config_error(args: list[str]) -> None:
     from lightning_moe.config import ConfigError
     from lightning_moe.config.launch import check_group_options
@@ -150,7 +196,14 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @settings(max_examples=EXAMPLES["translate"], **_SETTINGS)
-@given(data=st.one_of(st.lists(_PIECES, max_size=40).map(b"".join), st.binary(max_size=200), st.just(b""), st.just(b"a" * 50_000 + b"\n")))
+@given(
+    data=st.one_of(
+        st.lists(_PIECES, max_size=40).map(b"".join),
+        st.binary(max_size=200),
+        st.just(b""),
+        st.just(b"a" * 50_000 + b"\n"),
+    )
+)
 def test_translate_command_translates_each_line_or_names_the_bad_one(
     checkpoint: Path, tmp_path_factory: pytest.TempPathFactory, data: bytes, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -160,7 +213,14 @@ def test_translate_command_translates_each_line_or_names_the_bad_one(
     source, target = folder / "in.txt", folder / "out.txt"
     source.write_bytes(data)
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"")))
-    args = [f"checkpoint={checkpoint}", f"input={source}", f"output={target}", "source_lang=en", "target_lang=de", "batch_size=8"]
+    args = [
+        f"checkpoint={checkpoint}",
+        f"input={source}",
+        f"output={target}",
+        "source_lang=en",
+        "target_lang=de",
+        "batch_size=8",
+    ]
     try:
         code = main(args)
     except SystemExit as stop:

@@ -87,8 +87,18 @@ def test_wide_beam_finds_every_hypothesis_in_score_order(alpha, style):
     limits = max_output_lengths(src, mask, 1.0, 0, 64)
     assert limits == [2, 3, 1]
     results = beam_search(
-        model, src, mask, bos_id=BOS, eos_id=EOS, pad_id=PAD, beam_size=32, n_best=32,
-        length_penalty_alpha=alpha, length_penalty_style=style, max_len_a=1.0, max_len_b=0,
+        model,
+        src,
+        mask,
+        bos_id=BOS,
+        eos_id=EOS,
+        pad_id=PAD,
+        beam_size=32,
+        n_best=32,
+        length_penalty_alpha=alpha,
+        length_penalty_style=style,
+        max_len_a=1.0,
+        max_len_b=0,
     )
     for source, (hyps, limit) in enumerate(zip(results, limits)):
         expected = enumerate_hypotheses(model, source, limit, alpha, style)
@@ -100,8 +110,9 @@ def test_wide_beam_finds_every_hypothesis_in_score_order(alpha, style):
 def test_narrow_beam_returns_sorted_hypotheses_without_special_tokens():
     model = MarkovModel(vocab=7, num_sources=4, seed=3)
     src = torch.tensor([[0, 5], [1, 5], [2, 5], [3, 5]])
-    results = beam_search(model, src, None, bos_id=BOS, eos_id=EOS, pad_id=PAD, beam_size=3, n_best=3,
-                          max_len_a=0.0, max_len_b=6)
+    results = beam_search(
+        model, src, None, bos_id=BOS, eos_id=EOS, pad_id=PAD, beam_size=3, n_best=3, max_len_a=0.0, max_len_b=6
+    )
     for hyps in results:
         assert len(hyps) == 3
         scores = [h.score for h in hyps]
@@ -126,8 +137,18 @@ def test_a_token_never_follows_eos_in_one_hypothesis():
     model = MarkovModel(vocab=6, num_sources=1, seed=5)
     with torch.no_grad():
         model.transition[:, EOS] += 1.5
-    (hyps,) = beam_search(model, torch.tensor([[0, 3]]), None, bos_id=BOS, eos_id=EOS, pad_id=PAD,
-                          beam_size=4, n_best=4, length_penalty_alpha=0.0, max_len_b=8)
+    (hyps,) = beam_search(
+        model,
+        torch.tensor([[0, 3]]),
+        None,
+        bos_id=BOS,
+        eos_id=EOS,
+        pad_id=PAD,
+        beam_size=4,
+        n_best=4,
+        length_penalty_alpha=0.0,
+        max_len_b=8,
+    )
     # With alpha = 0 the score of a hypothesis is the exact log-probability of its tokens followed by EOS.
     for h in hyps:
         prev, log_prob = BOS, 0.0
@@ -144,8 +165,18 @@ VOCAB = 14
 
 def make_model(num_experts: int, seed: int = 0, eos_bias: float = 0.0) -> MoETransformer:
     cfg = get_preset(
-        "tiny", vocab_size=VOCAB, d_model=32, num_heads=4, ffn_hidden_size=48, encoder_layers=2, decoder_layers=2,
-        dropout=0.0, max_positions=40, num_experts=num_experts, k=min(2, max(num_experts, 1)), drop_tokens=False,
+        "tiny",
+        vocab_size=VOCAB,
+        d_model=32,
+        num_heads=4,
+        ffn_hidden_size=48,
+        encoder_layers=2,
+        decoder_layers=2,
+        dropout=0.0,
+        max_positions=40,
+        num_experts=num_experts,
+        k=min(2, max(num_experts, 1)),
+        drop_tokens=False,
     )
     torch.manual_seed(seed)
     model = MoETransformer(cfg).eval()
@@ -181,8 +212,19 @@ def test_beam_scores_match_rescoring_with_the_full_model(num_experts):
     saw_eos = saw_limit = False
     for seed, eos_bias in ((0, 0.0), (1, 3.0)):
         model = make_model(num_experts, seed, eos_bias)
-        results = beam_search(model, src, mask, bos_id=BOS, eos_id=EOS, pad_id=PAD, beam_size=4, n_best=4,
-                              length_penalty_alpha=alpha, max_len_a=1.0, max_len_b=2)
+        results = beam_search(
+            model,
+            src,
+            mask,
+            bos_id=BOS,
+            eos_id=EOS,
+            pad_id=PAD,
+            beam_size=4,
+            n_best=4,
+            length_penalty_alpha=alpha,
+            max_len_a=1.0,
+            max_len_b=2,
+        )
         limits = max_output_lengths(src, mask, 1.0, 2, 40)
         for i, (hyps, limit) in enumerate(zip(results, limits)):
             scores = [h.score for h in hyps]

@@ -11,8 +11,18 @@ VOCAB, PAD, BOS, EOS = 16, 0, 1, 2
 
 def make_model(num_experts: int, seed: int = 0) -> MoETransformer:
     cfg = get_preset(
-        "tiny", vocab_size=VOCAB, d_model=32, num_heads=4, ffn_hidden_size=48, encoder_layers=2, decoder_layers=2,
-        dropout=0.0, max_positions=40, num_experts=num_experts, k=min(2, max(num_experts, 1)), drop_tokens=False,
+        "tiny",
+        vocab_size=VOCAB,
+        d_model=32,
+        num_heads=4,
+        ffn_hidden_size=48,
+        encoder_layers=2,
+        decoder_layers=2,
+        dropout=0.0,
+        max_positions=40,
+        num_experts=num_experts,
+        k=min(2, max(num_experts, 1)),
+        drop_tokens=False,
     )
     torch.manual_seed(seed)
     return MoETransformer(cfg)
@@ -125,8 +135,15 @@ def test_padding_in_the_batch_does_not_change_outputs():
         alone = greedy_decode(model, src[i : i + 1, :n], None, bos_id=BOS, eos_id=EOS, pad_id=PAD, max_len_b=5)
         assert alone[0] == batch_out[i]
     # Sanity check that the test can fail: a different source gives a different output somewhere.
-    other = greedy_decode(model, F.pad(src[:, 1:], (0, 1), value=PAD), F.pad(mask[:, 1:], (0, 1), value=True),
-                          bos_id=BOS, eos_id=EOS, pad_id=PAD, max_len_b=5)
+    other = greedy_decode(
+        model,
+        F.pad(src[:, 1:], (0, 1), value=PAD),
+        F.pad(mask[:, 1:], (0, 1), value=True),
+        bos_id=BOS,
+        eos_id=EOS,
+        pad_id=PAD,
+        max_len_b=5,
+    )
     assert other != batch_out
 
 

@@ -45,8 +45,12 @@ def test_active_parameters_count_k_of_e_experts_and_the_output_projection_once()
     assert counts["total"] == total and counts["experts"] == experts
     # Tied embeddings: the matrix counts once (as the output projection); sinusoidal positions have no parameters.
     assert counts["active"] == pytest.approx(total - experts * (1 - 1 / 4))
-    encoder = sum(p.numel() * (0.25 if ".experts." in n else 1) for n, p in model.named_parameters() if n.startswith("encoder_"))
-    cross_kv = sum(p.numel() for n, p in model.named_parameters() if ".cross_attn.k_proj." in n or ".cross_attn.v_proj." in n)
+    encoder = sum(
+        p.numel() * (0.25 if ".experts." in n else 1) for n, p in model.named_parameters() if n.startswith("encoder_")
+    )
+    cross_kv = sum(
+        p.numel() for n, p in model.named_parameters() if ".cross_attn.k_proj." in n or ".cross_attn.v_proj." in n
+    )
     assert counts["active_src"] == pytest.approx(encoder + cross_kv)
 
 
@@ -61,10 +65,22 @@ def test_step_flops_follow_the_6n_rule_per_side() -> None:
 
 def test_scale_summary_compares_the_largest_models() -> None:
     runs = {
-        "stage0-none": {"summary": {"largest_params": 100, "gpu_state_bytes_per_param": 16.0, "peak_gpu_bytes_per_param": 20.0,
-                                    "stop_reason": "E=16 failed: out of memory"}},
-        "stage3-params": {"summary": {"largest_params": 300, "gpu_state_bytes_per_param": 0.0, "peak_gpu_bytes_per_param": 2.0,
-                                      "stop_reason": "host memory guard: E=64 needs ..."}},
+        "stage0-none": {
+            "summary": {
+                "largest_params": 100,
+                "gpu_state_bytes_per_param": 16.0,
+                "peak_gpu_bytes_per_param": 20.0,
+                "stop_reason": "E=16 failed: out of memory",
+            }
+        },
+        "stage3-params": {
+            "summary": {
+                "largest_params": 300,
+                "gpu_state_bytes_per_param": 0.0,
+                "peak_gpu_bytes_per_param": 2.0,
+                "stop_reason": "host memory guard: E=64 needs ...",
+            }
+        },
     }
     summary = model_scale._compare(runs)
     assert summary["stage3-params_params_ratio"] == 3.0
@@ -81,8 +97,27 @@ def test_scale_summary_compares_the_largest_models() -> None:
 def test_train_throughput_runs_on_cpu(tmp_path: Path) -> None:
     out = tmp_path / "throughput.json"
     proc = _run(
-        "train_throughput.py", "--device", "cpu", "--preset", "tiny", "--vocab", "256", "--batch-size", "4",
-        "--src-len", "12", "--tgt-len", "10", "--steps", "2", "--warmup", "1", "--threads", "1", "--json", str(out),
+        "train_throughput.py",
+        "--device",
+        "cpu",
+        "--preset",
+        "tiny",
+        "--vocab",
+        "256",
+        "--batch-size",
+        "4",
+        "--src-len",
+        "12",
+        "--tgt-len",
+        "10",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--threads",
+        "1",
+        "--json",
+        str(out),
     )
     result = json.loads(out.read_text())
     assert "tokens/s" in proc.stdout and "MFU" in proc.stdout
@@ -100,19 +135,45 @@ def test_train_throughput_runs_on_cpu(tmp_path: Path) -> None:
 def test_train_throughput_side_by_side_interleaves_three_variants(tmp_path: Path) -> None:
     out = tmp_path / "side.json"
     proc = _run(
-        "train_throughput.py", "--device", "cpu", "--preset", "tiny", "--vocab", "256", "--batch-size", "4",
-        "--src-len", "12", "--tgt-len", "10", "--steps", "1", "--warmup", "1", "--threads", "1",
-        "--side-by-side", "2", "--peak-tflops", "2.0", "--json", str(out),
+        "train_throughput.py",
+        "--device",
+        "cpu",
+        "--preset",
+        "tiny",
+        "--vocab",
+        "256",
+        "--batch-size",
+        "4",
+        "--src-len",
+        "12",
+        "--tgt-len",
+        "10",
+        "--steps",
+        "1",
+        "--warmup",
+        "1",
+        "--threads",
+        "1",
+        "--side-by-side",
+        "2",
+        "--peak-tflops",
+        "2.0",
+        "--json",
+        str(out),
     )
     result = json.loads(out.read_text())
     variants = result["variants"]
     assert list(variants) == ["MoE 32-true", "MoE bf16-mixed", "dense bf16-mixed"]
-    assert [v["experts"] for v in variants.values()] == [8, 8, 0] and all(len(v["step_s"]) == 2 for v in variants.values())
+    assert [v["experts"] for v in variants.values()] == [8, 8, 0] and all(
+        len(v["step_s"]) == 2 for v in variants.values()
+    )
     moe_fp32, moe_bf16, dense = variants.values()
     assert result["ratios"]["bf16_over_fp32_median"] == pytest.approx(
-        moe_bf16["tokens_per_s_median"] / moe_fp32["tokens_per_s_median"])
+        moe_bf16["tokens_per_s_median"] / moe_fp32["tokens_per_s_median"]
+    )
     assert result["ratios"]["moe_over_dense_bf16_best"] == pytest.approx(
-        moe_bf16["tokens_per_s_best"] / dense["tokens_per_s_best"])
+        moe_bf16["tokens_per_s_best"] / dense["tokens_per_s_best"]
+    )
     assert moe_bf16["utilisation_of_bf16_peak_median"] == pytest.approx(moe_bf16["model_tflops_per_s_median"] / 2.0)
     assert "bf16 / fp32 (MoE)" in proc.stdout
 
@@ -122,9 +183,32 @@ def test_model_scale_grows_experts_until_a_failure_then_refines(tmp_path: Path) 
     """Doubling 2 -> 4 -> 8 (a simulated out-of-memory above 6 experts), then the size halfway (6) is tried."""
     out = tmp_path / "scale.json"
     _run(
-        "model_scale.py", "--device", "cpu", "--preset", "tiny", "--vocab", "256", "--batch-size", "2",
-        "--src-len", "8", "--tgt-len", "8", "--experts-start", "2", "--simulate-oom-above", "6",
-        "--configs", "3:params", "--threads", "1", "--time-budget", "200", "--json", str(out), timeout=300,
+        "model_scale.py",
+        "--device",
+        "cpu",
+        "--preset",
+        "tiny",
+        "--vocab",
+        "256",
+        "--batch-size",
+        "2",
+        "--src-len",
+        "8",
+        "--tgt-len",
+        "8",
+        "--experts-start",
+        "2",
+        "--simulate-oom-above",
+        "6",
+        "--configs",
+        "3:params",
+        "--threads",
+        "1",
+        "--time-budget",
+        "200",
+        "--json",
+        str(out),
+        timeout=300,
     )
     result = json.loads(out.read_text())
     run = result["runs"]["stage3-params"]

@@ -159,7 +159,9 @@ def test_fused_path_equals_loop_path(fused_on_cpu, monkeypatch, kind: str, align
     monkeypatch.setattr(experts_mod, "NATIVE_GROUP_ALIGNMENT", alignment)
     buffers: list[int] = []
     pad_rows = experts_mod._pad_rows
-    monkeypatch.setattr(experts_mod, "_pad_rows", lambda x, layout: buffers.append(layout.num_rows) or pad_rows(x, layout))
+    monkeypatch.setattr(
+        experts_mod, "_pad_rows", lambda x, layout: buffers.append(layout.num_rows) or pad_rows(x, layout)
+    )
     module = build_experts(kind, 5, 16, 32, None)
     counts = torch.tensor([3, 0, 11, 1, 6])  # an empty group, groups shorter and longer than the alignment
     x = torch.randn(int(counts.sum()), 16)

@@ -16,7 +16,11 @@ def test_presets_are_valid_and_ordered_by_size():
     assert widths == sorted(widths)
     base = PRESETS["base"]
     assert (base.d_model, base.encoder_layers, base.decoder_layers, base.ffn_hidden_size, base.num_heads) == (
-        512, 6, 6, 2048, 8
+        512,
+        6,
+        6,
+        2048,
+        8,
     )
     tiny = PRESETS["tiny"]
     assert 128 <= tiny.d_model <= 256 and tiny.encoder_layers <= 3 and tiny.num_heads == 4

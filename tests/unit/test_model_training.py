@@ -46,8 +46,17 @@ def one_thread():
 def test_tiny_moe_model_overfits_a_copy_task(num_experts, one_thread):
     torch.manual_seed(0)
     cfg = get_preset(
-        "tiny", vocab_size=VOCAB, d_model=64, num_heads=4, ffn_hidden_size=128, dropout=0.0, max_positions=16,
-        num_experts=num_experts, k=1, capacity_factor=2.0, eval_capacity_factor=2.0,
+        "tiny",
+        vocab_size=VOCAB,
+        d_model=64,
+        num_heads=4,
+        ffn_hidden_size=128,
+        dropout=0.0,
+        max_positions=16,
+        num_experts=num_experts,
+        k=1,
+        capacity_factor=2.0,
+        eval_capacity_factor=2.0,
     )
     model = MoETransformer(cfg)
     batch = copy_task()

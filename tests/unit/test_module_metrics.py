@@ -37,8 +37,15 @@ HYPOTHESES = [
 
 def _module() -> MultitaskTranslationModule:
     model = TransformerConfig(
-        vocab_size=VOCAB, d_model=16, num_heads=2, ffn_hidden_size=16, encoder_layers=2, decoder_layers=2,
-        dropout=0.0, max_positions=16, moe=MoEConfig(num_experts=2, k=1),
+        vocab_size=VOCAB,
+        d_model=16,
+        num_heads=2,
+        ffn_hidden_size=16,
+        encoder_layers=2,
+        decoder_layers=2,
+        dropout=0.0,
+        max_positions=16,
+        moe=MoEConfig(num_experts=2, k=1),
     )
     return MultitaskTranslationModule(
         model=model, generation=GenerationConfig(val_max_sentences=-1), val_directions=["en-de"], max_steps=10
@@ -74,7 +81,11 @@ def test_logged_validation_scores_equal_sacrebleu(tmp_path: Path):
     module.validation_step = validation_step
     logger = CSVLogger(tmp_path, name="logs")
     trainer = pl.Trainer(
-        accelerator="cpu", devices=1, logger=logger, enable_progress_bar=False, enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+        logger=logger,
+        enable_progress_bar=False,
+        enable_model_summary=False,
         enable_checkpointing=False,
     )
     trainer.validate(module, dataloaders=[torch.utils.data.DataLoader(batches, batch_size=None)], verbose=False)
@@ -123,4 +134,3 @@ def test_checkpoint_hparams_with_nested_model_moe_still_load():
     loaded = MultitaskTranslationModule(**hparams)
     assert asdict(loaded.model_config) == asdict(module.model_config)
     loaded.load_state_dict(module.state_dict())
-

@@ -416,4 +416,6 @@ def test_keep_gradient_memory_switches_the_experts_memory(expert):
     assert not memory.enabled and memory.nbytes() == 0
     layer.keep_gradient_memory(True)
     assert memory.enabled
-    MoE(hidden_size=8, num_experts=2, ffn_hidden_size=8, expert=nn.Linear(8, 8)).keep_gradient_memory(False)  # none kept
+    MoE(hidden_size=8, num_experts=2, ffn_hidden_size=8, expert=nn.Linear(8, 8)).keep_gradient_memory(
+        False
+    )  # none kept

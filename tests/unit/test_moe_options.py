@@ -126,7 +126,9 @@ def test_drop_policy_probs_keeps_the_most_probable_assignments_of_each_expert():
     capacity = layer.capacity(12)  # ceil(2 * 12 * 0.5 / 4) = 3
     expected = torch.zeros(12, 8)
     for e in range(4):  # reference: per expert, the assignments with the highest probability
-        members = [(float(routing.probs[t, e]), t, j) for t in range(12) for j in range(2) if routing.expert_index[t, j] == e]
+        members = [
+            (float(routing.probs[t, e]), t, j) for t in range(12) for j in range(2) if routing.expert_index[t, j] == e
+        ]
         for _, t, j in sorted(members, key=lambda m: -m[0])[:capacity]:
             expected[t] += routing.expert_weight[t, j] * expert_reference(layer, e, x[t])
     torch.testing.assert_close(out.output, expected)
@@ -177,14 +179,20 @@ def test_pyramid_expert_counts_per_moe_layer_in_encoder_then_decoder_order():
     assert config.experts_per_moe_layer() == [2, 4, 8]
     model = MoETransformer(config)
     assert [(n, m.num_experts) for n, m in find_moe_layers(model)] == [
-        ("encoder_layers.1.ffn", 2), ("encoder_layers.3.ffn", 4), ("decoder_layers.1.ffn", 8)
+        ("encoder_layers.1.ffn", 2),
+        ("encoder_layers.3.ffn", 4),
+        ("decoder_layers.1.ffn", 8),
     ]
     assert get_preset("tiny", num_experts=4).experts_per_moe_layer() == [4, 4]
 
 
 @pytest.mark.parametrize(
     ("num_experts", "match"),
-    [([4, 4, 8], "3 counts but the model has 2 MoE layers"), ([4, 0], r"num_experts\[1\]=0"), ([], "num_experts=\\[\\]")],
+    [
+        ([4, 4, 8], "3 counts but the model has 2 MoE layers"),
+        ([4, 0], r"num_experts\[1\]=0"),
+        ([], "num_experts=\\[\\]"),
+    ],
 )
 def test_pyramid_validation_names_the_key(num_experts, match):
     with pytest.raises(ValueError, match=match):
@@ -216,7 +224,9 @@ def test_hydra_command_line_takes_a_list_of_counts():
         to_train_config(_compose(["moe.num_experts=[4,8,8]"]))
     with pytest.raises(ConfigError, match="expert_parallel_size=4 does not divide moe.num_experts=\\[4, 6\\]"):
         to_train_config(
-            _compose(["moe.num_experts=[4,6]", "strategy=moe_zero", "strategy.expert_parallel_size=4", "trainer.devices=4"])
+            _compose(
+                ["moe.num_experts=[4,6]", "strategy=moe_zero", "strategy.expert_parallel_size=4", "trainer.devices=4"]
+            )
         )
     with pytest.raises(ConfigError, match="moe.upcycle=true needs init_from"):
         to_train_config(_compose(["moe.upcycle=true"]))
@@ -236,6 +246,7 @@ def test_router_metrics_sum_every_rank_by_hand():
         a(x), b(x)
         per_rank.append([a.last_stats, b.last_stats])
     tables = [router_metrics(stats) for stats in per_rank]  # each rank alone
+
     # A fake two-rank sum: what strategy.reduce(sum) returns on every rank.
     def reduce_sum(table, reduce_op):
         assert reduce_op == "sum"
@@ -246,13 +257,19 @@ def test_router_metrics_sum_every_rank_by_hand():
     col = {m: i for i, m in enumerate(ROUTER_METRICS)}
     for layer in range(2):
         s0, s1 = per_rank[0][layer], per_rank[1][layer]
-        for metric, attr in (("balance_loss", "balance_loss"), ("z_loss", "z_loss"), ("router_entropy", "router_entropy")):
+        for metric, attr in (
+            ("balance_loss", "balance_loss"),
+            ("z_loss", "z_loss"),
+            ("router_entropy", "router_entropy"),
+        ):
             expected = (float(getattr(s0, attr)) + float(getattr(s1, attr))) / 2
             assert combined[layer, col[metric]].item() == pytest.approx(expected)
         kept = s0.tokens_per_expert + s1.tokens_per_expert
         routed = s0.num_assignments + s1.num_assignments
         assert combined[layer, col["dropped_fraction"]].item() == pytest.approx(1 - kept.sum().item() / routed)
-        assert combined[layer, col["max_over_mean_load"]].item() == pytest.approx(kept.max().item() / kept.float().mean().item())
+        assert combined[layer, col["max_over_mean_load"]].item() == pytest.approx(
+            kept.max().item() / kept.float().mean().item()
+        )
         assert tables[0][layer, col["balance_loss"]].item() == pytest.approx(float(s0.balance_loss))
     assert combined[0, col["dropped_fraction"]] > 0
 
@@ -279,13 +296,21 @@ def _raw(stats):
         {"num_experts": 4, "k": 1},  # top-1 weights 1/4: the experts' output projection is scaled by 4
         {"num_experts": 4, "k": 2, "expert": "glu"},
         {"num_experts": 4, "k": 1, "use_residual": True},
-        {"num_experts": [2, 8], "k": 2, "score_func": "sigmoid", "num_shared_experts": 1, "router_bias_update_rate": 0.1},
+        {
+            "num_experts": [2, 8],
+            "k": 2,
+            "score_func": "sigmoid",
+            "num_shared_experts": 1,
+            "router_bias_update_rate": 0.1,
+        },
     ],
 )
 def test_upcycled_model_equals_the_dense_model_exactly_at_step_zero(options):
     from lightning_moe.models.upcycle import upcycle_
 
-    dense = MoETransformer(get_preset("tiny", vocab_size=50, num_experts=0, k=1, expert=options.get("expert", "ffn"))).eval()
+    dense = MoETransformer(
+        get_preset("tiny", vocab_size=50, num_experts=0, k=1, expert=options.get("expert", "ffn"))
+    ).eval()
     moe = MoETransformer(get_preset("tiny", vocab_size=50, drop_tokens=False, **options)).eval()
     src, tgt = torch.randint(3, 50, (3, 7)), torch.randint(3, 50, (3, 6))
     src_mask = torch.zeros(3, 7, dtype=torch.bool)
@@ -317,7 +342,12 @@ def _ffn_of(model, width):
     return {
         f"{name}.{part}": torch.zeros(shape)
         for name, _ in find_moe_layers(model)
-        for part, shape in (("fc1.weight", (width, 128)), ("fc1.bias", (width,)), ("fc2.weight", (128, width)), ("fc2.bias", (128,)))
+        for part, shape in (
+            ("fc1.weight", (width, 128)),
+            ("fc1.bias", (width,)),
+            ("fc2.weight", (128, width)),
+            ("fc2.bias", (128,)),
+        )
     }
 
 
@@ -356,8 +386,14 @@ def test_router_bias_update_runs_once_per_optimizer_step_with_accumulation(monke
     counted: list[torch.Tensor] = []
     layer.register_forward_hook(lambda m, args, out: counted.append(out.expert_counts.clone()))
     trainer = pl.Trainer(
-        max_steps=2, accumulate_grad_batches=2, callbacks=[RouterBiasUpdate()], logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, accelerator="cpu", enable_model_summary=False,
+        max_steps=2,
+        accumulate_grad_batches=2,
+        callbacks=[RouterBiasUpdate()],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        accelerator="cpu",
+        enable_model_summary=False,
     )
     trainer.fit(module, torch.utils.data.DataLoader(make_batches(4), batch_size=None))
     assert len(updates) == 2  # two optimizer steps, four batches

@@ -34,7 +34,7 @@ def test_preempted_exits_with_75_and_one_line() -> None:
 def test_slurm_requeue_calls_scontrol_with_the_job_id(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = tmp_path / "calls.txt"
     fake = tmp_path / "scontrol"
-    fake.write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\n")
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
@@ -63,12 +63,23 @@ def test_a_signal_before_training_starts_stops_after_the_first_full_step_with_a_
             return super().train_dataloader()
 
     callback = RetainingModelCheckpoint(
-        keep_last=2, preempt_signals=["SIGTERM"], dirpath=str(tmp_path), filename="step-{step:06d}",
-        auto_insert_metric_name=False, every_n_train_steps=100,
+        keep_last=2,
+        preempt_signals=["SIGTERM"],
+        dirpath=str(tmp_path),
+        filename="step-{step:06d}",
+        auto_insert_metric_name=False,
+        every_n_train_steps=100,
     )
     trainer = pl.Trainer(
-        max_steps=10, accumulate_grad_batches=2, callbacks=[callback], logger=False, enable_progress_bar=False,
-        enable_model_summary=False, accelerator="cpu", devices=1, limit_val_batches=0,
+        max_steps=10,
+        accumulate_grad_batches=2,
+        callbacks=[callback],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+        limit_val_batches=0,
     )
     torch.manual_seed(0)
     with pytest.raises(Preempted, match=r"preempted \(SIGTERM\): saved .*step-000001.ckpt at step 1"):

@@ -43,7 +43,16 @@ def test_smoke_run_writes_results_plots_and_report(tmp_path: Path):
         assert data.startswith(PNG_SIGNATURE) and len(data) > 1000, name
 
     results = json.loads((out / "results.json").read_text())
-    assert {"command", "machine", "settings", "runs", "equal_wall_clock", "interleaved", "goals", "total_wall_seconds"} <= set(results)
+    assert {
+        "command",
+        "machine",
+        "settings",
+        "runs",
+        "equal_wall_clock",
+        "interleaved",
+        "goals",
+        "total_wall_seconds",
+    } <= set(results)
     assert results["settings"]["smoke"] is True and results["machine"]["torch"]
     runs = {r["label"]: r for r in results["runs"]}
     assert list(runs) == ["dense", "moe8", "moe16"]
@@ -69,15 +78,31 @@ def test_smoke_run_writes_results_plots_and_report(tmp_path: Path):
     assert all(g["met"] in (True, False) for g in results["goals"].values())
 
     report = (out / "report.md").read_text()
-    for text in ("## Goals", "| split | direction |", "en-de", "expert_load_moe8.png", "val_curves.png", "--smoke", "torch"):
+    for text in (
+        "## Goals",
+        "| split | direction |",
+        "en-de",
+        "expert_load_moe8.png",
+        "val_curves.png",
+        "--smoke",
+        "torch",
+    ):
         assert text in report, text
 
 
-def _record(dense_nll: float, moe_nll: float, dense_bleu: float, moe_bleu: float, equal_bleu: float, ratio: float) -> dict:
+def _record(
+    dense_nll: float, moe_nll: float, dense_bleu: float, moe_bleu: float, equal_bleu: float, ratio: float
+) -> dict:
     def run(label: str, experts: int, nll: float, bleu: float) -> dict:
         tests = [{"split": "test_2016_flickr", "direction": "en-de", "sentences": 10, "bleu": bleu, "chrf": 30.0}]
-        return {"label": label, "experts": experts, "val_curve": [(50, nll + 1), (100, nll)], "val_nll_at_steps": nll,
-                "tests": tests, "throughput_ratio": ratio}
+        return {
+            "label": label,
+            "experts": experts,
+            "val_curve": [(50, nll + 1), (100, nll)],
+            "val_nll_at_steps": nll,
+            "tests": tests,
+            "throughput_ratio": ratio,
+        }
 
     return {
         "settings": {"steps": 100, "reference": "moe8"},
@@ -89,7 +114,9 @@ def _record(dense_nll: float, moe_nll: float, dense_bleu: float, moe_bleu: float
 
 def test_goals_are_judged_from_the_numbers():
     quality = _load_benchmark()
-    met = quality.goals(_record(dense_nll=3.0, moe_nll=2.9, dense_bleu=20.0, moe_bleu=21.5, equal_bleu=20.4, ratio=0.85))
+    met = quality.goals(
+        _record(dense_nll=3.0, moe_nll=2.9, dense_bleu=20.0, moe_bleu=21.5, equal_bleu=20.4, ratio=0.85)
+    )
     assert met["moe_below_dense_val_loss"]["met"] is True
     assert met["moe_below_dense_val_loss"]["runs"]["moe8"]["validations_below_dense"] == "2/2"
     assert met["bleu_gain_en_de_2016"]["met"] is True
@@ -97,8 +124,14 @@ def test_goals_are_judged_from_the_numbers():
     assert met["bleu_gain_en_de_2016"]["gain_equal_steps"] == pytest.approx(1.5)
     assert met["throughput"]["met"] is True
 
-    missed = quality.goals(_record(dense_nll=3.0, moe_nll=3.1, dense_bleu=20.0, moe_bleu=21.5, equal_bleu=20.9, ratio=0.7))
-    assert [missed[k]["met"] for k in ("moe_below_dense_val_loss", "bleu_gain_en_de_2016", "throughput")] == [False, False, False]
+    missed = quality.goals(
+        _record(dense_nll=3.0, moe_nll=3.1, dense_bleu=20.0, moe_bleu=21.5, equal_bleu=20.9, ratio=0.7)
+    )
+    assert [missed[k]["met"] for k in ("moe_below_dense_val_loss", "bleu_gain_en_de_2016", "throughput")] == [
+        False,
+        False,
+        False,
+    ]
 
 
 def test_arguments_need_the_dense_twin():

@@ -57,7 +57,9 @@ def test_unknown_group_option_is_one_line_naming_the_valid_ones(argv, bad):
 
 
 def test_known_options_and_plain_keys_pass():
-    check_group_options(["experiment=finetune", "init_from=x", "model=small", "-m", "moe=top1,top2", "trainer.max_steps=3"])
+    check_group_options(
+        ["experiment=finetune", "init_from=x", "model=small", "-m", "moe=top1,top2", "trainer.max_steps=3"]
+    )
     check_group_options(["callbacks=[early_stopping,device_stats]", "logger=csv", "hydra.run.dir=x", "--multirun"])
 
 

@@ -37,6 +37,7 @@ use the intra-op threads well)."""
 MIN_SPLIT_WORK = 1 << 24
 """Smallest ``rows x in-width x out-width`` of one weight's products worth handing to threads (tests set 0)."""
 
+
 def splits_over_threads(bounds: Sequence[int], matrix_size: int, num_threads: int) -> bool:
     """Whether experts with row offsets ``bounds`` (``[0, n_0, n_0+n_1, ..., N]``) and ``matrix_size``
     (in-width x out-width of one weight) run faster spread over ``num_threads`` threads."""

@@ -28,8 +28,15 @@ from lightning_moe.moe.activations import ACTIVATION_BACKWARD_OUT, ACTIVATION_OU
 from lightning_moe.moe.kernels.expert_threads import run_over_experts
 from lightning_moe.moe.kernels.gradient_memory import GradientMemory
 
-__all__ = ["group_bounds", "LoopExpertFFN", "LoopExpertGLU", "LoopGroupedMM", "loop_expert_ffn", "loop_expert_glu",
-           "loop_grouped_mm"]
+__all__ = [
+    "group_bounds",
+    "LoopExpertFFN",
+    "LoopExpertGLU",
+    "LoopGroupedMM",
+    "loop_expert_ffn",
+    "loop_expert_glu",
+    "loop_grouped_mm",
+]
 
 
 def group_bounds(tokens_per_expert: Tensor) -> list[int]:
@@ -65,8 +72,9 @@ class LoopGroupedMM(torch.autograd.Function):
     """``out[rows of e] = x[rows of e] @ w[e] (+ bias[e])`` for every expert ``e``."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, w: Tensor, bias: Tensor | None, bounds: list[int],
-                memory: GradientMemory | None) -> Tensor:
+    def forward(
+        ctx, x: Tensor, w: Tensor, bias: Tensor | None, bounds: list[int], memory: GradientMemory | None
+    ) -> Tensor:
         # x: [N, a], w: [E, a, b], bias: [E, b] or None
         out = x.new_empty(x.shape[0], w.shape[2])  # [N, b]
 
@@ -121,8 +129,17 @@ class LoopExpertFFN(torch.autograd.Function):
     """The two-layer expert FFN ``act(x_e w1[e] + b1[e]) w2[e] + b2[e]`` for every expert, as one node."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
-                bounds: list[int], activation: str, memory: GradientMemory | None) -> Tensor:
+    def forward(
+        ctx,
+        x: Tensor,
+        w1: Tensor,
+        b1: Tensor | None,
+        w2: Tensor,
+        b2: Tensor | None,
+        bounds: list[int],
+        activation: str,
+        memory: GradientMemory | None,
+    ) -> Tensor:
         # x: [N, d], w1: [E, d, h], b1: [E, h] or None, w2: [E, h, d], b2: [E, d] or None
         act_out = ACTIVATION_OUT[activation]
         hidden_size = w1.shape[2]
@@ -202,8 +219,16 @@ class LoopExpertGLU(torch.autograd.Function):
     """The gated expert ``(act(x_e w1[e]) * (x_e w3[e])) w2[e]`` (SwiGLU with silu) for every expert, as one node."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, w1: Tensor, w3: Tensor, w2: Tensor, bounds: list[int], activation: str,
-                memory: GradientMemory | None) -> Tensor:
+    def forward(
+        ctx,
+        x: Tensor,
+        w1: Tensor,
+        w3: Tensor,
+        w2: Tensor,
+        bounds: list[int],
+        activation: str,
+        memory: GradientMemory | None,
+    ) -> Tensor:
         # x: [N, d], w1 (gate) and w3 (up): [E, d, h], w2 (down): [E, h, d]
         act_out = ACTIVATION_OUT[activation]
         hidden_size = w1.shape[2]
@@ -283,8 +308,9 @@ def _first_saved_index(bounds: list[int]) -> list[int]:
 
 
 @torch.compiler.disable
-def loop_grouped_mm(x: Tensor, w: Tensor, tokens_per_expert: Tensor, bias: Tensor | None = None,
-                    memory: GradientMemory | None = None) -> Tensor:
+def loop_grouped_mm(
+    x: Tensor, w: Tensor, tokens_per_expert: Tensor, bias: Tensor | None = None, memory: GradientMemory | None = None
+) -> Tensor:
     """:class:`LoopGroupedMM` in the dtype of its inputs, also under autocast (eager even under
     ``torch.compile``: the host-side group bounds would otherwise make every new routing a recompilation)."""
     bounds = group_bounds(tokens_per_expert)
@@ -293,8 +319,16 @@ def loop_grouped_mm(x: Tensor, w: Tensor, tokens_per_expert: Tensor, bias: Tenso
 
 
 @torch.compiler.disable
-def loop_expert_ffn(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
-                    tokens_per_expert: Tensor, activation: str, memory: GradientMemory | None = None) -> Tensor:
+def loop_expert_ffn(
+    x: Tensor,
+    w1: Tensor,
+    b1: Tensor | None,
+    w2: Tensor,
+    b2: Tensor | None,
+    tokens_per_expert: Tensor,
+    activation: str,
+    memory: GradientMemory | None = None,
+) -> Tensor:
     """:class:`LoopExpertFFN` in the dtype of its inputs, also under autocast (eager under ``torch.compile``)."""
     bounds = group_bounds(tokens_per_expert)
     with torch.autocast(device_type=x.device.type, enabled=False):
@@ -302,8 +336,15 @@ def loop_expert_ffn(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Te
 
 
 @torch.compiler.disable
-def loop_expert_glu(x: Tensor, w1: Tensor, w3: Tensor, w2: Tensor, tokens_per_expert: Tensor, activation: str,
-                    memory: GradientMemory | None = None) -> Tensor:
+def loop_expert_glu(
+    x: Tensor,
+    w1: Tensor,
+    w3: Tensor,
+    w2: Tensor,
+    tokens_per_expert: Tensor,
+    activation: str,
+    memory: GradientMemory | None = None,
+) -> Tensor:
     """:class:`LoopExpertGLU` in the dtype of its inputs, also under autocast (eager under ``torch.compile``)."""
     bounds = group_bounds(tokens_per_expert)
     with torch.autocast(device_type=x.device.type, enabled=False):
