@@ -182,3 +182,14 @@ def test_plain_mapping_with_nested_model_moe_still_validates():
     assert cfg.moe.num_experts == 4 and cfg.transformer.moe.k == 1 and cfg.model.d_model == 64
     with pytest.raises(ConfigError, match="keep only the top-level moe"):
         to_train_config({"model": {"moe": {"num_experts": 4}}, "moe": {"num_experts": 8}})
+
+
+def test_the_multi30k_recipe_composes_to_the_documented_settings():
+    """`experiment=multi30k` (README: the Multi30k recipe): full corpus, small MoE, multitask, bf16 where the CPU
+    has it, beam search."""
+    cfg = to_train_config(_compose(["experiment=multi30k", "data.root=/nonexistent"]))
+    assert (cfg.transformer.d_model, cfg.transformer.encoder_layers) == (256, 3)
+    assert (cfg.moe.num_experts, cfg.moe.k) == (8, 2)
+    assert [t["name"] for t in cfg.tasks.tasks] == ["translation", "translation", "denoising"]
+    assert cfg.data.max_train_sentences is None and cfg.trainer.precision == "auto"
+    assert (cfg.generation.beam_size, cfg.trainer.max_steps, cfg.name) == (4, 6000, "multi30k")
