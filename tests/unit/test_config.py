@@ -192,4 +192,4 @@ def test_the_multi30k_recipe_composes_to_the_documented_settings():
     assert (cfg.moe.num_experts, cfg.moe.k) == (8, 2)
     assert [t["name"] for t in cfg.tasks.tasks] == ["translation", "translation", "denoising"]
     assert cfg.data.max_train_sentences is None and cfg.trainer.precision == "auto"
-    assert (cfg.generation.beam_size, cfg.trainer.max_steps, cfg.name) == (4, 6000, "multi30k")
+    assert (cfg.generation.beam_size, cfg.trainer.max_steps, cfg.name) == (4, 4000, "multi30k")
