@@ -93,23 +93,16 @@ def test_scale_summary_compares_the_largest_models() -> None:
 # ------------------------------------------------------------------------------------- end to end
 
 
+# A tiny model on 4 sentence pairs of 12 + 10 tokens: the throughput benchmark's arguments shared by its tests.
+TINY_THROUGHPUT = "--device cpu --preset tiny --vocab 256 --batch-size 4 --src-len 12 --tgt-len 10".split()
+
+
 @pytest.mark.slow
 def test_train_throughput_runs_on_cpu(tmp_path: Path) -> None:
     out = tmp_path / "throughput.json"
     proc = _run(
         "train_throughput.py",
-        "--device",
-        "cpu",
-        "--preset",
-        "tiny",
-        "--vocab",
-        "256",
-        "--batch-size",
-        "4",
-        "--src-len",
-        "12",
-        "--tgt-len",
-        "10",
+        *TINY_THROUGHPUT,
         "--steps",
         "2",
         "--warmup",
@@ -136,18 +129,7 @@ def test_train_throughput_side_by_side_interleaves_three_variants(tmp_path: Path
     out = tmp_path / "side.json"
     proc = _run(
         "train_throughput.py",
-        "--device",
-        "cpu",
-        "--preset",
-        "tiny",
-        "--vocab",
-        "256",
-        "--batch-size",
-        "4",
-        "--src-len",
-        "12",
-        "--tgt-len",
-        "10",
+        *TINY_THROUGHPUT,
         "--steps",
         "1",
         "--warmup",
