@@ -1,258 +1,277 @@
-"""The report of ``benchmarks/quality.py``: ``results.json``, ``val_curves.png`` and ``report.md``.
+"""The quality report (``report.md``, ``val_curves.png``) from the run files that ``quality.py`` wrote.
 
-``benchmarks/quality.py`` calls :func:`write_outputs` at its end; this module also re-renders the plot and
-the markdown from an existing ``results.json`` (e.g. after editing the wording)::
+Works on whatever runs exist: a study whose runs are missing says so instead of a verdict.
 
-    python benchmarks/quality_report.py benchmarks/results/quality/results.json
+    python benchmarks/quality_report.py benchmarks/results/quality
 """
 
 from __future__ import annotations
 
-import argparse
 import json
+import statistics
+import sys
+from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["plot_val_curves", "markdown_report", "write_outputs", "main"]
-
-COLORS = {"dense": "black"}
-
-
-def _name(label: str) -> str:
-    """Display name of a run label: ``dense`` -> ``dense``, ``moe8`` -> ``MoE-8``."""
-    return "dense" if label == "dense" else f"MoE-{label.removeprefix('moe')}"
+EXPERT_ARMS = ("multitask-dense", "multitask-moe8", "multitask-moe16", "multitask-moe32")
+TASK_ARMS = ("multitask-dense", "multitask-moe8", "single-dense", "single-moe8")
+FINETUNE_ARMS = ("defr-scratch", "defr-finetuned")
+UPCYCLE_ARMS = ("upcycle-scratch", "upcycle-dense", "upcycle-upcycled")
+SPLITS = ("test_2016_flickr", "test_2017_flickr")
 
 
-def plot_val_curves(result: dict[str, Any], path: Path) -> Path:
-    """One plot: validation NLL against training step, one curve per run (the dense run's steps past
-    ``--steps``, trained for the equal wall-clock comparison, dashed)."""
+def load_runs(out: Path) -> dict[str, list[dict[str, Any]]]:
+    """Finished runs by arm, each arm's runs sorted by seed."""
+    arms: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for path in sorted((out / "runs").glob("*.json")):
+        run = json.loads(path.read_text())
+        arms[run["arm"]].append(run)
+    for runs in arms.values():
+        runs.sort(key=lambda r: r["seed"])
+    return dict(arms)
+
+
+def bleu(run: dict[str, Any], split: str, direction: str) -> float | None:
+    return next((r["bleu"] for r in run["test"] if r["split"] == split and r["direction"] == direction), None)
+
+
+def nll_at(run: dict[str, Any], step: int) -> float | None:
+    return next((h["val_nll"] for h in run["history"] if h["step"] == step), None)
+
+
+def mean(values: Sequence[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.fmean(present) if present else None
+
+
+def fmt(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def per_seed(values: Sequence[float | None], digits: int = 2) -> str:
+    """``mean (seed values)``, the way every table cell shows a configuration."""
+    return f"**{fmt(mean(values), digits)}** ({' / '.join(fmt(v, digits) for v in values)})"
+
+
+def missing(arms: dict[str, list], wanted: Sequence[str]) -> list[str]:
+    return [a for a in wanted if a not in arms]
+
+
+def experts_section(arms: dict[str, list]) -> list[str]:
+    lines = ["## 1. More experts, lower loss at equal steps (the seed's Figure 4)", ""]
+    present = [a for a in EXPERT_ARMS if a in arms]
+    if len(present) < 2:
+        return [*lines, f"Not run yet (missing: {missing(arms, EXPERT_ARMS)}).", ""]
+    runs = [r for a in present for r in arms[a]]
+    shared_steps = set.intersection(*({h["step"] for h in r["history"]} for r in runs))
+    if not shared_steps:
+        return [*lines, "The runs share no validation step yet.", ""]
+    common = max(shared_steps)
+    lines += [
+        f"Validation NLL (all validation directions, label smoothing off) at step {common}, the last validation"
+        " every run reached, and at the end of the budget; mean over seeds (per seed in brackets).",
+        "",
+        "| model | params total | active / token | steps in budget | val NLL @ step "
+        + str(common)
+        + " | val NLL @ end |",
+        "|---|---|---|---|---|---|",
+    ]
+    means = {}
+    for arm in present:
+        rs = arms[arm]
+        means[arm] = mean([nll_at(r, common) for r in rs])
+        lines.append(
+            f"| {arm} | {rs[0]['params_total']:,} | {rs[0]['params_active']:,} | "
+            f"{' / '.join(str(r['steps']) for r in rs)} | {per_seed([nll_at(r, common) for r in rs], 3)} | "
+            f"{per_seed([r['val_nll'] for r in rs], 3)} |"
+        )
+    order = [means[a] for a in present]
+    holds = all(a > b for a, b in zip(order, order[1:]))
+    seeds = sorted({r["seed"] for r in runs})
+    per_seed_holds = []
+    for seed in seeds:
+        values = [next((nll_at(r, common) for r in arms[a] if r["seed"] == seed), None) for a in present]
+        if None not in values:
+            per_seed_holds.append(all(x > y for x, y in zip(values, values[1:])))
+    lines += [
+        "",
+        f"Claim: {'**holds**' if holds else '**does not hold**'} on the mean "
+        f"({', '.join(a.split('-')[1] + ' ' + fmt(v, 3) for a, v in zip(present, order))}); strictly ordered in {sum(per_seed_holds)} of {len(per_seed_holds)} seeds.",
+        "",
+        "![validation NLL](val_curves.png)",
+        "",
+    ]
+    return lines
+
+
+def tasks_section(arms: dict[str, list]) -> list[str]:
+    lines = ["## 2. Multitask against single task, MoE-8 against its dense twin (the seed's Figure 6)", ""]
+    if missing(arms, TASK_ARMS):
+        return [*lines, f"Not run yet (missing: {missing(arms, TASK_ARMS)}).", ""]
+    lines += [
+        "Greedy BLEU on en->de (sacreBLEU, all test lines) after the same training CPU time.",
+        "",
+        "| training | model | steps | test_2016 en-de | test_2017 en-de |",
+        "|---|---|---|---|---|",
+    ]
+    score = {}
+    for arm in TASK_ARMS:
+        rs = arms[arm]
+        cells = [per_seed([bleu(r, s, "en-de") for r in rs]) for s in SPLITS]
+        score[arm] = mean([mean([bleu(r, s, "en-de") for s in SPLITS]) for r in rs])
+        task, model = arm.split("-")
+        lines.append(f"| {task} | {model} | {' / '.join(str(r['steps']) for r in rs)} | {cells[0]} | {cells[1]} |")
+    multi = score["multitask-moe8"] - score["multitask-dense"]
+    single = score["single-moe8"] - score["single-dense"]
+    lines += [
+        "",
+        f"MoE-8 minus dense, mean of both splits: multitask {multi:+.2f} BLEU, single task {single:+.2f} BLEU.",
+        f"Claim 'the MoE wins in multitask training': {'**holds**' if multi > 0 else '**does not hold**'}; "
+        f"'the dense model does as well or better on a single task': {'**holds**' if single <= 0 else '**does not hold**'}.",
+        "",
+    ]
+    return lines
+
+
+def finetune_section(arms: dict[str, list]) -> list[str]:
+    lines = ["## 3. Fine-tuning the multitask MoE on a pair it never saw (de->fr)", ""]
+    if missing(arms, FINETUNE_ARMS):
+        return [*lines, f"Not run yet (missing: {missing(arms, FINETUNE_ARMS)}).", ""]
+    lines += [
+        "MoE-8 trained on de->fr only, from scratch, against the multitask MoE-8 of study 1 (which saw en<->de,"
+        " en<->fr and denoising, never de->fr) fine-tuned on de->fr, for the same training CPU time. Greedy BLEU.",
+        "",
+        "| arm | steps | test_2016 de-fr | test_2017 de-fr |",
+        "|---|---|---|---|",
+    ]
+    for arm in FINETUNE_ARMS:
+        rs = arms[arm]
+        cells = [per_seed([bleu(r, s, "de-fr") for r in rs]) for s in SPLITS]
+        lines.append(f"| {arm} | {' / '.join(str(r['steps']) for r in rs)} | {cells[0]} | {cells[1]} |")
+    gain = mean([mean([bleu(r, s, "de-fr") for s in SPLITS]) for r in arms["defr-finetuned"]]) - mean(
+        [mean([bleu(r, s, "de-fr") for s in SPLITS]) for r in arms["defr-scratch"]]
+    )
+    return [*lines, "", f"Fine-tuned minus scratch, mean of both splits: {gain:+.2f} BLEU.", ""]
+
+
+def upcycling_section(arms: dict[str, list]) -> list[str]:
+    lines = ["## 4. Upcycling the dense model against training the MoE from scratch (issue 18)", ""]
+    if missing(arms, UPCYCLE_ARMS):
+        return [*lines, f"Not run yet (missing: {missing(arms, UPCYCLE_ARMS)}).", ""]
+    lines += [
+        "`upcycle-scratch`: MoE-8 top-2 dropless from scratch for the whole budget. `upcycle-dense`: the dense"
+        " model with the experts' width for half of it; `upcycle-upcycled`: that model upcycled"
+        " (`moe.upcycle=true`) and trained for the other half. Same total training CPU time; greedy BLEU.",
+        "",
+        "| arm | steps | train CPU s | val NLL @ end | test_2016 en-de | test_2016 de-en |",
+        "|---|---|---|---|---|---|",
+    ]
+    for arm in UPCYCLE_ARMS:
+        rs = arms[arm]
+        lines.append(
+            f"| {arm} | {' / '.join(str(r['steps']) for r in rs)} | {' / '.join(str(round(r['train_cpu_s'])) for r in rs)} | "
+            f"{per_seed([r['val_nll'] for r in rs], 3)} | {per_seed([bleu(r, SPLITS[0], 'en-de') for r in rs])} | "
+            f"{per_seed([bleu(r, SPLITS[0], 'de-en') for r in rs])} |"
+        )
+    up, scratch = arms["upcycle-upcycled"], arms["upcycle-scratch"]
+    wins = sum(u["val_nll"] < s["val_nll"] for u, s in zip(up, scratch))
+    delta = mean([u["val_nll"] for u in up]) - mean([s["val_nll"] for s in scratch])
+    lines += [
+        "",
+        f"Upcycled minus scratch val NLL: {delta:+.3f} (mean); upcycled lower in {wins} of {min(len(up), len(scratch))}"
+        f" seeds: upcycling {'**beats**' if delta < 0 and wins == len(up) else '**does not beat**'} training from"
+        " scratch at this budget.",
+        "",
+    ]
+    return lines
+
+
+def runs_table(arms: dict[str, list]) -> list[str]:
+    lines = [
+        "## Every run",
+        "",
+        "| run | steps | train CPU s | train wall s | process wall s | val NLL | test BLEU (split direction) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for runs in arms.values():
+        for r in runs:
+            scores = ", ".join(f"{t['split'][5:9]} {t['direction']} {t['bleu']:.2f}" for t in r["test"])
+            lines.append(
+                f"| {r['name']} | {r['steps']} | {r['train_cpu_s']:.0f} | {r['train_wall_s']:.0f} | "
+                f"{r['process_wall_s']:.0f} | {fmt(r['val_nll'], 3)} | {scores} |"
+            )
+    return [*lines, ""]
+
+
+def plot(arms: dict[str, list], path: Path) -> None:
+    """Validation NLL against steps (study 1) and against training CPU time (study 1 and upcycling)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = result["settings"]["steps"]
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for run in result["runs"]:
-        curve = run["val_curve"]
-        inside = [(s, v) for s, v in curve if s <= steps]
-        color = COLORS.get(run["label"])
-        label = (
-            f"{_name(run['label'])} ({run['params_total'] / 1e6:.2f}M params, {run['params_active'] / 1e6:.2f}M active)"
-        )
-        line = ax.plot(*zip(*inside), marker="o", markersize=3, label=label, color=color)[0] if inside else None
-        beyond = [(s, v) for s, v in curve if s >= steps]
-        if line is not None and len(beyond) > 1:
-            ax.plot(
-                *zip(*beyond),
-                linestyle="--",
-                linewidth=1,
-                color=line.get_color(),
-                label=f"{_name(run['label'])} past {steps} steps (equal wall-clock)",
+    fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(12, 4.5))
+    colors = dict(zip((*EXPERT_ARMS, *UPCYCLE_ARMS), plt.rcParams["axes.prop_cycle"].by_key()["color"] * 2))
+    for arm in (*EXPERT_ARMS, *UPCYCLE_ARMS):
+        for i, r in enumerate(arms.get(arm, [])):
+            steps = [h["step"] for h in r["history"]]
+            nll = [h["val_nll"] for h in r["history"]]
+            offset = (
+                arms["upcycle-dense"][i]["train_cpu_s"]
+                if arm == "upcycle-upcycled" and "upcycle-dense" in arms and i < len(arms["upcycle-dense"])
+                else 0.0
             )
-    ax.axvline(steps, color="grey", linewidth=0.5)
-    ax.set_xlabel("training step")
-    ax.set_ylabel("validation NLL (nats/token)")
-    ax.set_title("Multi30k, all en/de/fr directions + denoising", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def _fmt(value: float | None, digits: int = 2) -> str:
-    return "n/a" if value is None else f"{value:.{digits}f}"
-
-
-def _met(goal: dict[str, Any]) -> str:
-    return {True: "**met**", False: "**not met**", None: "not measured"}[goal.get("met")]
-
-
-def _scores_table(result: dict[str, Any]) -> list[str]:
-    runs = result["runs"]
-    keys = sorted({(r["split"], r["direction"]) for run in runs for r in run["tests"]})
-    head = "| split | direction | sentences | " + " | ".join(f"{_name(r['label'])} BLEU / chrF" for r in runs) + " |"
-    lines = [head, "|" + "---|" * (3 + len(runs))]
-    index = [{(r["split"], r["direction"]): r for r in run["tests"]} for run in runs]
-    for key in keys:
-        sentences = next(i[key]["sentences"] for i in index if key in i)
-        cells = [f"{i[key]['bleu']:.2f} / {i[key]['chrf']:.2f}" if key in i else "n/a" for i in index]
-        lines.append(f"| {key[0]} | {key[1]} | {sentences} | " + " | ".join(cells) + " |")
-    means = []
-    for i in index:
-        means.append(
-            f"{sum(r['bleu'] for r in i.values()) / len(i):.2f} / {sum(r['chrf'] for r in i.values()) / len(i):.2f}"
-            if i
-            else "n/a"
-        )
-    lines.append("| **mean** | | | " + " | ".join(means) + " |")
-    return lines
-
-
-def _runs_table(result: dict[str, Any]) -> list[str]:
-    inter = result.get("interleaved") or {}
-    medians = inter.get("ratio_median", {})
-    per_round = inter.get("ratio_per_round", {})
-    lines = [
-        "| model | params (total) | params (active/token) | val NLL @ steps | train s (CPU s) | validation s | run wall s | tokens/s | ratio in run: wall (CPU) | ratio interleaved: median [min, max] |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in result["runs"]:
-        rounds = per_round.get(r["label"], [])
-        spread = f" [{min(rounds):.2f}, {max(rounds):.2f}]" if rounds else ""
-        lines.append(
-            f"| {_name(r['label'])} | {r['params_total']:,} | {r['params_active']:,} | {_fmt(r['val_nll_at_steps'], 3)} | "
-            f"{r['train_seconds']:.0f} ({r['train_cpu_seconds']:.0f}) | {r['validation_seconds']:.0f} | {r['wall_seconds']:.0f} | "
-            f"{r['tokens_per_s']:.0f} | {r['throughput_ratio']:.2f} ({r['throughput_ratio_cpu']:.2f}) | "
-            f"{_fmt(medians.get(r['label']))}{spread} |"
-        )
-    return lines
-
-
-def _equal_wall_clock(result: dict[str, Any]) -> list[str]:
-    eq = result.get("equal_wall_clock")
-    if not eq:
-        return [
-            "No equal wall-clock checkpoint of the dense run (no MoE reference run, or the dense run hit its step cap)."
-        ]
-    steps = result["settings"]["steps"]
-    ref = next((r for r in result["runs"] if r["label"] == eq["reference"]), None)
-    clock = eq.get("clock", "wall")
-    lines = [
-        f"The {_name(eq['reference'])} run trained {steps} steps in {eq['reference_train_seconds']:.1f} s of training wall time "
-        f"({eq.get('reference_train_cpu_seconds', float('nan')):.1f} CPU s; validation excluded). The dense run went on past "
-        f"{steps} steps where needed (same seed, same batches, learning rate independent of the run length) and was "
-        f"checkpointed at the step nearest the same {clock} time: step {eq['dense_step']}, after {eq['dense_train_seconds']:.1f} s "
-        f"({eq.get('dense_train_cpu_seconds', float('nan')):.1f} CPU s)"
-        + (" (its step cap, --max-dense-factor: it had not reached the reference time)" if eq.get("capped") else "")
-        + ".",
-        "",
-        "| split | direction | dense @ equal wall-clock BLEU / chrF | "
-        + f"{_name(eq['reference'])} @ {steps} steps BLEU / chrF |",
-        "|---|---|---|---|",
-    ]
-    ref_rows = {(r["split"], r["direction"]): r for r in (ref or {}).get("tests", [])}
-    for row in eq["rows"]:
-        other = ref_rows.get((row["split"], row["direction"]))
-        lines.append(
-            f"| {row['split']} | {row['direction']} | {row['bleu']:.2f} / {row['chrf']:.2f} | "
-            + (f"{other['bleu']:.2f} / {other['chrf']:.2f} |" if other else "n/a |")
-        )
-    return lines
-
-
-def _goals(result: dict[str, Any]) -> list[str]:
-    g = result["goals"]
-    loss, bleu, speed = g["moe_below_dense_val_loss"], g["bleu_gain_en_de_2016"], g["throughput"]
-    lines = [f"1. Every MoE run below the dense validation loss at equal steps: {_met(loss)}."]
-    for label, v in loss["runs"].items():
-        lines.append(
-            f"   - {_name(label)}: val NLL {_fmt(v['val_nll'], 3)} vs dense {_fmt(v['dense_val_nll'], 3)} at {result['settings']['steps']} steps; "
-            f"below dense at {v['validations_below_dense']} validations."
-        )
-    lines.append(
-        f"2. {_name(result['settings']['reference'])} at least +1 BLEU over dense on en->de test_2016_flickr at equal wall-clock: {_met(bleu)} "
-        f"(gain {_fmt(bleu['gain_equal_wall_clock'])} BLEU at equal training wall-clock; {_fmt(bleu['gain_equal_steps'])} at equal steps)."
+            label = arm if i == 0 else None
+            style = "-" if i == 0 else "--"
+            if arm in EXPERT_ARMS:
+                by_step.plot(steps, nll, style, color=colors[arm], label=label)
+            by_time.plot([offset + h["cpu_s"] for h in r["history"]], nll, style, color=colors[arm], label=label)
+    by_step.set(xlabel="training step", ylabel="validation NLL", title="1. experts vs loss (solid: seed 0)")
+    by_time.set(
+        xlabel="training CPU seconds", ylabel="validation NLL", title="at equal time (upcycled after its dense phase)"
     )
-    lines.append(f"3. MoE training throughput >= 0.8x dense: {_met(speed)}.")
-    for label, ratio in speed["interleaved"].items():
-        lines.append(
-            f"   - {_name(label)}: {_fmt(ratio)}x interleaved (median), {_fmt(speed['in_run'][label])}x over its whole run."
-        )
-    return lines
+    for ax in (by_step, by_time):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
-def markdown_report(result: dict[str, Any]) -> str:
-    """``report.md``: the goals, the score table, the throughput ratios, the command and the machine."""
-    s, m = result["settings"], result["machine"]
-    inter = result.get("interleaved") or {}
+def write_report(out: Path, settings: dict[str, Any]) -> Path:
+    """Write ``report.md`` and ``val_curves.png`` into ``out`` from ``out/runs/*.json``."""
+    arms = load_runs(out)
+    if not arms:
+        raise SystemExit(f"{out / 'runs'} has no finished runs: run benchmarks/quality.py first")
+    first = next(iter(arms.values()))[0]
+    shown = {
+        k: settings[k]
+        for k in ("model", "seeds", "budget_min", "finetune_budget_min", "lr", "warmup_steps", "val_every")
+        if k in settings
+    }
     lines = [
-        "# Does the MoE pay off? MoE against its dense twin on Multi30k",
+        "# The seed's claims on Multi30k, at equal training time",
         "",
-        f"Model preset `{s['model']}`, top-{s['k']} routing, experts {sorted(s['experts'])} (0 = the dense twin: the FFNs at "
-        f"MoE positions are {s['k']}x wider, the same active parameters per token). Every model: {s['steps']} steps, "
-        f"seed {s['seed']}, the same batches (data.max_tokens={s['max_tokens']}, data.max_len={s['max_len']}, vocabulary "
-        f"{s['vocab_size']}), validation every {s['val_every']} steps. Task mixture `conf/tasks/all_directions.yaml`: "
-        "translation en<->de, en<->fr, de<->fr and denoising of en, de, fr (half weight)."
-        + (" **Smoke run: tiny model and data, the numbers mean nothing.**" if s.get("smoke") else ""),
+        f"Settings: {', '.join(f'{k}={v}' for k, v in shown.items())}; one torch thread per run, bf16 where the CPU"
+        f" has it (trainer.precision=auto), label smoothing 0.1, inverse-sqrt schedule. Machine: {first['machine']};"
+        f" runs finished {min(r['date'] for rs in arms.values() for r in rs)} to {max(r['date'] for rs in arms.values() for r in rs)}.",
+        "Command: `python benchmarks/quality.py` (resumable; `--report-only` redraws this page).",
         "",
-        "## Goals",
-        "",
-        *_goals(result),
-        "",
-        "## Validation loss",
-        "",
-        "![validation NLL](val_curves.png)",
-        "",
-        "## Test scores (greedy, sacreBLEU; at " + f"{s['steps']} steps)",
-        "",
-        f"At most {s['max_test_sentences'] or 'all'} sentences per split and direction (the first ones of the file).",
-        "",
-        *_scores_table(result),
-        "",
-        "## Equal wall-clock",
-        "",
-        *_equal_wall_clock(result),
-        "",
-        "## Size and training throughput",
-        "",
-        "tokens/s = non-padding source + target tokens of the training batches / training wall time without validation, "
-        f"over the first {s['steps']} steps of each run; ratios are relative to the dense twin. Interleaved: in one process "
-        f"the trained models took turns of {inter.get('steps_per_turn')} training steps (forward, backward, clipping, AdamW) "
-        f"on the same {inter.get('tokens_per_turn')} tokens, for {inter.get('rounds')} rounds (order reversed every other round); "
-        "the ratio of each round is dense time / model time.",
-        "",
-        *_runs_table(result),
-        "",
-        f"## Expert load ({_name(s['reference'])}, last validation)",
-        "",
-        f"![expert load](expert_load_{s['reference']}.png)",
-        "",
-        f"Source: `{result.get('heatmap_source')}`.",
-        "",
-        "## How this was run",
-        "",
-        "```",
-        result["command"],
-        "```",
-        "",
-        f"- machine: {m['processor']}, {m['cpu_count']} CPUs, torch {m['torch']} ({m['torch_threads']} threads), "
-        f"lightning {m['lightning']}, Python {m['python']}, {m['platform']}",
-        f"- date: {m['date']}; load average at start {m.get('load_average_start')}, at end {m.get('load_average_end')}",
-        f"- total wall time: {result['total_wall_seconds'] / 60:.1f} min ("
-        + ", ".join(f"{k} {v / 60:.1f} min" for k, v in result.get("phase_seconds", {}).items())
-        + ")",
-        f"- how the default run length was chosen: {result.get('timing_note', '')}",
-        "",
+        *experts_section(arms),
+        *tasks_section(arms),
+        *finetune_section(arms),
+        *upcycling_section(arms),
+        *runs_table(arms),
     ]
-    return "\n".join(lines)
-
-
-def write_outputs(result: dict[str, Any], out: Path) -> list[Path]:
-    """Write ``results.json``, ``val_curves.png`` and ``report.md`` into ``out``; returns the paths."""
-    out.mkdir(parents=True, exist_ok=True)
-    results = out / "results.json"
-    results.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    plot = plot_val_curves(result, out / "val_curves.png")
+    if any(a in arms for a in EXPERT_ARMS):
+        plot(arms, out / "val_curves.png")
     report = out / "report.md"
-    report.write_text(markdown_report(result), encoding="utf-8")
-    return [results, plot, report]
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Re-render the plot and report.md next to an existing results.json."""
-    parser = argparse.ArgumentParser(description="re-render the quality benchmark's report from results.json")
-    parser.add_argument("results", help="results.json written by benchmarks/quality.py")
-    args = parser.parse_args(argv)
-    path = Path(args.results)
-    result = json.loads(path.read_text(encoding="utf-8"))
-    for written in write_outputs(result, path.parent):
-        print(written)
-    return 0
+    report.write_text("\n".join(lines))
+    print(f"wrote {report}")
+    return report
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    write_report(Path(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results/quality"), {})

@@ -12,16 +12,18 @@ The engine (dims, mesh, parallelize, meta init, optimizer settings, rank health)
                         -> materialise meta weights -> optimizers (offload wrapper) -> precision
     (resume)            load_checkpoint: DCP folder or full file, resharded onto this layout
 
+The checkpoint hooks are a mixin in :mod:`lightning_moe.strategy_checkpoint`, the rank-watched collectives one
+in :mod:`lightning_moe.strategy_collectives`.
+
 Not a subclass of Lightning's ``ModelParallelStrategy`` although the hooks follow it: Lightning rejects
 ``precision="16-mixed"`` for instances of that class.
 """
 
 from __future__ import annotations
 
-from collections.abc import Generator, Mapping
+from collections.abc import Generator
 from contextlib import contextmanager, nullcontext
 from datetime import timedelta
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -29,28 +31,20 @@ import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.strategies.registry import _StrategyRegistry
 from lightning.fabric.utilities.distributed import (
-    _distributed_is_initialized,
     _get_default_process_group_backend_for_device,
     _init_dist_connection,
-    _sync_ddp_if_available,
 )
-from lightning.fabric.utilities.distributed import group as _group
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.fabric.utilities.seed import reset_seed
-from lightning.fabric.utilities.types import _PATH, ReduceOp
 from lightning.pytorch import Trainer
 from lightning.pytorch.accelerators import Accelerator
-from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import StrategyRegistry
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from lightning.pytorch.strategies.parallel import ParallelStrategy
-from lightning.pytorch.strategies.strategy import TBroadcast
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
-from torch import Tensor
-from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_moe.parallel import (
@@ -64,11 +58,13 @@ from lightning_moe.parallel import (
 )
 from lightning_moe.parallel.dims import mesh_groups
 from lightning_moe.parallel.fsdp import is_data_parallel, no_inference_mode
-from lightning_moe.parallel.health import RankWatch, exited_children
+from lightning_moe.parallel.health import RankWatch
 from lightning_moe.parallel.init import has_meta_tensors, materialize_meta_model
 from lightning_moe.parallel.optim import use_whole_list_update
 from lightning_moe.parallel.parallelize import check_not_parallelized
 from lightning_moe.precision import moe_zero_precision
+from lightning_moe.strategy_checkpoint import CheckpointHooks, unwrap_optimizer
+from lightning_moe.strategy_collectives import WatchedCollectives
 from lightning_moe.strategy_presets import STRATEGY_PRESETS, SUPPORTED_PRECISIONS, check_strategy_arguments
 
 if TYPE_CHECKING:
@@ -84,7 +80,7 @@ DEFAULT_TIMEOUT = timedelta(minutes=10)
 """How long a collective waits for a rank that stopped answering (torch's own default for gloo is 30 min)."""
 
 
-class MoEZeroStrategy(ParallelStrategy):
+class MoEZeroStrategy(CheckpointHooks, WatchedCollectives, ParallelStrategy):
     """Expert parallelism + ZeRO (FSDP2) + CPU offload for LightningModules with MoE layers.
 
     The strategy parallelises the model itself (``lightning_moe.parallel.parallelize``): the LightningModule
@@ -413,7 +409,7 @@ class MoEZeroStrategy(ParallelStrategy):
         if self._offload == "optimizer":
             self.optimizers = [offload_optimizer(opt) for opt in self.optimizers]
         for optimizer in self.optimizers:
-            use_whole_list_update(_unwrap_optimizer(optimizer))
+            use_whole_list_update(unwrap_optimizer(optimizer))
 
     @override
     def model_to_device(self) -> None:
@@ -468,124 +464,12 @@ class MoEZeroStrategy(ParallelStrategy):
         with no_inference_mode():
             return self._run_step("predict_step", self.precision_plugin.predict_step_context(), *args, **kwargs)
 
-    # --- collectives (each watched: a failed one names the ranks that stopped, lightning_moe.parallel.health) ---
-    @override
-    def barrier(self, name: str | None = None) -> None:
-        if not _distributed_is_initialized():
-            return
-        with self._watch(f"barrier({name!r})" if name else "barrier"):
-            if dist.get_backend() == "nccl":
-                dist.barrier(device_ids=[self.root_device.index])
-            else:
-                dist.barrier()
-
-    @override
-    def broadcast(self, obj: TBroadcast, src: int = 0) -> TBroadcast:
-        if not _distributed_is_initialized():
-            return obj
-        box = [obj]
-        with self._watch("broadcast"):
-            dist.broadcast_object_list(box, src, group=_group.WORLD)
-        return box[0]
-
-    @override
-    def reduce(
-        self,
-        tensor: Tensor | Any,
-        group: Any | None = None,
-        reduce_op: ReduceOp | str | None = "mean",
-    ) -> Tensor | Any:
-        """Reduce ``tensor`` over all ranks (``"mean"`` by default, ``"sum"``, ...); non-tensors pass through."""
-        if isinstance(tensor, Tensor):
-            with self._watch("reduce"):
-                return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
-        return tensor
-
-    @override
-    def backward(self, closure_loss: Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any) -> Tensor:
-        with self._watch("backward"):  # FSDP's gradient reduce-scatters run in backward hooks
-            return super().backward(closure_loss, optimizer, *args, **kwargs)
-
-    @override
-    def optimizer_step(self, optimizer: Optimizer, closure: Any, model: Any = None, **kwargs: Any) -> Any:
-        with self._watch("optimizer step"):  # the closure runs training_step and backward; then clipping, step
-            return super().optimizer_step(optimizer, closure, model, **kwargs)
-
-    def _watch(self, what: str) -> Any:
-        return self._rank_watch(lambda: self._where(what))
-
-    def _exited_children(self) -> list[int]:
-        # local rank i + 1 is the i-th child of Lightning's launcher on this node
-        procs = getattr(self._launcher, "procs", None) or []
-        return exited_children(procs, first_rank=self.node_rank * self.num_processes + 1)
-
-    def _where(self, what: str) -> str:
-        trainer = getattr(self.lightning_module, "_trainer", None) if self.lightning_module is not None else None
-        return what if trainer is None else f"{what} at global step {trainer.global_step}"
-
     @override
     def teardown(self) -> None:
         assert self.cluster_environment is not None and self.accelerator is not None
         self.cluster_environment.teardown()
         self.precision_plugin.teardown()
         self.accelerator.teardown()
-
-    # ----------------------------------------------------------------------------------------------
-    # checkpoints (lightning_moe.checkpoint, imported late: `python -m lightning_moe.checkpoint` must not find
-    # itself imported already)
-    # ----------------------------------------------------------------------------------------------
-    @override
-    def lightning_module_state_dict(self) -> dict[str, Any]:
-        """Each rank's shards (DCP folder) or, with ``save_distributed_checkpoint=False``, the full state on rank 0."""
-        from lightning_moe import checkpoint as ckpt
-
-        assert self.model is not None
-        return ckpt.model_state_dict(self.model, full=not self._save_distributed_checkpoint)
-
-    @override
-    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
-        pass  # the weights were already loaded (resharded) in `load_checkpoint()`
-
-    @override
-    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
-        """The optimizer state keyed by parameter name (each rank's shards, or full on rank 0)."""
-        from lightning_moe import checkpoint as ckpt
-
-        assert self.model is not None
-        return ckpt.optimizer_state_dict(
-            self.model, _unwrap_optimizer(optimizer), full=not self._save_distributed_checkpoint
-        )
-
-    @override
-    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
-        pass  # the optimizer states were already loaded (resharded) in `load_checkpoint()`
-
-    @override
-    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:
-        if storage_options is not None:
-            raise TypeError(
-                f"`{type(self).__name__}.save_checkpoint(..., storage_options=...)` is not supported:"
-                " checkpoints are written by `lightning_moe.checkpoint`, not through a `CheckpointIO`."
-            )
-        from lightning_moe import checkpoint as ckpt
-
-        with self._watch("checkpoint save"):
-            ckpt.save_checkpoint(checkpoint, filepath, distributed=self._save_distributed_checkpoint)
-
-    @override
-    def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
-        from lightning_moe import checkpoint as ckpt
-
-        assert self.model is not None and self.lightning_module is not None
-        path = Path(self.broadcast(str(checkpoint_path)))
-        with self._watch("checkpoint load"):
-            return ckpt.load_checkpoint(
-                path,
-                self.model,
-                [_unwrap_optimizer(o) for o in self.optimizers],
-                strict=self.lightning_module.strict_loading,
-                weights_only=weights_only,
-            )
 
     @classmethod
     @override
@@ -607,7 +491,3 @@ def register_strategies(registry: _StrategyRegistry | None = None) -> None:
 # Idempotent; covers `import lightning_moe.strategy` before Lightning (the package hook then finds this module
 # still loading and leaves the registration to it).
 register_strategies()
-
-
-def _unwrap_optimizer(optimizer: Any) -> Optimizer:
-    return optimizer._optimizer if isinstance(optimizer, LightningOptimizer) else optimizer

@@ -5,7 +5,7 @@ Three rules on top of plain instantiation: a logger whose package is missing is 
 :class:`ConfigError` saying what to ``pip install`` (checked while validating, before any process
 starts), except TensorBoard, the default, which falls back to CSV with one warning; and a resumed run
 writes to the TensorBoard/CSV version it wrote before, so its curves continue instead of starting
-``version_1``.
+``version_1`` (the CSV file keeps its earlier rows: Lightning's CSV writer deletes them).
 """
 
 from __future__ import annotations
@@ -80,6 +80,8 @@ def _prepare(node: dict[str, Any], output_dir: str, resuming: bool) -> dict[str,
             # Continue the folder the interrupted run wrote, rather than starting version_<N+1>.
             name = node.get("name", "lightning_logs") or ""
             node["version"] = _latest_version(Path(node["save_dir"]) / name)
+            if cls == "CSVLogger" and node["version"] is not None:
+                node["_target_"] = "lightning_moe.resumed_csv_logger.ResumedCSVLogger"
     return node
 
 

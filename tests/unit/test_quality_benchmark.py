@@ -1,4 +1,4 @@
-"""benchmarks/quality.py: the smoke version end to end, and the goal bookkeeping on hand-made numbers."""
+"""benchmarks/quality.py: the run plan, one real run to its budget, and the verdicts drawn from hand-made numbers."""
 
 from __future__ import annotations
 
@@ -13,130 +13,111 @@ from types import ModuleType
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-SCRIPT = REPO / "benchmarks" / "quality.py"
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+BENCHMARKS = REPO / "benchmarks"
 
 
-def _load_benchmark() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("quality_benchmark", SCRIPT)
+def _load(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
     spec.loader.exec_module(module)
     return module
 
 
-def _run(tmp_path: Path) -> subprocess.CompletedProcess:
-    from lightning_moe.data.download import SAMPLE_DIR
+def test_plan_orders_runs_after_their_sources_and_gives_equal_budgets():
+    quality = _load("quality")
+    runs = quality.plan(quality.parse_args(["--seeds", "0", "1"]))
+    names = [r.name for r in runs]
+    assert len(names) == len(set(names)) == 2 * 11
+    for r in runs:
+        if r.init_from:
+            assert names.index(r.init_from) < names.index(r.name)
+            assert r.init_from.endswith(f"seed{r.seed}")
+    by_name = {r.name: r for r in runs}
+    for seed in (0, 1):
+        full = by_name[f"multitask-moe8-seed{seed}"].budget_s
+        assert {by_name[f"{arm}-seed{seed}"].budget_s for arm in ("multitask-dense", "single-moe8")} == {full}
+        up = by_name[f"upcycle-dense-seed{seed}"].budget_s + by_name[f"upcycle-upcycled-seed{seed}"].budget_s
+        assert up == by_name[f"upcycle-scratch-seed{seed}"].budget_s == full
+        assert by_name[f"defr-finetuned-seed{seed}"].budget_s == by_name[f"defr-scratch-seed{seed}"].budget_s
+    # the dense twin keeps k=2 (2x wider FFNs); upcycling needs the experts' width (k=1)
+    assert "moe.k=2" in by_name["multitask-dense-seed0"].overrides
+    assert "moe.k=1" in by_name["upcycle-dense-seed0"].overrides
 
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", LIGHTNING_MOE_CACHE=str(tmp_path / "cache"))
-    command = [sys.executable, str(SCRIPT), "--smoke", "--data-root", str(SAMPLE_DIR), "--out", str(tmp_path / "out")]
-    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+
+def _run_file(out: Path, arm: str, seed: int, nll: float, bleus: dict[tuple[str, str], float], steps: int = 100):
+    run = {
+        "name": f"{arm}-seed{seed}",
+        "arm": arm,
+        "seed": seed,
+        "steps": steps,
+        "train_cpu_s": 60.0,
+        "train_wall_s": 61.0,
+        "process_wall_s": 70.0,
+        "history": [{"step": 50, "cpu_s": 30.0, "val_nll": nll + 0.5}, {"step": steps, "cpu_s": 60.0, "val_nll": nll}],
+        "val_nll": nll,
+        "test": [{"split": s, "direction": d, "bleu": b, "chrf": 40.0} for (s, d), b in bleus.items()],
+        "params_total": 1000,
+        "params_active": 500,
+        "date": "2026-12-04 20:00 UTC",
+        "machine": "test",
+    }
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    (out / "runs" / f"{run['name']}.json").write_text(json.dumps(run))
+
+
+def _en_de(bleu: float) -> dict[tuple[str, str], float]:
+    return {(split, "en-de"): bleu for split in ("test_2016_flickr", "test_2017_flickr")}
+
+
+@pytest.mark.parametrize("moe_wins", [True, False])
+def test_report_judges_the_claims_from_the_numbers(tmp_path: Path, moe_wins: bool):
+    report_module = _load("quality_report")
+    for seed in (0, 1):
+        for i, arm in enumerate(("multitask-dense", "multitask-moe8", "multitask-moe16", "multitask-moe32")):
+            # more experts: lower NLL when moe_wins, else higher
+            _run_file(tmp_path, arm, seed, 3.0 - 0.1 * i if moe_wins else 3.0 + 0.1 * i, _en_de(20.0))
+        _run_file(tmp_path, "multitask-moe8", seed, 2.9 if moe_wins else 3.1, _en_de(22.0 if moe_wins else 18.0))
+        _run_file(tmp_path, "single-dense", seed, 2.5, _en_de(25.0))
+        _run_file(tmp_path, "single-moe8", seed, 2.6, _en_de(24.0 if moe_wins else 26.0))
+    text = report_module.write_report(tmp_path, {"model": "tiny"}).read_text()
+    verdict = "**holds**" if moe_wins else "**does not hold**"
+    assert f"Claim: {verdict} on the mean" in text
+    assert f"'the MoE wins in multitask training': {verdict}" in text
+    assert f"'the dense model does as well or better on a single task': {verdict}" in text
+    assert "## 3. Fine-tuning" in text and "Not run yet (missing: ['defr-scratch', 'defr-finetuned'])" in text
+    assert (tmp_path / "val_curves.png").read_bytes().startswith(b"\x89PNG")
 
 
 @pytest.mark.slow
-def test_smoke_run_writes_results_plots_and_report(tmp_path: Path):
-    result = _run(tmp_path)
-    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    out = tmp_path / "out"
-    for name in ("val_curves.png", "expert_load_moe8.png"):
-        data = (out / name).read_bytes()
-        assert data.startswith(PNG_SIGNATURE) and len(data) > 1000, name
+def test_one_run_trains_to_its_budget_scores_and_resumes_its_clock(tmp_path: Path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", LIGHTNING_MOE_CACHE=str(tmp_path / "cache"))
+    result_file = tmp_path / "out" / "runs" / "multitask-moe8-seed0.json"
 
-    results = json.loads((out / "results.json").read_text())
-    assert {
-        "command",
-        "machine",
-        "settings",
-        "runs",
-        "equal_wall_clock",
-        "interleaved",
-        "goals",
-        "total_wall_seconds",
-    } <= set(results)
-    assert results["settings"]["smoke"] is True and results["machine"]["torch"]
-    runs = {r["label"]: r for r in results["runs"]}
-    assert list(runs) == ["dense", "moe8", "moe16"]
-    steps = results["settings"]["steps"]
-    for run in runs.values():
-        assert run["steps"] == steps and run["tokens"] > 0 and run["tokens_per_s"] > 0
-        assert steps in [step for step, _ in run["val_curve"]] and run["val_nll_at_steps"] is not None
-        assert {(r["split"], r["direction"]) for r in run["tests"]} == {
-            ("test_2016_flickr", d) for d in ("en-de", "de-en", "en-fr", "fr-en", "de-fr", "fr-de")
-        }
-        assert all(0 <= r["bleu"] <= 100 and 0 <= r["chrf"] <= 100 and r["sentences"] == 8 for r in run["tests"])
-    # same active parameters per token (routers aside), more in total with more experts
-    assert abs(runs["moe8"]["params_active"] - runs["dense"]["params_active"]) < 0.05 * runs["dense"]["params_active"]
-    assert runs["dense"]["params_total"] < runs["moe8"]["params_total"] < runs["moe16"]["params_total"]
-    assert runs["dense"]["throughput_ratio"] == 1.0
-    assert runs["dense"]["steps_trained"] >= steps  # the dense run may go on to the MoE-8 wall time
+    def one(budget_min: float) -> dict:
+        args = [
+            "--smoke",
+            "--out",
+            str(tmp_path / "out"),
+            "--work",
+            str(tmp_path / "work"),
+            "--budget-min",
+            str(budget_min),
+        ]
+        command = [sys.executable, str(BENCHMARKS / "quality.py"), *args, "--one", "multitask-moe8-seed0"]
+        result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return json.loads(result_file.read_text())
 
-    equal = results["equal_wall_clock"]
-    assert equal["reference"] == "moe8" and equal["rows"][0]["direction"] == "en-de"
-    ratios = results["interleaved"]["ratio_median"]
-    assert set(ratios) == {"dense", "moe8", "moe16"} and ratios["dense"] == 1.0 and ratios["moe8"] > 0
-    assert {"moe_below_dense_val_loss", "bleu_gain_en_de_2016", "throughput"} == set(results["goals"])
-    assert all(g["met"] in (True, False) for g in results["goals"].values())
-
-    report = (out / "report.md").read_text()
-    for text in (
-        "## Goals",
-        "| split | direction |",
-        "en-de",
-        "expert_load_moe8.png",
-        "val_curves.png",
-        "--smoke",
-        "torch",
-    ):
-        assert text in report, text
-
-
-def _record(
-    dense_nll: float, moe_nll: float, dense_bleu: float, moe_bleu: float, equal_bleu: float, ratio: float
-) -> dict:
-    def run(label: str, experts: int, nll: float, bleu: float) -> dict:
-        tests = [{"split": "test_2016_flickr", "direction": "en-de", "sentences": 10, "bleu": bleu, "chrf": 30.0}]
-        return {
-            "label": label,
-            "experts": experts,
-            "val_curve": [(50, nll + 1), (100, nll)],
-            "val_nll_at_steps": nll,
-            "tests": tests,
-            "throughput_ratio": ratio,
-        }
-
-    return {
-        "settings": {"steps": 100, "reference": "moe8"},
-        "runs": [run("dense", 0, dense_nll, dense_bleu), run("moe8", 8, moe_nll, moe_bleu)],
-        "equal_wall_clock": {"rows": [{"split": "test_2016_flickr", "direction": "en-de", "bleu": equal_bleu}]},
-        "interleaved": {"ratio_median": {"dense": 1.0, "moe8": ratio}},
-    }
-
-
-def test_goals_are_judged_from_the_numbers():
-    quality = _load_benchmark()
-    met = quality.goals(
-        _record(dense_nll=3.0, moe_nll=2.9, dense_bleu=20.0, moe_bleu=21.5, equal_bleu=20.4, ratio=0.85)
-    )
-    assert met["moe_below_dense_val_loss"]["met"] is True
-    assert met["moe_below_dense_val_loss"]["runs"]["moe8"]["validations_below_dense"] == "2/2"
-    assert met["bleu_gain_en_de_2016"]["met"] is True
-    assert met["bleu_gain_en_de_2016"]["gain_equal_wall_clock"] == pytest.approx(1.1)
-    assert met["bleu_gain_en_de_2016"]["gain_equal_steps"] == pytest.approx(1.5)
-    assert met["throughput"]["met"] is True
-
-    missed = quality.goals(
-        _record(dense_nll=3.0, moe_nll=3.1, dense_bleu=20.0, moe_bleu=21.5, equal_bleu=20.9, ratio=0.7)
-    )
-    assert [missed[k]["met"] for k in ("moe_below_dense_val_loss", "bleu_gain_en_de_2016", "throughput")] == [
-        False,
-        False,
-        False,
+    first = one(0.05)
+    assert 3.0 <= first["train_cpu_s"] < 12.0 and first["steps"] > 0
+    assert first["history"][-1]["step"] == first["steps"]  # validated where the budget stopped it
+    assert [(t["split"], t["direction"]) for t in first["test"]] == [
+        ("test_2016_flickr", "en-de"),
+        ("test_2016_flickr", "de-en"),
     ]
-
-
-def test_arguments_need_the_dense_twin():
-    quality = _load_benchmark()
-    with pytest.raises(SystemExit):
-        quality.parse_args(["--smoke", "--experts", "8", "16"])
-    args = quality.parse_args(["--smoke"])
-    assert args.experts == [0, 8, 16] and args.steps % args.val_every == 0
+    assert first["params_active"] < first["params_total"]
+    # a larger budget continues the same run from its checkpoint, with the CPU clock it had
+    second = one(0.1)
+    assert second["steps"] > first["steps"] and 6.0 <= second["train_cpu_s"] < 15.0
+    assert second["history"][: len(first["history"])] == first["history"]

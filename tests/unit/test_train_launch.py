@@ -131,6 +131,25 @@ def test_resumed_run_keeps_its_logger_version(option, tmp_path: Path):
     assert fresh.version == 1  # a new run (no checkpoint to resume) still gets its own folder
 
 
+def test_resumed_csv_logger_keeps_the_rows_logged_before(tmp_path: Path):
+    import csv
+
+    nodes = to_train_config(_compose(["logger=csv", f"output_dir={tmp_path}"])).logger
+    first = instantiate_loggers(nodes, str(tmp_path))[0]
+    first.log_metrics({"train/loss": 2.0}, step=10)
+    first.save()
+    resumed = instantiate_loggers(nodes, str(tmp_path), resuming=True)[0]
+    resumed.log_metrics({"train/loss": 1.5}, step=20)
+    resumed.log_metrics({"val/nll": 1.0}, step=20)  # a key the file's header lacks
+    resumed.save()
+    rows = list(csv.DictReader(open(Path(first.log_dir) / "metrics.csv")))
+    assert [(r["step"], r["train/loss"], r["val/nll"]) for r in rows] == [
+        ("10", "2.0", ""),
+        ("20", "1.5", ""),
+        ("20", "", "1.0"),
+    ]
+
+
 # ---------------------------------------------------------------------------------------- callbacks
 
 
