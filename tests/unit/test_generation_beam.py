@@ -13,11 +13,11 @@ from lightning_moe.models import (
     MoETransformer,
     beam_search,
     generate,
-    get_preset,
     greedy_decode,
     max_output_lengths,
 )
 from lightning_moe.models.generation import length_penalty
+from tests.small_models import small_config
 
 PAD, BOS, EOS = 0, 1, 2
 
@@ -164,20 +164,7 @@ VOCAB = 14
 
 
 def make_model(num_experts: int, seed: int = 0, eos_bias: float = 0.0) -> MoETransformer:
-    cfg = get_preset(
-        "tiny",
-        vocab_size=VOCAB,
-        d_model=32,
-        num_heads=4,
-        ffn_hidden_size=48,
-        encoder_layers=2,
-        decoder_layers=2,
-        dropout=0.0,
-        max_positions=40,
-        num_experts=num_experts,
-        k=min(2, max(num_experts, 1)),
-        drop_tokens=False,
-    )
+    cfg = small_config(VOCAB, num_experts, max_positions=40)
     torch.manual_seed(seed)
     model = MoETransformer(cfg).eval()
     with torch.no_grad():

@@ -4,26 +4,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_moe.models import MoETransformer, generate, get_preset, greedy_decode, max_output_lengths
+from lightning_moe.models import MoETransformer, generate, greedy_decode, max_output_lengths
+from tests.small_models import small_config
 
 VOCAB, PAD, BOS, EOS = 16, 0, 1, 2
 
 
 def make_model(num_experts: int, seed: int = 0) -> MoETransformer:
-    cfg = get_preset(
-        "tiny",
-        vocab_size=VOCAB,
-        d_model=32,
-        num_heads=4,
-        ffn_hidden_size=48,
-        encoder_layers=2,
-        decoder_layers=2,
-        dropout=0.0,
-        max_positions=40,
-        num_experts=num_experts,
-        k=min(2, max(num_experts, 1)),
-        drop_tokens=False,
-    )
+    cfg = small_config(VOCAB, num_experts, max_positions=40)
     torch.manual_seed(seed)
     return MoETransformer(cfg)
 

@@ -8,34 +8,19 @@ from lightning_moe.models import (
     MoETransformer,
     count_parameters,
     dense_twin,
-    get_preset,
     moe_layers,
     sequence_cross_entropy,
 )
 from lightning_moe.models.transformer import FeedForward
 from lightning_moe.moe import MoE
+from tests.small_models import small_config as shared_small_config
 
 VOCAB = 40
 PAD = 0
 
 
 def small_config(num_experts: int = 4, **overrides):
-    """A few-thousand-parameter model: fast on CPU, dropout off, dropless MoE (order-independent)."""
-    base = dict(
-        vocab_size=VOCAB,
-        d_model=32,
-        num_heads=4,
-        ffn_hidden_size=48,
-        encoder_layers=2,
-        decoder_layers=2,
-        dropout=0.0,
-        max_positions=32,
-        num_experts=num_experts,
-        k=min(2, max(num_experts, 1)),
-        drop_tokens=False,
-    )
-    base.update(overrides)
-    return get_preset("tiny", **base)
+    return shared_small_config(VOCAB, num_experts, **overrides)
 
 
 def make_model(num_experts: int = 4, seed: int = 0, **overrides) -> MoETransformer:
