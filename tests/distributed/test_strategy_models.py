@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from lightning_moe.moe import MoE
 from lightning_moe.strategy import MoEZeroStrategy
+from tests.quiet_trainer import QUIET
 
 IN_FEATURES = 6
 NUM_CLASSES = 3
@@ -130,10 +131,7 @@ def make_trainer(
         num_nodes=1,
         strategy=strategy,
         max_steps=max_steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+        **QUIET,
         num_sanity_val_steps=0,
         default_root_dir=default_root_dir,
     )

@@ -17,6 +17,7 @@ from lightning_moe.models import MoETransformer, get_preset
 from lightning_moe.parallel import CPUOffloadAdamW
 from lightning_moe.strategy import MoEZeroStrategy
 from tests.gpu.helpers import fused_grouped_mm_device
+from tests.quiet_trainer import QUIET
 
 pytestmark = pytest.mark.gpu
 
@@ -133,10 +134,7 @@ def test_moe_transformer_trains_on_one_gpu(zero_stage: int, offload: str, isolat
         strategy=strategy,
         precision="bf16-mixed",
         max_steps=STEPS,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+        **QUIET,
         limit_val_batches=0,
         num_sanity_val_steps=0,
         use_distributed_sampler=False,

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_moe import MoE
 from lightning_moe.callbacks import ExpertLoadMonitor, NonFiniteGuard, NonFiniteLossError
+from tests.quiet_trainer import QUIET
 
 
 class TinyMoEModule(pl.LightningModule):
@@ -43,10 +44,7 @@ def _fit(module: pl.LightningModule, callbacks: list, steps: int = 5) -> pl.Trai
     trainer = pl.Trainer(
         max_steps=steps,
         accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+        **QUIET,
         callbacks=callbacks,
     )
     trainer.fit(module, DataLoader(data, batch_size=8))
@@ -94,10 +92,7 @@ def test_expert_load_monitor_accumulates_and_draws(tmp_path):
     trainer = pl.Trainer(
         max_steps=4,
         accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+        **QUIET,
         callbacks=[monitor],
         val_check_interval=4,
         limit_val_batches=1,

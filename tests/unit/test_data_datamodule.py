@@ -13,6 +13,7 @@ import torch
 from lightning_moe.data import SAMPLE_DIR, write_split
 from lightning_moe.data.datamodule import DataConfig, MultitaskDataModule, get_data_preset
 from lightning_moe.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from tests.quiet_trainer import QUIET
 
 MULTI30K = Path(os.environ.get("MULTI30K_ROOT", Path(__file__).resolve().parents[2].parent / "shared/data/multi30k"))
 needs_multi30k = pytest.mark.skipif(
@@ -274,10 +275,7 @@ def test_trainer_fit_two_epochs(tmp_path: Path) -> None:
         accelerator="cpu",
         devices=1,
         use_distributed_sampler=False,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+        **QUIET,
         limit_train_batches=3,
         limit_val_batches=1,
         default_root_dir=tmp_path,
