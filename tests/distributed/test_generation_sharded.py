@@ -13,9 +13,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from lightning_moe.models import MoETransformer, beam_search, get_preset, greedy_decode
+from lightning_moe.models import MoETransformer, beam_search, greedy_decode
 from lightning_moe.parallel import ParallelDims, parallelize
 from tests.distributed.harness import run_ranks
+from tests.small_models import small_config
 
 pytestmark = pytest.mark.distributed
 
@@ -24,20 +25,7 @@ VOCAB, PAD, BOS, EOS = 40, 0, 2, 3
 
 def _model() -> MoETransformer:
     torch.manual_seed(0)
-    cfg = get_preset(
-        "tiny",
-        vocab_size=VOCAB,
-        d_model=32,
-        num_heads=4,
-        ffn_hidden_size=32,
-        encoder_layers=2,
-        decoder_layers=2,
-        dropout=0.0,
-        max_positions=48,
-        num_experts=4,
-        k=2,
-        drop_tokens=False,
-    )
+    cfg = small_config(VOCAB, 4, ffn_hidden_size=32, max_positions=48)
     return MoETransformer(cfg).eval()
 
 

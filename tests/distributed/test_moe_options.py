@@ -13,12 +13,13 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from lightning_moe.models import MoETransformer, get_preset
+from lightning_moe.models import MoETransformer
 from lightning_moe.moe import find_moe_layers
 from lightning_moe.parallel import ParallelDims, expert_counts, parallelize, submesh, update_router_biases
 from lightning_moe.parallel.balancing import DataParallelBalanceStatistics
 from tests.distributed.harness import run_ranks
 from tests.distributed.tiny_moe import TinyMoEModel, make_batches
+from tests.small_models import small_config
 
 pytestmark = pytest.mark.distributed
 
@@ -132,21 +133,7 @@ MODEL_OPTIONS = {
 
 def _translator(seed: int = 0) -> MoETransformer:
     torch.manual_seed(seed)
-    config = get_preset(
-        "tiny",
-        vocab_size=VOCAB,
-        d_model=32,
-        num_heads=4,
-        ffn_hidden_size=32,
-        encoder_layers=2,
-        decoder_layers=2,
-        dropout=0.0,
-        max_positions=32,
-        tie_embeddings=False,
-        drop_tokens=False,
-        z_loss_coef=1e-3,
-        **MODEL_OPTIONS,
-    )
+    config = small_config(VOCAB, ffn_hidden_size=32, tie_embeddings=False, z_loss_coef=1e-3, **MODEL_OPTIONS)
     return MoETransformer(config)
 
 

@@ -17,6 +17,7 @@ from lightning_moe.models import (
     max_output_lengths,
 )
 from lightning_moe.models.generation import length_penalty
+from tests.small_models import padded_sources as shared_padded_sources
 from tests.small_models import small_config
 
 PAD, BOS, EOS = 0, 1, 2
@@ -174,11 +175,7 @@ def make_model(num_experts: int, seed: int = 0, eos_bias: float = 0.0) -> MoETra
 
 
 def padded_sources(lengths, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    src = torch.full((len(lengths), max(lengths)), PAD, dtype=torch.long)
-    for i, n in enumerate(lengths):
-        src[i, :n] = torch.randint(3, VOCAB, (n,), generator=g)
-    return src, src == PAD
+    return shared_padded_sources(lengths, VOCAB, PAD, seed)
 
 
 @torch.no_grad()

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_moe.models import MoETransformer, generate, greedy_decode, max_output_lengths
+from tests.small_models import padded_sources as shared_padded_sources
 from tests.small_models import small_config
 
 VOCAB, PAD, BOS, EOS = 16, 0, 1, 2
@@ -17,11 +18,7 @@ def make_model(num_experts: int, seed: int = 0) -> MoETransformer:
 
 
 def padded_sources(lengths, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    src = torch.full((len(lengths), max(lengths)), PAD, dtype=torch.long)
-    for i, n in enumerate(lengths):
-        src[i, :n] = torch.randint(3, VOCAB, (n,), generator=g)
-    return src, src == PAD
+    return shared_padded_sources(lengths, VOCAB, PAD, seed)
 
 
 @torch.no_grad()
