@@ -17,13 +17,14 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_moe.models import MoETransformer, get_preset
+from lightning_moe.models import MoETransformer
 from lightning_moe.parallel import ParallelDims, expert_counts, parallelize
 from lightning_moe.parallel.init import has_meta_tensors, materialize_meta_model
 from lightning_moe.strategy import MoEZeroStrategy
 from tests.distributed.harness import run_ranks
 from tests.distributed.test_strategy_models import TinyMoEModule, full_state, make_trainer
 from tests.distributed.tiny_moe import TinyMoEModel
+from tests.small_models import small_config
 
 pytestmark = pytest.mark.distributed
 
@@ -140,20 +141,7 @@ def test_strategy_materialises_with_the_modules_init_weights(zero_stage: int, ep
 
 
 def _transformer(tie: bool) -> MoETransformer:
-    config = get_preset(
-        "tiny",
-        vocab_size=48,
-        d_model=32,
-        num_heads=4,
-        ffn_hidden_size=32,
-        encoder_layers=2,
-        decoder_layers=2,
-        max_positions=32,
-        tie_embeddings=tie,
-        num_experts=4,
-        k=2,
-        drop_tokens=False,
-    )
+    config = small_config(48, ffn_hidden_size=32, tie_embeddings=tie, dropout=0.1)  # the preset's dropout
     return MoETransformer(config)
 
 

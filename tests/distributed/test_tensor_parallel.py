@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from lightning_moe.models import MoETransformer, get_preset, greedy_decode
+from lightning_moe.models import MoETransformer, greedy_decode
 from lightning_moe.moe import TokenDispatcher, find_moe_layers
 from lightning_moe.parallel import (
     ParallelDims,
@@ -38,6 +38,7 @@ from lightning_moe.parallel.tensor_parallel import (
     tensor_parallel_plan,
 )
 from tests.distributed.harness import run_ranks
+from tests.small_models import small_config
 
 pytestmark = pytest.mark.distributed
 
@@ -46,22 +47,9 @@ VOCAB, LR, STEPS = 48, 1e-2, 3
 
 def _config(tie: bool = False, aux: float = 0.0, heads: int = 4, **overrides: Any):
     settings: dict[str, Any] = dict(
-        vocab_size=VOCAB,
-        d_model=32,
-        num_heads=heads,
-        ffn_hidden_size=32,
-        encoder_layers=2,
-        decoder_layers=2,
-        dropout=0.0,
-        max_positions=32,
-        tie_embeddings=tie,
-        num_experts=4,
-        k=2,
-        drop_tokens=False,
-        aux_loss_coef=aux,
-        z_loss_coef=1e-3,
+        num_heads=heads, ffn_hidden_size=32, tie_embeddings=tie, aux_loss_coef=aux, z_loss_coef=1e-3
     )
-    return get_preset("tiny", **{**settings, **overrides})
+    return small_config(VOCAB, **{**settings, **overrides})
 
 
 def _model(**kw: Any) -> MoETransformer:
