@@ -11,10 +11,12 @@ import pytest
 import sacrebleu
 import torch
 from lightning.pytorch.loggers import CSVLogger
+from torch.utils.data import DataLoader
 
 from lightning_moe.config.run import GenerationConfig
 from lightning_moe.models import MoEConfig, TransformerConfig
 from lightning_moe.module import MultitaskTranslationModule
+from tests.quiet_trainer import QUIET
 
 VOCAB = 40
 REFERENCES = [
@@ -134,3 +136,30 @@ def test_checkpoint_hparams_with_nested_model_moe_still_load():
     loaded = MultitaskTranslationModule(**hparams)
     assert asdict(loaded.model_config) == asdict(module.model_config)
     loaded.load_state_dict(module.state_dict())
+
+
+def test_adamw_is_fused_where_torch_has_the_kernels_and_bf16_training_clips_with_it(tmp_path: Path):
+    from lightning_moe.parallel.optim import fused_kernels_cover
+
+    module = _module()
+    optimizer = module.configure_optimizers()["optimizer"]
+    fused = fused_kernels_cover(module.parameters())
+    assert [group["fused"] for group in optimizer.param_groups] == [fused or None] * 2
+    if not fused:
+        pytest.skip("this torch has no fused AdamW kernels for this device")
+    # set after construction: the optimizer does not claim to unscale gradients, so Lightning's AMP plugin clips
+    assert not getattr(optimizer, "_step_supports_amp_scaling", False)
+    batches = [_batch(range(0, 3)), _batch(range(3, 6))] * 2
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        precision="bf16-mixed",
+        max_steps=4,
+        gradient_clip_val=0.5,
+        limit_val_batches=0,
+        **QUIET,
+        default_root_dir=tmp_path,
+    )
+    before = [p.detach().clone() for p in module.parameters()]
+    trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
+    assert trainer.global_step == 4
+    assert any(not torch.equal(a, b) for a, b in zip(before, module.parameters()))
