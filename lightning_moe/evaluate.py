@@ -15,7 +15,7 @@ from typing import Any
 
 from lightning_moe.cli import fail, is_terminal, one_line, parse_args, progress_bar
 
-__all__ = ["EvaluateConfig", "EvaluateDataConfig", "evaluate", "format_scores", "write_scores", "main"]
+__all__ = ["EvaluateConfig", "EvaluateDataConfig", "evaluate", "format_examples", "format_scores", "write_scores", "main"]
 
 USAGE = (
     "usage: python -m lightning_moe.evaluate checkpoint=PATH [data.root=DATA_DIR] "
@@ -62,6 +62,10 @@ class EvaluateConfig:
                 raise ValueError(f"{key}={getattr(self, key)} is invalid: use an integer >= 1")
         if self.max_sentences is not None and self.max_sentences < 1:
             raise ValueError(f"max_sentences={self.max_sentences} is invalid: use an integer >= 1 or null")
+
+
+EXAMPLES = 3
+"""Sentences of each scored (split, direction) kept with their translations (``examples`` of a row)."""
 
 
 def _directions(requested: Sequence[str], validated: Sequence[str], langs: Sequence[str]) -> list[tuple[str, str]]:
@@ -164,6 +168,10 @@ def evaluate(cfg: EvaluateConfig, progress: bool | None = None) -> list[dict[str
                     "chrf": round(scores.chrf, 2),
                     "bleu_signature": scores.bleu_signature,
                     "chrf_signature": scores.chrf_signature,
+                    "examples": [
+                        {"source": s, "hypothesis": h, "reference": r}
+                        for s, h, r in zip(sources[:EXAMPLES], hypotheses[:EXAMPLES], references[:EXAMPLES])
+                    ],
                 }
             )
     if not rows:
@@ -172,6 +180,15 @@ def evaluate(cfg: EvaluateConfig, progress: bool | None = None) -> list[dict[str
             f"{[f'{s}-{t}' for s, t in pairs]}: pick other splits= or directions="
         )
     return rows
+
+
+def format_examples(row: dict[str, Any]) -> str:
+    """The first sentences of one scored (split, direction): source, the model's translation, the reference."""
+    lines = [f"sample translations, {row['split']} {row['direction']}:"]
+    for example in row.get("examples", []):
+        lines += [f"  source:    {example['source']}", f"  model:     {example['hypothesis']}"]
+        lines += [f"  reference: {example['reference']}", ""]
+    return "\n".join(lines).rstrip()
 
 
 def format_scores(rows: Sequence[dict[str, Any]]) -> str:

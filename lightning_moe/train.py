@@ -6,7 +6,7 @@ CPU process. Every config group can be overridden, e.g.::
     python -m lightning_moe.train moe.num_experts=16 moe.k=2 tasks=multitask \\
         strategy=moe_zero trainer.devices=2 data=multi30k data.root=PATH
     python -m lightning_moe.train -m moe.num_experts=4,8          # a multirun sweep
-    python -m lightning_moe.train experiment=finetune init_from=runs/default/checkpoints/step-000300.ckpt
+    python -m lightning_moe.train experiment=finetune init_from=runs/default/checkpoints/step-001200.ckpt
     python -m lightning_moe.train logger=csv callbacks=[early_stopping]   # loggers/callbacks by name
     python -m lightning_moe.train --help                          # the groups and their options
 
@@ -255,7 +255,14 @@ def _test(cfg: TrainConfig, checkpoint: Path, datamodule: MultitaskDataModule) -
     """
     from lightning_moe.cli import is_terminal
     from lightning_moe.data.corpus import available_splits
-    from lightning_moe.evaluate import EvaluateConfig, EvaluateDataConfig, evaluate, format_scores, write_scores
+    from lightning_moe.evaluate import (
+        EvaluateConfig,
+        EvaluateDataConfig,
+        evaluate,
+        format_examples,
+        format_scores,
+        write_scores,
+    )
 
     root = datamodule.data_root
     splits = [split for split in cfg.data.test_splits if split in available_splits(root)]
@@ -282,6 +289,7 @@ def _test(cfg: TrainConfig, checkpoint: Path, datamodule: MultitaskDataModule) -
         return {}
     print(f"test scores of {checkpoint.name}:")
     print(format_scores(rows))
+    print(format_examples(rows[0]))
     scores = Path(cfg.output_dir) / "test_scores.json"
     scores.parent.mkdir(parents=True, exist_ok=True)
     write_scores(rows, scores)

@@ -112,7 +112,7 @@ def test_sigterm_saves_at_the_current_step_and_the_same_command_continues_exactl
 
     # the same run folder with another model, optimizer and data: stops before training, naming the keys
     run_dir = tmp_path / "preempted"
-    changed = ("model.d_model=64", "optim.lr=0.002", "data.max_train_sentences=200", "trainer.max_steps=20")
+    changed = ("model.d_model=64", "optim.lr=0.003", "data.max_train_sentences=200", "trainer.max_steps=20")
     result = subprocess.run(
         _command(run_dir, *changed), env=_env(tmp_path), capture_output=True, text=True, timeout=600
     )
@@ -120,7 +120,7 @@ def test_sigterm_saves_at_the_current_step_and_the_same_command_continues_exactl
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, result.stderr[-3000:]
     assert "3 key(s) differ" in errors[0] and "name=" in errors[0], errors[0]
-    for key in ("model.d_model: 32 -> 64", "optim.lr: 0.001 -> 0.002", "data.max_train_sentences: 300 -> 200"):
+    for key in ("model.d_model: 32 -> 64", "optim.lr: 0.002 -> 0.003", "data.max_train_sentences: 300 -> 200"):
         assert key in errors[0]
     assert "Traceback" not in result.stderr
     assert not (run_dir / "checkpoints" / "step-000020.ckpt").exists()

@@ -189,3 +189,9 @@ def test_test_after_fit_prints_and_stores_scores_with_signatures(checkpoint, cor
     out = capsys.readouterr().out
     assert "BLEU signature: nrefs:1" in out and "chrF signature: nrefs:1" in out
     assert "test_custom en-de" in terminal.getvalue()  # progress while decoding
+    # ... and ends with a few translations on screen: source, the model's output, reference
+    examples = rows[0]["examples"]
+    sources = load_split(corpus, "test_custom", ["en"]).sentences["en"]
+    assert [e["source"] for e in examples] == sources[:3]
+    assert all(e["hypothesis"] in out and e["source"] in out for e in examples)
+    assert out.rstrip().endswith(f"reference: {examples[-1]['reference']}")
