@@ -100,10 +100,24 @@ def experts_section(arms: dict[str, list]) -> list[str]:
         f"Claim: {'**holds**' if holds else '**does not hold**'} on the mean "
         f"({', '.join(a.split('-')[1] + ' ' + fmt(v, 3) for a, v in zip(present, order))}); strictly ordered in {sum(per_seed_holds)} of {len(per_seed_holds)} seeds.",
         "",
+        *below_dense(arms, present, sorted(shared_steps)),
+        "",
         "![validation NLL](val_curves.png)",
         "",
     ]
     return lines
+
+
+def below_dense(arms: dict[str, list], present: Sequence[str], steps: Sequence[int]) -> list[str]:
+    """At how many of the shared validation steps each MoE's mean NLL is below the dense twin's."""
+    if "multitask-dense" not in present:
+        return []
+    dense = {step: mean([nll_at(r, step) for r in arms["multitask-dense"]]) for step in steps}
+    counts = []
+    for arm in present[1:]:
+        below = sum(mean([nll_at(r, step) for r in arms[arm]]) < dense[step] for step in steps)
+        counts.append(f"{arm.split('-')[1]} {below} of {len(steps)}")
+    return [f"Below the dense twin's mean NLL at the shared validation steps {list(steps)}: {', '.join(counts)}."]
 
 
 def tasks_section(arms: dict[str, list]) -> list[str]:

@@ -286,7 +286,25 @@ def _init_grouped_linear_(weight: Tensor, bias: Tensor | None, fan_in: int) -> N
         nn.init.uniform_(bias, -bound, bound)
 
 
-class GroupedFFNExperts(nn.Module):
+class _GroupedExperts(nn.Module):
+    """What the grouped expert kinds share: sizes, the activation (checked) and the CPU loop's gradient memory."""
+
+    def __init__(self, num_experts: int, hidden_size: int, ffn_hidden_size: int, activation: str) -> None:
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation={activation!r} is not supported; use one of {sorted(ACTIVATIONS)}")
+        self.num_experts = num_experts
+        self.hidden_size = hidden_size
+        self.ffn_hidden_size = ffn_hidden_size
+        self.activation = activation
+        self.gradient_memory = GradientMemory()
+
+    def _weight(self, rows: int, cols: int) -> nn.Parameter:
+        """An uninitialised grouped weight ``[E, rows, cols]``."""
+        return nn.Parameter(torch.empty(self.num_experts, rows, cols))
+
+
+class GroupedFFNExperts(_GroupedExperts):
     """``E`` two-layer FFN experts ``act(x W1[e] + b1[e]) W2[e] + b2[e]``.
 
     Args:
@@ -307,18 +325,11 @@ class GroupedFFNExperts(nn.Module):
     def __init__(
         self, num_experts: int, hidden_size: int, ffn_hidden_size: int, activation: str = "gelu", bias: bool = True
     ) -> None:
-        super().__init__()
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation={activation!r} is not supported; use one of {sorted(ACTIVATIONS)}")
-        self.num_experts = num_experts
-        self.hidden_size = hidden_size
-        self.ffn_hidden_size = ffn_hidden_size
-        self.activation = activation
-        self.w1 = nn.Parameter(torch.empty(num_experts, hidden_size, ffn_hidden_size))
-        self.w2 = nn.Parameter(torch.empty(num_experts, ffn_hidden_size, hidden_size))
+        super().__init__(num_experts, hidden_size, ffn_hidden_size, activation)
+        self.w1 = self._weight(hidden_size, ffn_hidden_size)
+        self.w2 = self._weight(ffn_hidden_size, hidden_size)
         self.b1 = nn.Parameter(torch.empty(num_experts, ffn_hidden_size)) if bias else None
         self.b2 = nn.Parameter(torch.empty(num_experts, hidden_size)) if bias else None
-        self.gradient_memory = GradientMemory()
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -346,7 +357,7 @@ class GroupedFFNExperts(nn.Module):
         return grouped_mm(h, w2, tokens_per_expert, b2)  # [N, d]
 
 
-class GroupedGLUExperts(nn.Module):
+class GroupedGLUExperts(_GroupedExperts):
     """``E`` gated (SwiGLU by default) experts ``(act(x W1[e]) * (x W3[e])) W2[e]``, no biases.
 
     Parameters: ``w1 [E, d, h]`` (gate), ``w3 [E, d, h]`` (up), ``w2 [E, h, d]`` (down).
@@ -356,17 +367,10 @@ class GroupedGLUExperts(nn.Module):
     """
 
     def __init__(self, num_experts: int, hidden_size: int, ffn_hidden_size: int, activation: str = "silu") -> None:
-        super().__init__()
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation={activation!r} is not supported; use one of {sorted(ACTIVATIONS)}")
-        self.num_experts = num_experts
-        self.hidden_size = hidden_size
-        self.ffn_hidden_size = ffn_hidden_size
-        self.activation = activation
-        self.w1 = nn.Parameter(torch.empty(num_experts, hidden_size, ffn_hidden_size))
-        self.w3 = nn.Parameter(torch.empty(num_experts, hidden_size, ffn_hidden_size))
-        self.w2 = nn.Parameter(torch.empty(num_experts, ffn_hidden_size, hidden_size))
-        self.gradient_memory = GradientMemory()
+        super().__init__(num_experts, hidden_size, ffn_hidden_size, activation)
+        self.w1 = self._weight(hidden_size, ffn_hidden_size)
+        self.w3 = self._weight(hidden_size, ffn_hidden_size)
+        self.w2 = self._weight(ffn_hidden_size, hidden_size)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
