@@ -13,11 +13,11 @@ import torch.nn.functional as F
 from lightning_moe.config import precision as precision_rule
 from lightning_moe.config.precision import AUTO_PRECISION, resolve_precision
 from lightning_moe.config.run import TrainerConfig
-from lightning_moe.models import MoETransformer, get_preset, sequence_cross_entropy
+from lightning_moe.models import MoETransformer, sequence_cross_entropy
 from lightning_moe.models import cross_entropy as ce_mod
 from lightning_moe.models.attention import attend, causal_keep_mask, key_padding_keep_mask
 from lightning_moe.moe import MoE
-from tests.unit.test_model_training import VOCAB, copy_task
+from tests.unit.test_model_training import copy_task, copy_task_config
 from tests.unit.test_moe_layer import reference_moe
 
 BF16_REL = 1e-2
@@ -144,19 +144,7 @@ def test_bf16_mixed_training_reaches_the_fp32_validation_nll() -> None:
         results = {}
         for precision in ("32-true", "bf16-mixed"):
             torch.manual_seed(0)
-            cfg = get_preset(
-                "tiny",
-                vocab_size=VOCAB,
-                d_model=64,
-                num_heads=4,
-                ffn_hidden_size=128,
-                dropout=0.0,
-                max_positions=16,
-                num_experts=4,
-                k=2,
-                capacity_factor=2.0,
-                eval_capacity_factor=2.0,
-            )
+            cfg = copy_task_config(num_experts=4, k=2)
             model = MoETransformer(cfg)
             optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
             autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16-mixed" else nullcontext()

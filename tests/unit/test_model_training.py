@@ -9,6 +9,23 @@ PAD, BOS, EOS = 0, 1, 2
 VOCAB = 12
 
 
+def copy_task_config(num_experts: int, k: int):
+    """The copy-task model: width 64, 2 + 2 blocks, dropout off, capacity factor 2 (the preset drops tokens)."""
+    return get_preset(
+        "tiny",
+        vocab_size=VOCAB,
+        d_model=64,
+        num_heads=4,
+        ffn_hidden_size=128,
+        dropout=0.0,
+        max_positions=16,
+        num_experts=num_experts,
+        k=k,
+        capacity_factor=2.0,
+        eval_capacity_factor=2.0,
+    )
+
+
 def copy_task(num: int = 16, seed: int = 0) -> dict:
     """``num`` random sequences of 3-6 content tokens; the target is the source itself."""
     g = torch.Generator().manual_seed(seed)
@@ -45,19 +62,7 @@ def one_thread():
 @pytest.mark.parametrize("num_experts", [4])
 def test_tiny_moe_model_overfits_a_copy_task(num_experts, one_thread):
     torch.manual_seed(0)
-    cfg = get_preset(
-        "tiny",
-        vocab_size=VOCAB,
-        d_model=64,
-        num_heads=4,
-        ffn_hidden_size=128,
-        dropout=0.0,
-        max_positions=16,
-        num_experts=num_experts,
-        k=1,
-        capacity_factor=2.0,
-        eval_capacity_factor=2.0,
-    )
+    cfg = copy_task_config(num_experts, k=1)
     model = MoETransformer(cfg)
     batch = copy_task()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
