@@ -18,8 +18,9 @@ import pytest
 import torch
 import torch._dynamo
 
-from lightning_moe.models import MoETransformer, get_preset
+from lightning_moe.models import MoETransformer
 from lightning_moe.moe import MoE
+from tests.small_models import small_config
 
 
 @pytest.fixture(autouse=True)
@@ -111,22 +112,9 @@ def _model_step(call: torch.nn.Module, model: torch.nn.Module, batch: dict[str, 
 
 def _check_model(backend: str) -> None:
     torch.manual_seed(0)
-    config = get_preset(
-        "tiny",
-        vocab_size=40,
-        d_model=32,
-        num_heads=2,
-        ffn_hidden_size=64,
-        encoder_layers=1,
-        decoder_layers=1,
-        dropout=0.0,
-        max_positions=16,
-        num_experts=4,
-        k=2,
-        moe_every=1,
-        use_rts=False,
-        capacity_factor=1.0,
-    )
+    shape = {"num_heads": 2, "ffn_hidden_size": 64, "encoder_layers": 1, "decoder_layers": 1, "max_positions": 16}
+    routing = {"moe_every": 1, "use_rts": False, "capacity_factor": 1.0, "drop_tokens": True}
+    config = small_config(40, 4, **shape, **routing)
     model = MoETransformer(config)
     compiled = torch.compile(model, backend=backend)
     batch = _batch(config.vocab_size)

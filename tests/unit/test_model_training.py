@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from lightning_moe.models import MoETransformer, get_preset, greedy_decode
+from lightning_moe.models import MoETransformer, greedy_decode
+from tests.small_models import small_config
 
 PAD, BOS, EOS = 0, 1, 2
 VOCAB = 12
@@ -11,19 +12,9 @@ VOCAB = 12
 
 def copy_task_config(num_experts: int, k: int):
     """The copy-task model: width 64, 2 + 2 blocks, dropout off, capacity factor 2 (the preset drops tokens)."""
-    return get_preset(
-        "tiny",
-        vocab_size=VOCAB,
-        d_model=64,
-        num_heads=4,
-        ffn_hidden_size=128,
-        dropout=0.0,
-        max_positions=16,
-        num_experts=num_experts,
-        k=k,
-        capacity_factor=2.0,
-        eval_capacity_factor=2.0,
-    )
+    wide = {"d_model": 64, "ffn_hidden_size": 128, "max_positions": 16}
+    capacity = {"capacity_factor": 2.0, "eval_capacity_factor": 2.0, "drop_tokens": True}
+    return small_config(VOCAB, num_experts, k=k, **wide, **capacity)
 
 
 def copy_task(num: int = 16, seed: int = 0) -> dict:
