@@ -159,23 +159,25 @@ def _translate(
             bar.update(len(chunk))
 
 
+def _open_or_fail(path: str, mode: str, what: str) -> BinaryIO:
+    """``open(path, mode)``, or the one-line error ``cannot {what}={path}: ...`` (exit status 1)."""
+    try:
+        return open(path, mode)
+    except OSError as err:
+        fail(f"cannot {what}={path}: {err.strerror or one_line(err)}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
     cfg = parse_args(TranslateConfig, argv, USAGE)
     with ExitStack() as stack:
         if cfg.input:
-            try:
-                source = stack.enter_context(open(cfg.input, "rb"))
-            except OSError as err:
-                fail(f"cannot read input={cfg.input}: {err.strerror or one_line(err)}")
+            source = stack.enter_context(_open_or_fail(cfg.input, "rb", "read input"))
         else:
             source = getattr(sys.stdin, "buffer", sys.stdin)
         module = _load(cfg)  # before the output file is created (or emptied)
         if cfg.output:
-            try:
-                sink = stack.enter_context(open(cfg.output, "wb"))
-            except OSError as err:
-                fail(f"cannot write output={cfg.output}: {err.strerror or one_line(err)}")
+            sink = stack.enter_context(_open_or_fail(cfg.output, "wb", "write output"))
         else:
             sys.stdout.flush()
             sink = getattr(sys.stdout, "buffer", sys.stdout)

@@ -17,6 +17,7 @@ from lightning_moe.models import MoETransformer, get_preset
 from lightning_moe.parallel import CPUOffloadAdamW
 from lightning_moe.strategy import MoEZeroStrategy
 from tests.gpu.helpers import fused_grouped_mm_device
+from tests.grouped_mm_calls import count_grouped_mm_calls
 from tests.quiet_trainer import QUIET
 
 pytestmark = pytest.mark.gpu
@@ -99,15 +100,7 @@ def isolated_run(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
     """A fresh 1-rank process group per Trainer (torn down after), the environment restored, and a count of
     fused grouped-GEMM calls."""
     environ = dict(os.environ)
-    calls: list[int] = []
-    original = torch._grouped_mm
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(torch, "_grouped_mm", counting)
-    yield calls
+    yield count_grouped_mm_calls(monkeypatch)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     os.environ.clear()

@@ -26,6 +26,7 @@ from lightning_moe.moe.experts import (
     native_group_layout,
     native_grouped_mm_dtype,
 )
+from tests.grouped_mm_calls import count_grouped_mm_calls
 
 
 @pytest.fixture(autouse=True)
@@ -38,15 +39,7 @@ def fused_on_cpu(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
     """Let the fused path run on CPU in float32 (torch's reference ``_grouped_mm``); count its calls."""
     monkeypatch.setattr(experts_mod, "_NATIVE_DEVICE_TYPES", ("cuda", "cpu"))
     monkeypatch.setattr(experts_mod, "_NATIVE_DTYPES", (torch.bfloat16, torch.float32))
-    calls: list[int] = []
-    original = torch._grouped_mm
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(torch, "_grouped_mm", counting)
-    yield calls
+    yield count_grouped_mm_calls(monkeypatch)
 
 
 # ------------------------------------------------------------------------------------------- layout
