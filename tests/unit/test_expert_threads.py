@@ -169,24 +169,21 @@ def _assert_same_outputs_and_grads(module: torch.nn.Module, out: Tensor, ref: Te
         torch.testing.assert_close(got, want)
 
 
-@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
-def test_ffn_experts_on_threads_equal_per_expert_reference(threads_forced: None, activation: str) -> None:
+@pytest.mark.parametrize(
+    "kind, activation",
+    [("ffn", a) for a in sorted(ACTIVATIONS)] + [("glu", a) for a in ("silu", "gelu", "relu")],
+)
+def test_experts_on_threads_equal_per_expert_reference(threads_forced: None, kind: str, activation: str) -> None:
+    cls, backward, reference = {
+        "ffn": (GroupedFFNExperts, "LoopExpertFFNBackward", _reference_ffn),
+        "glu": (GroupedGLUExperts, "LoopExpertGLUBackward", _reference_glu),
+    }[kind]
     torch.manual_seed(0)
-    experts = GroupedFFNExperts(len(COUNTS), 6, 10, activation=activation).double()
+    experts = cls(len(COUNTS), 6, 10, activation=activation).double()
     x = torch.randn(sum(COUNTS), 6, dtype=torch.float64, requires_grad=True)
     out = experts(x, torch.tensor(COUNTS))
-    assert type(out.grad_fn).__name__ == "LoopExpertFFNBackward"
-    _assert_same_outputs_and_grads(experts, out, _reference_ffn(experts, x, COUNTS), x)
-
-
-@pytest.mark.parametrize("activation", ["silu", "gelu", "relu"])
-def test_glu_experts_on_threads_equal_per_expert_reference(threads_forced: None, activation: str) -> None:
-    torch.manual_seed(0)
-    experts = GroupedGLUExperts(len(COUNTS), 6, 10, activation=activation).double()
-    x = torch.randn(sum(COUNTS), 6, dtype=torch.float64, requires_grad=True)
-    out = experts(x, torch.tensor(COUNTS))
-    assert type(out.grad_fn).__name__ == "LoopExpertGLUBackward"
-    _assert_same_outputs_and_grads(experts, out, _reference_glu(experts, x, COUNTS), x)
+    assert type(out.grad_fn).__name__ == backward
+    _assert_same_outputs_and_grads(experts, out, reference(experts, x, COUNTS), x)
 
 
 def test_grouped_mm_on_threads_equals_per_expert_reference(threads_forced: None) -> None:
