@@ -100,18 +100,7 @@ TINY_THROUGHPUT = "--device cpu --preset tiny --vocab 256 --batch-size 4 --src-l
 @pytest.mark.slow
 def test_train_throughput_runs_on_cpu(tmp_path: Path) -> None:
     out = tmp_path / "throughput.json"
-    proc = _run(
-        "train_throughput.py",
-        *TINY_THROUGHPUT,
-        "--steps",
-        "2",
-        "--warmup",
-        "1",
-        "--threads",
-        "1",
-        "--json",
-        str(out),
-    )
+    proc = _run("train_throughput.py", *TINY_THROUGHPUT, *"--steps 2 --warmup 1 --threads 1 --json".split(), str(out))
     result = json.loads(out.read_text())
     assert "tokens/s" in proc.stdout and "MFU" in proc.stdout
     assert result["tokens_per_step"] == 4 * (12 + 10)
@@ -127,22 +116,8 @@ def test_train_throughput_runs_on_cpu(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_train_throughput_side_by_side_interleaves_three_variants(tmp_path: Path) -> None:
     out = tmp_path / "side.json"
-    proc = _run(
-        "train_throughput.py",
-        *TINY_THROUGHPUT,
-        "--steps",
-        "1",
-        "--warmup",
-        "1",
-        "--threads",
-        "1",
-        "--side-by-side",
-        "2",
-        "--peak-tflops",
-        "2.0",
-        "--json",
-        str(out),
-    )
+    options = "--steps 1 --warmup 1 --threads 1 --side-by-side 2 --peak-tflops 2.0 --json".split()
+    proc = _run("train_throughput.py", *TINY_THROUGHPUT, *options, str(out))
     result = json.loads(out.read_text())
     variants = result["variants"]
     assert list(variants) == ["MoE 32-true", "MoE bf16-mixed", "dense bf16-mixed"]
