@@ -21,6 +21,7 @@ from tests.small_models import padded_sources as shared_padded_sources
 from tests.small_models import small_config
 
 PAD, BOS, EOS = 0, 1, 2
+IDS = {"bos_id": BOS, "eos_id": EOS, "pad_id": PAD}
 
 
 class _NoCache:
@@ -91,9 +92,7 @@ def test_wide_beam_finds_every_hypothesis_in_score_order(alpha, style):
         model,
         src,
         mask,
-        bos_id=BOS,
-        eos_id=EOS,
-        pad_id=PAD,
+        **IDS,
         beam_size=32,
         n_best=32,
         length_penalty_alpha=alpha,
@@ -128,7 +127,7 @@ def test_search_stops_when_every_sentence_is_finished():
     with torch.no_grad():
         model.transition[:, EOS] += 30.0  # EOS is by far the most likely next token
     src = torch.tensor([[0, 4, 4], [1, 4, 4]])
-    results = beam_search(model, src, None, bos_id=BOS, eos_id=EOS, pad_id=PAD, beam_size=2, max_len_b=50)
+    results = beam_search(model, src, None, **IDS, beam_size=2, max_len_b=50)
     assert [hyps[0].tokens for hyps in results] == [[], []]
     assert model.steps <= 3  # not 53: done once each sentence has beam_size finished hypotheses
 
@@ -142,9 +141,7 @@ def test_a_token_never_follows_eos_in_one_hypothesis():
         model,
         torch.tensor([[0, 3]]),
         None,
-        bos_id=BOS,
-        eos_id=EOS,
-        pad_id=PAD,
+        **IDS,
         beam_size=4,
         n_best=4,
         length_penalty_alpha=0.0,
@@ -200,9 +197,7 @@ def test_beam_scores_match_rescoring_with_the_full_model(num_experts):
             model,
             src,
             mask,
-            bos_id=BOS,
-            eos_id=EOS,
-            pad_id=PAD,
+            **IDS,
             beam_size=4,
             n_best=4,
             length_penalty_alpha=alpha,
