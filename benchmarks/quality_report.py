@@ -55,8 +55,30 @@ def per_seed(values: Sequence[float | None], digits: int = 2) -> str:
     return f"**{fmt(mean(values), digits)}** ({' / '.join(fmt(v, digits) for v in values)})"
 
 
+def steps_of(runs: Sequence[dict[str, Any]]) -> str:
+    return " / ".join(str(r["steps"]) for r in runs)
+
+
+def split_cells(runs: Sequence[dict[str, Any]], direction: str) -> list[str]:
+    """One table cell per test split: BLEU of ``direction``, mean and per seed."""
+    return [per_seed([bleu(r, split, direction) for r in runs]) for split in SPLITS]
+
+
+def mean_bleu(runs: Sequence[dict[str, Any]], direction: str) -> float | None:
+    """BLEU of ``direction`` averaged over the test splits, then over the runs (seeds)."""
+    return mean([mean([bleu(r, split, direction) for split in SPLITS]) for r in runs])
+
+
 def missing(arms: dict[str, list], wanted: Sequence[str]) -> list[str]:
     return [a for a in wanted if a not in arms]
+
+
+def heading(title: str, arms: dict[str, list], wanted: Sequence[str]) -> tuple[list[str], bool]:
+    """A section's title, and whether all its arms have run (if not, the lines say which are missing)."""
+    absent = missing(arms, wanted)
+    if absent:
+        return [f"## {title}", "", f"Not run yet (missing: {absent}).", ""], False
+    return [f"## {title}", ""], True
 
 
 def experts_section(arms: dict[str, list]) -> list[str]:
@@ -84,7 +106,7 @@ def experts_section(arms: dict[str, list]) -> list[str]:
         means[arm] = mean([nll_at(r, common) for r in rs])
         lines.append(
             f"| {arm} | {rs[0]['params_total']:,} | {rs[0]['params_active']:,} | "
-            f"{' / '.join(str(r['steps']) for r in rs)} | {per_seed([nll_at(r, common) for r in rs], 3)} | "
+            f"{steps_of(rs)} | {per_seed([nll_at(r, common) for r in rs], 3)} | "
             f"{per_seed([r['val_nll'] for r in rs], 3)} |"
         )
     order = [means[a] for a in present]
@@ -121,9 +143,11 @@ def below_dense(arms: dict[str, list], present: Sequence[str], steps: Sequence[i
 
 
 def tasks_section(arms: dict[str, list]) -> list[str]:
-    lines = ["## 2. Multitask against single task, MoE-8 against its dense twin (the seed's Figure 6)", ""]
-    if missing(arms, TASK_ARMS):
-        return [*lines, f"Not run yet (missing: {missing(arms, TASK_ARMS)}).", ""]
+    lines, ready = heading(
+        "2. Multitask against single task, MoE-8 against its dense twin (the seed's Figure 6)", arms, TASK_ARMS
+    )
+    if not ready:
+        return lines
     lines += [
         "Greedy BLEU on en->de (sacreBLEU, all test lines) after the same training CPU time.",
         "",
@@ -132,11 +156,10 @@ def tasks_section(arms: dict[str, list]) -> list[str]:
     ]
     score = {}
     for arm in TASK_ARMS:
-        rs = arms[arm]
-        cells = [per_seed([bleu(r, s, "en-de") for r in rs]) for s in SPLITS]
-        score[arm] = mean([mean([bleu(r, s, "en-de") for s in SPLITS]) for r in rs])
+        cells = split_cells(arms[arm], "en-de")
+        score[arm] = mean_bleu(arms[arm], "en-de")
         task, model = arm.split("-")
-        lines.append(f"| {task} | {model} | {' / '.join(str(r['steps']) for r in rs)} | {cells[0]} | {cells[1]} |")
+        lines.append(f"| {task} | {model} | {steps_of(arms[arm])} | {cells[0]} | {cells[1]} |")
     multi = score["multitask-moe8"] - score["multitask-dense"]
     single = score["single-moe8"] - score["single-dense"]
     lines += [
@@ -150,9 +173,9 @@ def tasks_section(arms: dict[str, list]) -> list[str]:
 
 
 def finetune_section(arms: dict[str, list]) -> list[str]:
-    lines = ["## 3. Fine-tuning the multitask MoE on a pair it never saw (de->fr)", ""]
-    if missing(arms, FINETUNE_ARMS):
-        return [*lines, f"Not run yet (missing: {missing(arms, FINETUNE_ARMS)}).", ""]
+    lines, ready = heading("3. Fine-tuning the multitask MoE on a pair it never saw (de->fr)", arms, FINETUNE_ARMS)
+    if not ready:
+        return lines
     lines += [
         "MoE-8 trained on de->fr only, from scratch, against the multitask MoE-8 of study 1 (which saw en<->de,"
         " en<->fr and denoising, never de->fr) fine-tuned on de->fr, for the same training CPU time. Greedy BLEU.",
@@ -161,19 +184,18 @@ def finetune_section(arms: dict[str, list]) -> list[str]:
         "|---|---|---|---|",
     ]
     for arm in FINETUNE_ARMS:
-        rs = arms[arm]
-        cells = [per_seed([bleu(r, s, "de-fr") for r in rs]) for s in SPLITS]
-        lines.append(f"| {arm} | {' / '.join(str(r['steps']) for r in rs)} | {cells[0]} | {cells[1]} |")
-    gain = mean([mean([bleu(r, s, "de-fr") for s in SPLITS]) for r in arms["defr-finetuned"]]) - mean(
-        [mean([bleu(r, s, "de-fr") for s in SPLITS]) for r in arms["defr-scratch"]]
-    )
+        cells = split_cells(arms[arm], "de-fr")
+        lines.append(f"| {arm} | {steps_of(arms[arm])} | {cells[0]} | {cells[1]} |")
+    gain = mean_bleu(arms["defr-finetuned"], "de-fr") - mean_bleu(arms["defr-scratch"], "de-fr")
     return [*lines, "", f"Fine-tuned minus scratch, mean of both splits: {gain:+.2f} BLEU.", ""]
 
 
 def upcycling_section(arms: dict[str, list]) -> list[str]:
-    lines = ["## 4. Upcycling the dense model against training the MoE from scratch (issue 18)", ""]
-    if missing(arms, UPCYCLE_ARMS):
-        return [*lines, f"Not run yet (missing: {missing(arms, UPCYCLE_ARMS)}).", ""]
+    lines, ready = heading(
+        "4. Upcycling the dense model against training the MoE from scratch (issue 18)", arms, UPCYCLE_ARMS
+    )
+    if not ready:
+        return lines
     lines += [
         "`upcycle-scratch`: MoE-8 top-2 dropless from scratch for the whole budget. `upcycle-dense`: the dense"
         " model with the experts' width for half of it; `upcycle-upcycled`: that model upcycled"
@@ -185,7 +207,7 @@ def upcycling_section(arms: dict[str, list]) -> list[str]:
     for arm in UPCYCLE_ARMS:
         rs = arms[arm]
         lines.append(
-            f"| {arm} | {' / '.join(str(r['steps']) for r in rs)} | {' / '.join(str(round(r['train_cpu_s'])) for r in rs)} | "
+            f"| {arm} | {steps_of(rs)} | {' / '.join(str(round(r['train_cpu_s'])) for r in rs)} | "
             f"{per_seed([r['val_nll'] for r in rs], 3)} | {per_seed([bleu(r, SPLITS[0], 'en-de') for r in rs])} | "
             f"{per_seed([bleu(r, SPLITS[0], 'de-en') for r in rs])} |"
         )
