@@ -48,15 +48,23 @@ def _reference(steps: int, accum: int, num_experts: int = 4) -> tuple[list[float
     opt = _make_optimizer(model)
     losses = []
     for tokens, targets in make_batches(steps, batch=8 * accum):
-        total = 0.0
-        for micro_tokens, micro_targets in zip(tokens.chunk(accum), targets.chunk(accum)):
+        losses.append(_accumulate(model, opt, tokens, targets, accum, skip_sync=None).item())
+    return losses, _full_params(model)
+
+
+def _accumulate(model, opt, tokens, targets, accum: int, skip_sync) -> torch.Tensor:
+    """One optimizer step over ``accum`` micro-batches (loss scaled by 1/accum); ``skip_sync(model)`` wraps all
+    micro-batches but the last (None: no wrapper). Returns the summed loss."""
+    total = torch.zeros(())
+    for micro, (micro_tokens, micro_targets) in enumerate(zip(tokens.chunk(accum), targets.chunk(accum))):
+        last = micro == accum - 1
+        with skip_sync(model) if skip_sync is not None and not last else _null():
             loss = model(micro_tokens, micro_targets) / accum
             loss.backward()
-            total += loss.item()
-        opt.step()
-        opt.zero_grad()
-        losses.append(total)
-    return losses, _full_params(model)
+        total += loss.detach()
+    opt.step()
+    opt.zero_grad()
+    return total
 
 
 def _train_rank(
@@ -78,13 +86,8 @@ def _train_rank(
     model.blocks[1].moe.experts.register_forward_hook(lambda m, args, out: expert_dtypes.append(out.dtype))
     dims = ParallelDims(world_size, ep, zero_stage=stage, offload=offload).resolve(expert_counts(model))
     mesh = dims.build_mesh("cpu")
-    parallelize(
-        model,
-        mesh,
-        dims,
-        mp_policy=mixed_precision_policy(precision),
-        activation_checkpointing=activation_checkpointing,
-    )
+    policy = mixed_precision_policy(precision)
+    parallelize(model, mesh, dims, mp_policy=policy, activation_checkpointing=activation_checkpointing)
     opt = _make_optimizer(model)
     if offload == "optimizer":
         opt = offload_optimizer(opt)
@@ -92,15 +95,7 @@ def _train_rank(
     for tokens, targets in make_batches(steps, batch=8 * accum):
         local = tokens.shape[0] // world_size
         tokens, targets = tokens[rank * local : (rank + 1) * local], targets[rank * local : (rank + 1) * local]
-        total = torch.zeros(())
-        for micro, (micro_tokens, micro_targets) in enumerate(zip(tokens.chunk(accum), targets.chunk(accum))):
-            last = micro == accum - 1
-            with no_gradient_sync(model) if not last else _null():
-                loss = model(micro_tokens, micro_targets) / accum
-                loss.backward()
-            total += loss.detach()
-        opt.step()
-        opt.zero_grad()
+        total = _accumulate(model, opt, tokens, targets, accum, skip_sync=no_gradient_sync)
         dist.all_reduce(total)
         losses.append(total.item() / world_size)
     expert_placements = {
