@@ -242,6 +242,8 @@ def run(cfg: TrainConfig, extra_callbacks: list | None = None) -> dict[str, floa
         trainer.strategy.barrier("final-checkpoint")
         if trainer.is_global_zero:
             prune_checkpoints(final.parent, cfg.checkpoint.keep_last)
+    if trainer.is_global_zero:  # the last validation, then (test_after_fit) test scores and sample translations
+        print("".join(f"{key}: {metrics[key]:.4f}\n" for key in sorted(metrics) if key.startswith("val/")), end="")
     if cfg.test_after_fit and trainer.is_global_zero:
         metrics.update(_test(cfg, final, datamodule))
     return metrics
@@ -320,9 +322,6 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     except (DamagedCheckpointError, CheckpointWriteError, InitFromError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
-    for key in sorted(metrics):
-        if key.startswith("val/"):
-            print(f"{key}: {metrics[key]:.4f}")
     return metrics.get("val/nll")
 
 
