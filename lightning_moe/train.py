@@ -289,13 +289,13 @@ def _test(cfg: TrainConfig, checkpoint: Path, datamodule: MultitaskDataModule) -
     except ValueError as err:  # e.g. no translation task: the trained checkpoint stays, nothing to score
         log.warning("test after fit skipped: %s", err)
         return {}
-    print(f"test scores of {checkpoint.name}:")
-    print(format_scores(rows))
-    print(format_examples(rows[0]))
     scores = Path(cfg.output_dir) / "test_scores.json"
     scores.parent.mkdir(parents=True, exist_ok=True)
     write_scores(rows, scores)
     log.info("test scores written to %s", scores)
+    print(f"test scores of {checkpoint.name}:")
+    print(format_scores(rows))
+    print(format_examples(rows[0]))
     result = {}
     for r in rows:
         result[f"test/{r['split']}/{r['direction']}/bleu"] = r["bleu"]
