@@ -126,6 +126,20 @@ def plan(args: argparse.Namespace) -> list[Run]:
                 init_from=f"upcycle-dense{s}",
             )
         )
+        # The same, at the main peak learning rate (50 warm-up steps): the fine-tuning lr above is 2-3x lower than
+        # the scratch run's over the same period, a difference that is not upcycling's.
+        runs.append(
+            Run(
+                f"upcycle-upcycled-mainlr{s}",
+                "upcycling",
+                "upcycle-upcycled-mainlr",
+                seed,
+                ("moe=dropless", "moe.upcycle=true", "optim.warmup_steps=50"),
+                half,
+                both,
+                init_from=f"upcycle-dense{s}",
+            )
+        )
     return runs
 
 

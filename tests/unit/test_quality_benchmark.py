@@ -28,7 +28,7 @@ def test_plan_orders_runs_after_their_sources_and_gives_equal_budgets():
     quality = _load("quality")
     runs = quality.plan(quality.parse_args(["--seeds", "0", "1"]))
     names = [r.name for r in runs]
-    assert len(names) == len(set(names)) == 2 * 11
+    assert len(names) == len(set(names)) == 2 * 12
     for r in runs:
         if r.init_from:
             assert names.index(r.init_from) < names.index(r.name)
