@@ -15,7 +15,15 @@ from typing import Any
 
 from lightning_moe.cli import fail, is_terminal, one_line, parse_args, progress_bar
 
-__all__ = ["EvaluateConfig", "EvaluateDataConfig", "evaluate", "format_examples", "format_scores", "write_scores", "main"]
+__all__ = [
+    "EvaluateConfig",
+    "EvaluateDataConfig",
+    "evaluate",
+    "format_examples",
+    "format_scores",
+    "write_scores",
+    "main",
+]
 
 USAGE = (
     "usage: python -m lightning_moe.evaluate checkpoint=PATH [data.root=DATA_DIR] "
