@@ -219,6 +219,7 @@ class RNGStateCheckpoint(pl.Callback):
 
     def __init__(self) -> None:
         self._pending: dict[str, Any] | None = None
+        self._before_validation: dict[str, Any] | None = None
 
     @staticmethod
     def _local_states() -> dict[str, Any]:
@@ -240,16 +241,29 @@ class RNGStateCheckpoint(pl.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._pending = state_dict
 
+    @staticmethod
+    def _set_local_states(states: dict[str, Any]) -> None:
+        torch.set_rng_state(states["torch"])
+        if "cuda" in states and torch.cuda.is_available():
+            torch.cuda.set_rng_state(states["cuda"])
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Validation inside training gives the generators back as it found them: a checkpoint saved right before
+        # a validation (a preemption at that step) then resumes with the numbers an uninterrupted run draws next.
+        self._before_validation = self._local_states()
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._before_validation is not None:
+            self._set_local_states(self._before_validation)
+            self._before_validation = None
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Restored here, after everything that draws random numbers while setting up has run.
         if self._pending is None:
             return
         ranks = self._pending.get("ranks", [])
         if len(ranks) == trainer.world_size:
-            mine = ranks[trainer.global_rank]
-            torch.set_rng_state(mine["torch"])
-            if "cuda" in mine and torch.cuda.is_available():
-                torch.cuda.set_rng_state(mine["cuda"])
+            self._set_local_states(ranks[trainer.global_rank])
         else:
             log.warning(
                 "checkpoint holds RNG states of %d ranks, this run has %d: keeping the seeded generators",

@@ -104,3 +104,18 @@ def test_expert_load_monitor_accumulates_and_draws(tmp_path):
     torch.testing.assert_close(monitor.last_load.sum(), torch.tensor(1.0, dtype=monitor.last_load.dtype))
     assert list(tmp_path.glob("expert_load_step*.png"))
     assert "moe/dropped_fraction" in trainer.callback_metrics and "moe/router_entropy" in trainer.callback_metrics
+
+
+def test_validation_gives_the_training_generators_back():
+    """A checkpoint saved right before a validation (a preemption at that step) resumes with the random numbers
+    an uninterrupted run draws after its validation: validation must not move the generators."""
+    from lightning_moe.callbacks import RNGStateCheckpoint
+
+    callback = RNGStateCheckpoint()
+    torch.manual_seed(3)
+    callback.on_validation_start(None, None)
+    torch.rand(7)  # whatever validation draws
+    callback.on_validation_end(None, None)
+    after_validation = torch.rand(4)
+    torch.manual_seed(3)
+    assert torch.equal(torch.rand(4), after_validation)
