@@ -55,10 +55,6 @@ def single_pair(src: str, tgt: str) -> tuple[str, ...]:
 class Run:
     """One training run of the report."""
 
-    name: str
-    """Run name: its folder under ``--work`` and its results file ``{out}/runs/{name}.json``."""
-    study: str
-    """``experts``, ``multitask``, ``finetune`` or ``upcycling`` (a run may serve several; this is its first)."""
     arm: str
     """The configuration without the seed, e.g. ``multitask-moe8``."""
     seed: int
@@ -68,77 +64,44 @@ class Run:
     """Training CPU seconds."""
     directions: tuple[str, ...]
     """Directions scored on the test splits after training (greedy)."""
-    init_from: str | None = None
-    """Name of the run whose final checkpoint this run starts from."""
+    starts_from: str | None = None
+    """Arm whose run of the same seed this run starts from (its final checkpoint)."""
+
+    @property
+    def name(self) -> str:
+        """Run name: its folder under ``--work`` and its results file ``{out}/runs/{name}.json``."""
+        return f"{self.arm}-seed{self.seed}"
+
+    @property
+    def init_from(self) -> str | None:
+        """Name of the run this one starts from."""
+        return None if self.starts_from is None else f"{self.starts_from}-seed{self.seed}"
 
 
 def plan(args: argparse.Namespace) -> list[Run]:
     """Every run of the report, in an order that puts each run after the run it starts from."""
     budget, half, short = args.budget_min * 60, args.budget_min * 30, args.finetune_budget_min * 60
     moe = lambda e: ("moe=top2", f"moe.num_experts={e}")  # noqa: E731
+    dense_twin = ("moe=dense", "moe.k=2")  # the same active parameters as top-2 MoE
+    en_de, both, de_fr = ("en-de",), ("en-de", "de-en"), ("de-fr",)
+    upcycle = ("moe=dropless", "moe.upcycle=true")
     runs: list[Run] = []
     for seed in args.seeds:
-        s = f"-seed{seed}"
         for e in args.experts:
-            arm = "dense" if e == 0 else f"moe{e}"
-            model = ("moe=dense", "moe.k=2") if e == 0 else moe(e)
-            runs.append(
-                Run(f"multitask-{arm}{s}", "experts", f"multitask-{arm}", seed, model, budget, ("en-de", "de-en"))
-            )
-        for arm, model in (("dense", ("moe=dense", "moe.k=2")), ("moe8", moe(8))):
-            runs.append(
-                Run(
-                    f"single-{arm}{s}",
-                    "multitask",
-                    f"single-{arm}",
-                    seed,
-                    model + single_pair("en", "de"),
-                    budget,
-                    ("en-de",),
-                )
-            )
-        defr = single_pair("de", "fr")
-        runs.append(Run(f"defr-scratch{s}", "finetune", "defr-scratch", seed, moe(8) + defr, short, ("de-fr",)))
-        runs.append(
-            Run(
-                f"defr-finetuned{s}",
-                "finetune",
-                "defr-finetuned",
-                seed,
-                moe(8) + defr + FINETUNE_OPTIM,
-                short,
-                ("de-fr",),
-                init_from=f"multitask-moe8{s}",
-            )
-        )
-        both = ("en-de", "de-en")
-        runs.append(Run(f"upcycle-scratch{s}", "upcycling", "upcycle-scratch", seed, ("moe=dropless",), budget, both))
-        runs.append(Run(f"upcycle-dense{s}", "upcycling", "upcycle-dense", seed, ("moe=dense", "moe.k=1"), half, both))
-        runs.append(
-            Run(
-                f"upcycle-upcycled{s}",
-                "upcycling",
-                "upcycle-upcycled",
-                seed,
-                ("moe=dropless", "moe.upcycle=true") + FINETUNE_OPTIM,
-                half,
-                both,
-                init_from=f"upcycle-dense{s}",
-            )
-        )
-        # The same, at the main peak learning rate (50 warm-up steps): the fine-tuning lr above is 2-3x lower than
+            arm, model = ("dense", dense_twin) if e == 0 else (f"moe{e}", moe(e))
+            runs.append(Run(f"multitask-{arm}", seed, model, budget, both))
+        to_de, to_fr = single_pair("en", "de"), single_pair("de", "fr")
+        runs.append(Run("single-dense", seed, dense_twin + to_de, budget, en_de))
+        runs.append(Run("single-moe8", seed, moe(8) + to_de, budget, en_de))
+        runs.append(Run("defr-scratch", seed, moe(8) + to_fr, short, de_fr))
+        runs.append(Run("defr-finetuned", seed, moe(8) + to_fr + FINETUNE_OPTIM, short, de_fr, "multitask-moe8"))
+        runs.append(Run("upcycle-scratch", seed, ("moe=dropless",), budget, both))
+        runs.append(Run("upcycle-dense", seed, ("moe=dense", "moe.k=1"), half, both))
+        runs.append(Run("upcycle-upcycled", seed, upcycle + FINETUNE_OPTIM, half, both, "upcycle-dense"))
+        # The same at the main peak learning rate (50 warm-up steps): the fine-tuning lr above is 2-3x lower than
         # the scratch run's over the same period, a difference that is not upcycling's.
         runs.append(
-            Run(
-                f"upcycle-upcycled-mainlr{s}",
-                "upcycling",
-                "upcycle-upcycled-mainlr",
-                seed,
-                ("moe=dropless", "moe.upcycle=true", "optim.warmup_steps=50"),
-                half,
-                both,
-                init_from=f"upcycle-dense{s}",
-            )
+            Run("upcycle-upcycled-mainlr", seed, (*upcycle, "optim.warmup_steps=50"), half, both, "upcycle-dense")
         )
     return runs
 
@@ -242,6 +205,8 @@ def train_one(args: argparse.Namespace, run: Run) -> dict[str, Any]:
     total, active = count_parameters(load_translator(checkpoint).model)
     return {
         **asdict(run),
+        "name": run.name,
+        "init_from": run.init_from,
         "steps": int(checkpoint.name.split("-")[1].split(".")[0]),
         "train_cpu_s": budget.cpu_s,
         "train_wall_s": budget.wall_s,
