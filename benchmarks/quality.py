@@ -21,7 +21,7 @@ writes ``{out}/runs/{name}.json`` and is skipped next time. The report (``report
 
     python benchmarks/quality.py                        # everything: about 1 h 30 min on 2 CPU cores (--jobs 2)
     python benchmarks/quality.py --report-only          # redraw the report from the run files
-    python benchmarks/quality.py --smoke --out /tmp/q   # a tiny version on the embedded sample (~2 min)
+    python benchmarks/quality.py --smoke --out /tmp/q   # a tiny version on the embedded sample (~4 min)
 """
 
 from __future__ import annotations
