@@ -13,6 +13,8 @@ time is the run's own compute time, robust to other jobs sharing the machine), f
 4. **Upcycling**: the dense model with the experts' width (``moe=dense moe.k=1``) for half the budget,
    upcycled (``moe.upcycle=true``) and trained for the other half, against the same MoE (``moe=dropless``:
    the upcycled router starts at zero, a capacity would drop most tokens at first) from scratch.
+5. **bf16 against fp32** (issue 15): MoE-8 on the multitask mixture in ``bf16-mixed`` and in ``32-true`` for the
+   same number of steps (``--precision-steps``, no time budget): validation NLL at every validation.
 
 Each run is a subprocess (``--one NAME``) through ``lightning_moe.train.run`` with ``checkpoint.resume=auto``:
 a killed run continues from its last checkpoint (its budget clock is in the checkpoint), and a finished run
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import subprocess
@@ -61,7 +64,7 @@ class Run:
     overrides: tuple[str, ...]
     """Hydra overrides on top of the common ones."""
     budget_s: float
-    """Training CPU seconds."""
+    """Training CPU seconds (``math.inf``: the run stops at the ``trainer.max_steps`` of its overrides)."""
     directions: tuple[str, ...]
     """Directions scored on the test splits after training (greedy)."""
     starts_from: str | None = None
@@ -103,7 +106,24 @@ def plan(args: argparse.Namespace) -> list[Run]:
         runs.append(
             Run("upcycle-upcycled-mainlr", seed, (*upcycle, "optim.warmup_steps=50"), half, both, "upcycle-dense")
         )
-    return runs
+        steps = (f"trainer.max_steps={args.precision_steps}",)  # equal steps, not equal time
+        for precision in ("32-true", "bf16-mixed"):
+            name = "precision-" + precision.split("-")[0].replace("32", "fp32")
+            runs.append(Run(name, seed, (*moe(8), f"trainer.precision={precision}", *steps), math.inf, both))
+    return runs if args.arms is None else only_arms(runs, args.arms)
+
+
+def only_arms(runs: list[Run], arms: Sequence[str]) -> list[Run]:
+    """The runs of ``arms`` and of every arm they start from, in plan order."""
+    known = {r.arm for r in runs}
+    unknown = sorted(set(arms) - known)
+    if unknown:
+        raise SystemExit(f"--arms {' '.join(unknown)}: no such arm (valid: {' '.join(sorted(known))})")
+    wanted = set(arms)
+    for r in reversed(runs):  # a run's source comes before it in the plan
+        if r.arm in wanted and r.starts_from:
+            wanted.add(r.starts_from)
+    return [r for r in runs if r.arm in wanted]
 
 
 def common_overrides(args: argparse.Namespace, run: Run) -> list[str]:
@@ -292,8 +312,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="tiny", help="model preset")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--experts", type=int, nargs="+", default=[0, 8, 16, 32], help="study 1 (0 = the dense twin)")
+    p.add_argument("--arms", nargs="+", default=None, help="only these arms and those they start from (default all)")
     p.add_argument("--budget-min", type=float, default=None, help="training CPU minutes of every run (6)")
     p.add_argument("--finetune-budget-min", type=float, default=None, help="training CPU minutes, de->fr runs (3)")
+    p.add_argument("--precision-steps", type=int, default=None, help="steps of the bf16/fp32 runs (600)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup-steps", type=int, default=None, help="optim.warmup_steps from scratch (400)")
     p.add_argument("--val-every", type=int, default=None, help="validation (and checkpoint) period in steps (150)")
@@ -303,11 +325,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--report-only", action="store_true", help="only redraw the report from the run files")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    defaults = {"budget_min": 6.0, "finetune_budget_min": 3.0, "val_every": 150, "warmup_steps": 400}
+    defaults = {
+        "budget_min": 6.0,
+        "finetune_budget_min": 3.0,
+        "val_every": 150,
+        "warmup_steps": 400,
+        "precision_steps": 600,
+    }
     if args.smoke:
         args.data_root = None
         args.experts, args.seeds = [0, 8], args.seeds[:1]
-        defaults = {"budget_min": 0.25, "finetune_budget_min": 0.15, "val_every": 10, "warmup_steps": 20}
+        defaults = {
+            "budget_min": 0.25,
+            "finetune_budget_min": 0.15,
+            "val_every": 10,
+            "warmup_steps": 20,
+            "precision_steps": 20,
+        }
         args.max_test_sentences = args.max_test_sentences or 20
     elif args.data_root is None:
         args.data_root = str(DEFAULT_DATA_ROOT)
@@ -334,6 +368,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     if not args.report_only:
         run_all(args, argv)
+    args.command = " ".join(["python benchmarks/quality.py", *(a for a in argv if a != "--report-only")])
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import quality_report
 

@@ -19,6 +19,9 @@ EXPERT_ARMS = ("multitask-dense", "multitask-moe8", "multitask-moe16", "multitas
 TASK_ARMS = ("multitask-dense", "multitask-moe8", "single-dense", "single-moe8")
 FINETUNE_ARMS = ("defr-scratch", "defr-finetuned")
 UPCYCLE_ARMS = ("upcycle-scratch", "upcycle-dense", "upcycle-upcycled", "upcycle-upcycled-mainlr")
+PRECISION_ARMS = ("precision-fp32", "precision-bf16")
+PRECISION_TOLERANCE = 0.01
+"""Issue 15's goal: bf16 training ends within 1% of fp32's validation NLL after the same steps."""
 SPLITS = ("test_2016_flickr", "test_2017_flickr")
 
 
@@ -229,6 +232,42 @@ def upcycling_section(arms: dict[str, list]) -> list[str]:
     return [*lines, ""]
 
 
+def precision_section(arms: dict[str, list]) -> list[str]:
+    lines, complete = heading("5. bf16 against fp32 at equal steps (issue 15)", arms, PRECISION_ARMS)
+    if not complete:
+        return lines
+    fp32, bf16 = ({r["seed"]: r for r in arms[a]} for a in PRECISION_ARMS)
+    seeds = sorted(set(fp32) & set(bf16))
+    lines += [
+        "MoE-8, multitask, the same steps in `32-true` and `bf16-mixed` (same seed: same initial weights and"
+        " batches). Validation NLL at each validation, and bf16's difference relative to fp32.",
+        "",
+        "| seed | step | fp32 | bf16 | bf16 vs fp32 |",
+        "|---|---|---|---|---|",
+    ]
+    end_gaps = []
+    for seed in seeds:
+        steps = sorted({h["step"] for h in fp32[seed]["history"]} & {h["step"] for h in bf16[seed]["history"]})
+        for step in steps:
+            a, b = nll_at(fp32[seed], step), nll_at(bf16[seed], step)
+            lines.append(f"| {seed} | {step} | {a:.4f} | {b:.4f} | {100 * (b - a) / a:+.2f}% |")
+        if steps:
+            end_gaps.append(
+                (nll_at(bf16[seed], steps[-1]) - nll_at(fp32[seed], steps[-1])) / nll_at(fp32[seed], steps[-1])
+            )
+    ends = [fp32[s]["val_nll"] for s in seeds]
+    noise = (max(ends) - min(ends)) / min(ends) if len(ends) > 1 else None
+    within = all(abs(g) <= PRECISION_TOLERANCE for g in end_gaps)
+    lines += [
+        "",
+        f"At the last step: bf16 {', '.join(f'{100 * g:+.2f}%' for g in end_gaps)} against fp32"
+        + (f"; the fp32 runs of different seeds end {100 * noise:.2f}% apart" if noise is not None else "")
+        + f". Goal (within {100 * PRECISION_TOLERANCE:.0f}%): {'**met**' if within else '**not met**'}.",
+        "",
+    ]
+    return lines
+
+
 def runs_table(arms: dict[str, list]) -> list[str]:
     lines = [
         "## Every run",
@@ -298,12 +337,14 @@ def write_report(out: Path, settings: dict[str, Any]) -> Path:
         f"Settings: {', '.join(f'{k}={v}' for k, v in shown.items())}; one torch thread per run, bf16 where the CPU"
         f" has it (trainer.precision=auto), label smoothing 0.1, inverse-sqrt schedule. Machine: {first['machine']};"
         f" runs finished {min(r['date'] for rs in arms.values() for r in rs)} to {max(r['date'] for rs in arms.values() for r in rs)}.",
-        "Command: `python benchmarks/quality.py` (resumable; `--report-only` redraws this page).",
+        f"Command: `{settings.get('command', 'python benchmarks/quality.py')}` (resumable; `--report-only` redraws"
+        " this page).",
         "",
         *experts_section(arms),
         *tasks_section(arms),
         *finetune_section(arms),
         *upcycling_section(arms),
+        *precision_section(arms),
         *runs_table(arms),
     ]
     if any(a in arms for a in EXPERT_ARMS):

@@ -27,7 +27,7 @@ __all__ = [
 
 USAGE = (
     "usage: python -m lightning_moe.evaluate checkpoint=PATH [data.root=DATA_DIR] "
-    "[splits=[test_2016_flickr,test_2017_flickr]] [directions=[en-de]] [beam_size=4] [max_sentences=N] [json=FILE]"
+    "[splits=[test_2016_flickr,test_2017_flickr]] [directions=[en-de]] [beam_size=4] [length_penalty=1.0] [max_sentences=N] [json=FILE]"
 )
 
 
@@ -55,6 +55,8 @@ class EvaluateConfig:
     validated on."""
     beam_size: int = 1
     """1 = greedy; more = beam search."""
+    length_penalty: float | None = None
+    """Beam search length penalty exponent (GNMT style, 0 = none); null = the checkpoint's."""
     batch_size: int = 64
     """Sentences decoded together."""
     max_sentences: int | None = None
@@ -142,6 +144,8 @@ def evaluate(cfg: EvaluateConfig, progress: bool | None = None) -> list[dict[str
 
     checkpoint = read_checkpoint(cfg.checkpoint)
     generation = {"beam_size": cfg.beam_size, "batch_size": cfg.batch_size}
+    if cfg.length_penalty is not None:
+        generation["length_penalty"] = cfg.length_penalty
     module = translator_from_checkpoint(checkpoint, cfg.checkpoint, resolve_device(cfg.device), generation=generation)
     langs = list(module.tokenizer.langs)
     pairs = _directions(cfg.directions, module.val_directions, langs)

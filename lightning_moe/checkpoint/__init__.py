@@ -10,15 +10,17 @@ Two layouts, both written atomically (a half-written checkpoint is never taken f
 
 :func:`consolidate` (``python -m lightning_moe.checkpoint consolidate CHECKPOINT OUT_FILE``) turns either into
 one file of plain types that ``torch.load(path, weights_only=True)`` and
-``LightningModule.load_from_checkpoint(path)`` read without any process group.
+``LightningModule.load_from_checkpoint(path)`` read without any process group; :func:`average_checkpoints`
+(``python -m lightning_moe.checkpoint average CHECKPOINT... --output FILE``) writes the mean of several.
 
 Modules: :mod:`.files` (layouts on disk, the completeness rule, the atomic writer), :mod:`.state` (what goes
 into a checkpoint), :mod:`.dcp` and :mod:`.full` (the two layouts), :mod:`.core` (save/load entry points),
-:mod:`.consolidate`, :mod:`.resume` (which checkpoint a run resumes from), :mod:`.retention` (pruning),
+:mod:`.consolidate`, :mod:`.average`, :mod:`.resume` (which checkpoint a run resumes from), :mod:`.retention` (pruning),
 :mod:`.manifest` (files, sizes and SHA-256 of each checkpoint: truncation, flipped bytes and missing shards
 are detected, and a resuming run falls back to the newest whole checkpoint).
 """
 
+from lightning_moe.checkpoint.average import average_checkpoints, checkpoints_to_average
 from lightning_moe.checkpoint.consolidate import consolidate, consolidate_main
 from lightning_moe.checkpoint.core import load_checkpoint, save_checkpoint
 from lightning_moe.checkpoint.files import (
@@ -55,6 +57,8 @@ __all__ = [
     "atomic_save",
     "check_loadable",
     "checkpoint_step",
+    "average_checkpoints",
+    "checkpoints_to_average",
     "consolidate",
     "consolidate_main",
     "find_latest_checkpoint",

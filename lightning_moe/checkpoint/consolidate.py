@@ -21,7 +21,19 @@ from lightning_moe.checkpoint.full import read_full
 from lightning_moe.checkpoint.manifest import verify_checkpoint
 from lightning_moe.checkpoint.state import MODEL_KEY, OPTIMIZERS_KEY, to_plain
 
-__all__ = ["consolidate", "consolidate_main"]
+__all__ = ["consolidate", "consolidate_main", "read_any_layout"]
+
+
+def read_any_layout(checkpoint: Path, scratch_dir: Path, *, weights_only: bool = True) -> dict[str, Any]:
+    """A checkpoint of either layout (folder or file), verified against its manifest, as the flat dict of a
+    full file: ``{"state_dict": {...}, "optimizer_states": [...], **meta}``.
+
+    ``scratch_dir``: where a folder's gathered tensors are staged while it is read.
+    """
+    verify_checkpoint(checkpoint)
+    if checkpoint.is_dir():
+        return read_distributed_full(checkpoint, scratch_dir, weights_only=weights_only)
+    return read_full(checkpoint, weights_only=weights_only)
 
 
 def consolidate(checkpoint: PathLike, out_file: PathLike, *, trust_meta: bool = False) -> dict[str, Any]:
@@ -50,13 +62,8 @@ def consolidate(checkpoint: PathLike, out_file: PathLike, *, trust_meta: bool = 
         )
     if dst.is_dir():
         raise IsADirectoryError(f"out_file={str(dst)!r} is a folder; pass a file path.")
-    verify_checkpoint(src)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    weights_only = not trust_meta
-    if src.is_dir():
-        full = read_distributed_full(src, dst.parent, weights_only=weights_only)
-    else:
-        full = read_full(src, weights_only=weights_only)
+    full = read_any_layout(src, dst.parent, weights_only=not trust_meta)
     model = full.pop(MODEL_KEY)
     optimizers = full.pop(OPTIMIZERS_KEY, None) or []
     out: dict[str, Any] = {

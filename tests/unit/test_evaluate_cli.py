@@ -92,6 +92,24 @@ def test_scores_are_sacrebleu_of_the_translations(checkpoint, corpus):
     assert rows[0]["chrf"] == round(sacrebleu.corpus_chrf(hypotheses, references).score, 2)
 
 
+def test_beam_and_length_penalty_reach_the_decoder(checkpoint, monkeypatch):
+    import lightning_moe.inference as inference
+
+    seen = []
+    real = inference.translator_from_checkpoint
+
+    def spy(*args, **overrides):
+        seen.append(overrides["generation"])
+        return real(*args, **overrides)
+
+    monkeypatch.setattr(inference, "translator_from_checkpoint", spy)
+    for penalty in (None, 0.6):
+        cfg = EvaluateConfig(checkpoint=str(checkpoint), beam_size=3, length_penalty=penalty, max_sentences=1)
+        evaluate(cfg, progress=False)
+    assert seen[0]["beam_size"] == 3 and "length_penalty" not in seen[0]  # the checkpoint's own
+    assert seen[1]["length_penalty"] == 0.6
+
+
 def test_data_root_overrides_the_recorded_corpus(checkpoint, tmp_path):
     other = _write_corpus(tmp_path / "other", "test_other", ["en", "de"], lines=3)
     cfg = EvaluateConfig(checkpoint=str(checkpoint), data=EvaluateDataConfig(root=str(other)), splits=["test_other"])

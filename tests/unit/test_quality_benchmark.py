@@ -28,7 +28,7 @@ def test_plan_orders_runs_after_their_sources_and_gives_equal_budgets():
     quality = _load("quality")
     runs = quality.plan(quality.parse_args(["--seeds", "0", "1"]))
     names = [r.name for r in runs]
-    assert len(names) == len(set(names)) == 2 * 12
+    assert len(names) == len(set(names)) == 2 * 14
     for r in runs:
         if r.init_from:
             assert names.index(r.init_from) < names.index(r.name)
@@ -43,6 +43,23 @@ def test_plan_orders_runs_after_their_sources_and_gives_equal_budgets():
     # the dense twin keeps k=2 (2x wider FFNs); upcycling needs the experts' width (k=1)
     assert "moe.k=2" in by_name["multitask-dense-seed0"].overrides
     assert "moe.k=1" in by_name["upcycle-dense-seed0"].overrides
+    # bf16 against fp32: the same steps, no time budget, only the precision differs
+    fp32, bf16 = by_name["precision-fp32-seed0"], by_name["precision-bf16-seed0"]
+    assert fp32.budget_s == bf16.budget_s == float("inf") and "trainer.max_steps=600" in fp32.overrides
+    assert {o for o in fp32.overrides if "precision" not in o} == {o for o in bf16.overrides if "precision" not in o}
+    assert "trainer.precision=32-true" in fp32.overrides and "trainer.precision=bf16-mixed" in bf16.overrides
+
+
+def test_arms_keep_the_runs_they_start_from_and_refuse_unknown_names():
+    quality = _load("quality")
+    runs = quality.plan(quality.parse_args(["--seeds", "0", "--arms", "single-dense", "defr-finetuned"]))
+    assert [r.name for r in runs] == [
+        "multitask-moe8-seed0",  # defr-finetuned starts from it
+        "single-dense-seed0",
+        "defr-finetuned-seed0",
+    ]
+    with pytest.raises(SystemExit, match="no such arm.*multitask-dense"):
+        quality.plan(quality.parse_args(["--arms", "multitask-moe7"]))
 
 
 def _run_file(out: Path, arm: str, seed: int, nll: float, bleus: dict[tuple[str, str], float], steps: int = 100):
@@ -80,7 +97,12 @@ def test_report_judges_the_claims_from_the_numbers(tmp_path: Path, moe_wins: boo
         _run_file(tmp_path, "multitask-moe8", seed, 2.9 if moe_wins else 3.1, _en_de(22.0 if moe_wins else 18.0))
         _run_file(tmp_path, "single-dense", seed, 2.5, _en_de(25.0))
         _run_file(tmp_path, "single-moe8", seed, 2.6, _en_de(24.0 if moe_wins else 26.0))
+        _run_file(tmp_path, "precision-fp32", seed, 3.0 + 0.1 * seed, {})
+        _run_file(tmp_path, "precision-bf16", seed, (3.0 + 0.1 * seed) * (1.005 if moe_wins else 1.03), {})
     text = report_module.write_report(tmp_path, {"model": "tiny"}).read_text()
+    # bf16 0.5% (met) or 3% (not met) above fp32 at the last step; fp32 seeds 3.33% apart
+    assert f"Goal (within 1%): **{'met' if moe_wins else 'not met'}**" in text
+    assert ("+0.50%, +0.50%" if moe_wins else "+3.00%, +3.00%") in text and "end 3.33% apart" in text
     verdict = "**holds**" if moe_wins else "**does not hold**"
     assert f"Claim: {verdict} on the mean" in text
     assert f"'the MoE wins in multitask training': {verdict}" in text
