@@ -385,11 +385,19 @@ def side_by_side(args: argparse.Namespace) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     peak = peaks(args, device)
     trainers = {}
-    for precision, experts in SIDE_BY_SIDE:
+    # with --compile, the eager variants stay eager and a compiled MoE bf16-mixed variant joins them
+    variants_built = [(p, e, False) for p, e in SIDE_BY_SIDE] + ([("bf16-mixed", None, True)] if args.compile else [])
+    for precision, experts, compiled in variants_built:
         variant = argparse.Namespace(
-            **{**vars(args), "precision": precision, "experts": experts if experts is not None else args.experts}
+            **{
+                **vars(args),
+                "precision": precision,
+                "experts": experts if experts is not None else args.experts,
+                "compile": compiled,
+            }
         )
-        trainers[variant_name(precision, experts)] = trainer = Trainer(variant, device)
+        name = variant_name(precision, experts) + (" compiled" if compiled else "")
+        trainers[name] = trainer = Trainer(variant, device)
         trainer.time_steps(args.warmup)
     rounds: dict[str, list[float]] = {name: [] for name in trainers}
     for _ in range(args.side_by_side):
@@ -422,6 +430,15 @@ def side_by_side(args: argparse.Namespace) -> dict[str, Any]:
         f"moe_over_dense_bf16_{stat}": moe_bf16[f"tokens_per_s_{stat}"] / dense_bf16[f"tokens_per_s_{stat}"]
         for stat in ("median", "best")
     }
+    compiled = variants.get(variant_name("bf16-mixed", None) + " compiled")
+    if compiled:
+        for stat in ("median", "best"):
+            ratios[f"compiled_over_eager_bf16_{stat}"] = (
+                compiled[f"tokens_per_s_{stat}"] / moe_bf16[f"tokens_per_s_{stat}"]
+            )
+            ratios[f"compiled_bf16_over_fp32_{stat}"] = (
+                compiled[f"tokens_per_s_{stat}"] / moe_fp32[f"tokens_per_s_{stat}"]
+            )
     return {
         "benchmark": "train_throughput_side_by_side",
         "label": args.label,
@@ -456,6 +473,12 @@ def print_side_by_side(result: dict[str, Any]) -> None:
         f"bf16 / fp32 (MoE): median {r['bf16_over_fp32_median']:.2f}x, best {r['bf16_over_fp32_best']:.2f}x | "
         f"MoE / dense (bf16): median {r['moe_over_dense_bf16_median']:.2f}x, best {r['moe_over_dense_bf16_best']:.2f}x"
     )
+    if "compiled_over_eager_bf16_median" in r:
+        print(
+            f"compiled / eager (MoE bf16): median {r['compiled_over_eager_bf16_median']:.2f}x, best "
+            f"{r['compiled_over_eager_bf16_best']:.2f}x | compiled bf16 / fp32: median "
+            f"{r['compiled_bf16_over_fp32_median']:.2f}x, best {r['compiled_bf16_over_fp32_best']:.2f}x"
+        )
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -481,7 +504,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         metavar="R",
         help="R interleaved rounds of MoE 32-true, MoE bf16-mixed and the dense twin in bf16-mixed",
     )
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the model (with --side-by-side: add a compiled MoE bf16-mixed variant to the eager ones)",
+    )
     parser.add_argument("--profile", type=int, default=0, metavar="N", help="after timing, profile N steps (table)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     parser.add_argument("--seed", type=int, default=0)

@@ -56,3 +56,16 @@ def write_tiny_checkpoint(path: Path, data_root: str | None = str(SAMPLE_DIR), s
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(checkpoint, path)
     return path
+
+
+def write_step_checkpoint(folder: Path, step: int, seed: int) -> Path:
+    """A tiny checkpoint as training writes it: ``step-<N>.ckpt``, training state, ``global_step``, a manifest."""
+    from lightning_moe.checkpoint import atomic_save
+
+    raw = folder / f"raw-{seed}.pt"
+    checkpoint = torch.load(write_tiny_checkpoint(raw, seed=seed), weights_only=True)
+    raw.unlink()
+    checkpoint.update(global_step=step, optimizer_states=[{"state": {}}], loops={"fit_loop": {}}, lr_schedulers=[])
+    path = folder / f"step-{step:06d}.ckpt"
+    atomic_save(checkpoint, path, manifest=True)
+    return path

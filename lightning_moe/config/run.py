@@ -237,6 +237,10 @@ class CheckpointConfig:
     """Write a checkpoint every this many optimizer steps (and at the end)."""
     keep_last: int = 3
     """Keep the newest N complete checkpoints; older ones are deleted."""
+    average_last: int = 1
+    """The test after training scores the mean of the weights of the newest N checkpoints
+    (``python -m lightning_moe.checkpoint average``), written to ``<output_dir>/average-last<N>.ckpt``;
+    1 = the final checkpoint alone. At most ``keep_last``."""
     resume: str = "auto"
     """``auto``: resume from the newest checkpoint in ``dirpath`` that is whole (a damaged newer one is
     reported and skipped); ``never``; or a path. The run's configuration must match the checkpoint's except
@@ -252,6 +256,12 @@ class CheckpointConfig:
 
         _at_least("checkpoint.every_n_train_steps", self.every_n_train_steps, 1)
         _at_least("checkpoint.keep_last", self.keep_last, 1)
+        _at_least("checkpoint.average_last", self.average_last, 1)
+        if self.average_last > self.keep_last:
+            raise ValueError(
+                f"checkpoint.average_last={self.average_last} exceeds checkpoint.keep_last={self.keep_last}: only"
+                f" {self.keep_last} checkpoints are kept (use average_last<={self.keep_last} or raise keep_last)"
+            )
         if not isinstance(self.resume, str) or not self.resume:
             raise ValueError("checkpoint.resume must be 'auto', 'never' or a checkpoint path")
         for sig in self.preempt_signals:

@@ -13,25 +13,14 @@ import torch
 from lightning_moe.checkpoint import atomic_save, average_checkpoints, checkpoints_to_average
 from lightning_moe.checkpoint.average import average_main
 from lightning_moe.inference import load_translator
-from tests.tiny_translator import write_tiny_checkpoint
-
-
-def _step_checkpoint(folder: Path, step: int, seed: int) -> Path:
-    """A tiny translator checkpoint as training writes it: step in its name, training state, a manifest."""
-    raw = folder / f"raw-{seed}.pt"
-    checkpoint = torch.load(write_tiny_checkpoint(raw, seed=seed), weights_only=True)
-    raw.unlink()
-    checkpoint.update(global_step=step, optimizer_states=[{"state": {}}], loops={"fit_loop": {}}, lr_schedulers=[])
-    path = folder / f"step-{step:06d}.ckpt"
-    atomic_save(checkpoint, path, manifest=True)
-    return path
+from tests.tiny_translator import write_step_checkpoint
 
 
 @pytest.fixture
 def run_folder(tmp_path: Path) -> Path:
     folder = tmp_path / "checkpoints"
     for seed, step in enumerate((100, 200, 300)):
-        _step_checkpoint(folder, step, seed)
+        write_step_checkpoint(folder, step, seed)
     return folder
 
 
@@ -121,3 +110,30 @@ def test_module_command_writes_the_average(run_folder: Path, tmp_path: Path):
     assert done.returncode == 0, done.stderr
     assert "mean of 2 checkpoints" in done.stdout
     assert torch.load(out, weights_only=True)["global_step"] == 300
+
+
+def test_the_test_after_training_scores_the_mean_of_the_last_checkpoints(run_folder: Path, tmp_path: Path, caplog):
+    from lightning_moe.config.schema import TrainConfig
+    from lightning_moe.train import _averaged
+
+    cfg = TrainConfig(output_dir=str(tmp_path / "run"))
+    final = run_folder / "step-000300.ckpt"
+    assert _averaged(cfg, final) == final  # average_last=1: the final checkpoint alone
+    cfg.checkpoint.average_last = 2
+    tested = _averaged(cfg, final)
+    assert tested == tmp_path / "run" / "average-last2.ckpt"
+    reference = average_checkpoints([final, run_folder / "step-000200.ckpt"], tmp_path / "reference.ckpt")
+    state = torch.load(tested, weights_only=True)["state_dict"]
+    assert all(torch.equal(state[k], v) for k, v in reference["state_dict"].items())
+    lonely = tmp_path / "lonely"
+    only = write_step_checkpoint(lonely, 100, 0)
+    assert _averaged(cfg, only) == only and "testing it alone" in caplog.text
+
+
+def test_average_last_cannot_exceed_the_kept_checkpoints():
+    from lightning_moe.config.run import CheckpointConfig
+
+    with pytest.raises(ValueError, match="checkpoint.average_last=4 exceeds checkpoint.keep_last=3"):
+        CheckpointConfig(average_last=4)
+    with pytest.raises(ValueError, match="checkpoint.average_last"):
+        CheckpointConfig(average_last=0)
