@@ -301,6 +301,7 @@ def _test(cfg: TrainConfig, checkpoint: Path, datamodule: MultitaskDataModule) -
                 data=EvaluateDataConfig(root=str(root)),
                 splits=splits,
                 beam_size=cfg.generation.beam_size,
+                length_penalty=cfg.generation.length_penalty,
                 batch_size=cfg.generation.batch_size,
                 max_sentences=None if limit < 0 else (limit or None),
             ),

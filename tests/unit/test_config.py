@@ -193,3 +193,5 @@ def test_the_multi30k_recipe_composes_to_the_documented_settings():
     assert [t["name"] for t in cfg.tasks.tasks] == ["translation", "translation", "denoising"]
     assert cfg.data.max_train_sentences is None and cfg.trainer.precision == "auto"
     assert (cfg.generation.beam_size, cfg.trainer.max_steps, cfg.name) == (4, 4000, "multi30k")
+    # decoding chosen on the validation split: beam 4, length penalty 2, the mean of the last 2 checkpoints
+    assert (cfg.generation.length_penalty, cfg.checkpoint.average_last) == (2.0, 2)
