@@ -21,7 +21,7 @@ a killed run continues from its last checkpoint (its budget clock is in the chec
 writes ``{out}/runs/{name}.json`` and is skipped next time. The report (``report.md`` and plots, drawn by
 ``quality_report.py``) is built from whatever run files exist. Nothing is downloaded.
 
-    python benchmarks/quality.py                        # everything: about 1 h 30 min on 2 CPU cores (--jobs 2)
+    python benchmarks/quality.py                        # everything: about 1 h 45 min on 2 CPU cores (--jobs 2)
     python benchmarks/quality.py --report-only          # redraw the report from the run files
     python benchmarks/quality.py --smoke --out /tmp/q   # a tiny version on the embedded sample (~4 min)
 """

@@ -165,14 +165,34 @@ def tasks_section(arms: dict[str, list]) -> list[str]:
         lines.append(f"| {task} | {model} | {steps_of(arms[arm])} | {cells[0]} | {cells[1]} |")
     multi = score["multitask-moe8"] - score["multitask-dense"]
     single = score["single-moe8"] - score["single-dense"]
+    noise = seed_spread([arms[a] for a in TASK_ARMS], "en-de")
     lines += [
         "",
         f"MoE-8 minus dense, mean of both splits: multitask {multi:+.2f} BLEU, single task {single:+.2f} BLEU.",
-        f"Claim 'the MoE wins in multitask training': {'**holds**' if multi > 0 else '**does not hold**'}; "
-        f"'the dense model does as well or better on a single task': {'**holds**' if single <= 0 else '**does not hold**'}.",
+        f"Claim 'the MoE wins in multitask training': {'**holds**' if multi > 0 else '**does not hold**'}"
+        f"{against_noise(multi, noise)}; 'the dense model does as well or better on a single task': "
+        f"{'**holds**' if single <= 0 else '**does not hold**'}{against_noise(single, noise)}.",
         "",
     ]
     return lines
+
+
+def seed_spread(arms_runs: Sequence[Sequence[dict[str, Any]]], direction: str) -> float | None:
+    """The largest difference between two seeds of one arm (BLEU of ``direction``, mean of the test splits)."""
+    spreads = []
+    for runs in arms_runs:
+        per_seed = [mean([bleu(r, split, direction) for split in SPLITS]) for r in runs]
+        present = [v for v in per_seed if v is not None]
+        if len(present) > 1:
+            spreads.append(max(present) - min(present))
+    return max(spreads) if spreads else None
+
+
+def against_noise(difference: float, noise: float | None) -> str:
+    """`` (within / beyond the seed spread of X)`` for a difference between two arms' means."""
+    if noise is None:
+        return " (one seed: noise unknown)"
+    return f" ({'within' if abs(difference) <= noise else 'beyond'} the seed spread of {noise:.2f})"
 
 
 def finetune_section(arms: dict[str, list]) -> list[str]:
@@ -320,6 +340,12 @@ def plot(arms: dict[str, list], path: Path) -> None:
     plt.close(fig)
 
 
+def studied(settings: dict[str, Any], section_arms: Sequence[str], section: Any, arms: dict[str, list]) -> list[str]:
+    """A section's lines, or none when the run chose other arms (``--arms``) than any of the section's."""
+    chosen = settings.get("arms")
+    return section(arms) if not chosen or set(chosen) & set(section_arms) else []
+
+
 def write_report(out: Path, settings: dict[str, Any]) -> Path:
     """Write ``report.md`` and ``val_curves.png`` into ``out`` from ``out/runs/*.json``."""
     arms = load_runs(out)
@@ -340,11 +366,11 @@ def write_report(out: Path, settings: dict[str, Any]) -> Path:
         f"Command: `{settings.get('command', 'python benchmarks/quality.py')}` (resumable; `--report-only` redraws"
         " this page).",
         "",
-        *experts_section(arms),
-        *tasks_section(arms),
-        *finetune_section(arms),
-        *upcycling_section(arms),
-        *precision_section(arms),
+        *studied(settings, EXPERT_ARMS, experts_section, arms),
+        *studied(settings, TASK_ARMS, tasks_section, arms),
+        *studied(settings, FINETUNE_ARMS, finetune_section, arms),
+        *studied(settings, UPCYCLE_ARMS, upcycling_section, arms),
+        *studied(settings, PRECISION_ARMS, precision_section, arms),
         *runs_table(arms),
     ]
     if any(a in arms for a in EXPERT_ARMS):

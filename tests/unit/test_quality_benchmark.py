@@ -109,6 +109,20 @@ def test_report_judges_the_claims_from_the_numbers(tmp_path: Path, moe_wins: boo
     assert f"'the dense model does as well or better on a single task': {verdict}" in text
     assert "## 3. Fine-tuning" in text and "Not run yet (missing: ['defr-scratch', 'defr-finetuned'])" in text
     assert (tmp_path / "val_curves.png").read_bytes().startswith(b"\x89PNG")
+    assert "(beyond the seed spread of 0.00)" in text  # the hand-made seeds agree
+
+
+def test_report_weighs_differences_against_the_seeds_and_shows_only_the_chosen_studies(tmp_path: Path):
+    report_module = _load("quality_report")
+    for seed, wobble in ((0, -1.0), (1, 1.0)):  # the seeds of each arm 2 BLEU apart
+        _run_file(tmp_path, "multitask-dense", seed, 3.0, _en_de(20.0 + wobble))
+        _run_file(tmp_path, "multitask-moe8", seed, 3.0, _en_de(23.0 + wobble))  # +3: beyond the spread
+        _run_file(tmp_path, "single-dense", seed, 2.5, _en_de(25.0 + wobble))
+        _run_file(tmp_path, "single-moe8", seed, 2.6, _en_de(25.5 + wobble))  # +0.5: within it
+    text = report_module.write_report(tmp_path, {"arms": ["multitask-dense", "single-moe8"]}).read_text()
+    assert "multitask training': **holds** (beyond the seed spread of 2.00)" in text
+    assert "single task': **does not hold** (within the seed spread of 2.00)" in text
+    assert "## 1. More experts" in text and "## 3. Fine-tuning" not in text and "## 5. bf16" not in text
 
 
 @pytest.mark.slow
