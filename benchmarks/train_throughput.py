@@ -462,10 +462,10 @@ def print_side_by_side(result: dict[str, Any]) -> None:
         f"# torch {env['torch']} on {env.get('gpu', env['device'])}, {env['threads']} threads, "
         f"{result['rounds']} interleaved rounds; {peak_note}"
     )
-    print(f"{'variant':<18} {'tokens/s median':>16} {'tokens/s best':>14} {'TFLOP/s':>8} {'of bf16 peak':>13}")
+    print(f"{'variant':<24} {'tokens/s median':>16} {'tokens/s best':>14} {'TFLOP/s':>8} {'of bf16 peak':>13}")
     for name, v in result["variants"].items():
         print(
-            f"{name:<18} {v['tokens_per_s_median']:>16,.0f} {v['tokens_per_s_best']:>14,.0f} "
+            f"{name:<24} {v['tokens_per_s_median']:>16,.0f} {v['tokens_per_s_best']:>14,.0f} "
             f"{v['model_tflops_per_s_median']:>8.3f} {v['utilisation_of_bf16_peak_median'] * 100:>12.1f}%"
         )
     r = result["ratios"]
