@@ -24,10 +24,10 @@ writes ``{out}/runs/{name}.json`` and is skipped next time. The report (``report
     python benchmarks/quality.py                        # everything: about 1 h 45 min on 2 CPU cores (--jobs 2)
     python benchmarks/quality.py --report-only          # redraw the report from the run files
     python benchmarks/quality.py --smoke --out /tmp/q   # a tiny version on the embedded sample (~4 min)
-    # studies 2 and 3 with the recipe's model (small), 15 CPU minutes a run: about 2 h 30 min
+    # studies 1-3 with the recipe's model (small), 15 CPU minutes a run: about 3 h 10 min
     python benchmarks/quality.py --model small --budget-min 15 --finetune-budget-min 5 --val-every 200 \
-        --arms multitask-dense multitask-moe8 single-dense single-moe8 defr-scratch defr-finetuned \
-        --out benchmarks/results/quality_small --work runs/quality_small
+        --arms multitask-dense multitask-moe8 multitask-moe16 multitask-moe32 single-dense single-moe8 \
+        defr-scratch defr-finetuned --out benchmarks/results/quality_small --work runs/quality_small
 """
 
 from __future__ import annotations
