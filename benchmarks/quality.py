@@ -111,9 +111,8 @@ def plan(args: argparse.Namespace) -> list[Run]:
             Run("upcycle-upcycled-mainlr", seed, (*upcycle, "optim.warmup_steps=50"), half, both, "upcycle-dense")
         )
         steps = (f"trainer.max_steps={args.precision_steps}",)  # equal steps, not equal time
-        for precision in ("32-true", "bf16-mixed"):
-            name = "precision-" + precision.split("-")[0].replace("32", "fp32")
-            runs.append(Run(name, seed, (*moe(8), f"trainer.precision={precision}", *steps), math.inf, both))
+        for arm, precision in (("precision-fp32", "32-true"), ("precision-bf16", "bf16-mixed")):
+            runs.append(Run(arm, seed, (*moe(8), f"trainer.precision={precision}", *steps), math.inf, both))
     return runs if args.arms is None else only_arms(runs, args.arms)
 
 

@@ -251,19 +251,19 @@ def run(cfg: TrainConfig, extra_callbacks: list | None = None) -> dict[str, floa
 
 def _averaged(cfg: TrainConfig, final: Path) -> Path:
     """The checkpoint the test scores: ``final``, or the mean of the newest ``checkpoint.average_last``."""
-    from lightning_moe.checkpoint import average_checkpoints, checkpoints_to_average
+    from lightning_moe.checkpoint import average_checkpoints
     from lightning_moe.checkpoint.resume import complete_checkpoints
 
     wanted = cfg.checkpoint.average_last
-    found = complete_checkpoints(final.parent)
-    if wanted < 2 or len(found) < 2:
-        if wanted >= 2:
-            log.warning("checkpoint.average_last=%d: only %s exists, testing it alone", wanted, final.name)
+    if wanted < 2:
         return final
-    if len(found) < wanted:
-        log.warning("checkpoint.average_last=%d: averaging the %d checkpoints there are", wanted, len(found))
+    inputs = complete_checkpoints(final.parent)[:wanted]  # newest first: the final checkpoint leads
+    if len(inputs) < 2:
+        log.warning("checkpoint.average_last=%d: only %s exists, testing it alone", wanted, final.name)
+        return final
+    if len(inputs) < wanted:
+        log.warning("checkpoint.average_last=%d: averaging the %d checkpoints there are", wanted, len(inputs))
     averaged = Path(cfg.output_dir) / f"average-last{wanted}.ckpt"
-    inputs = checkpoints_to_average([final.parent], last=min(wanted, len(found)))
     average_checkpoints(inputs, averaged)
     log.info("testing the mean of %s", ", ".join(p.name for p in inputs))
     return averaged
