@@ -43,15 +43,19 @@ class TokenCrossEntropy(torch.autograd.Function):
         nll = logits.new_empty(num_rows, dtype=torch.float32)  # [N]
         smoothed = nll if label_smoothing == 0.0 else logits.new_empty(num_rows, dtype=torch.float32)
         step = _chunk_rows(vocab)
+        work = logits.new_empty(min(step, num_rows), vocab, dtype=torch.float32)  # [n, V] reused by every chunk
         for lo in range(0, num_rows, step):
             hi = min(lo + step, num_rows)
-            z = logits[lo:hi]  # [n, V] in the logits' dtype: type promotion below gives fp32 without a copy
-            top = z.amax(dim=-1, keepdim=True).float()  # [n, 1] (exact: a maximum rounds nothing)
-            sum_exp = torch.sub(z, top).exp_().sum(dim=-1)  # [n] fp32
-            torch.add(sum_exp.log_(), top.squeeze(-1), out=lse[lo:hi])
-            torch.sub(lse[lo:hi], z.gather(-1, targets[lo:hi, None]).squeeze(-1).float(), out=nll[lo:hi])
+            z = work[: hi - lo].copy_(logits[lo:hi])  # [n, V] fp32: the chunk's one conversion
+            top = z.amax(dim=-1, keepdim=True)  # [n, 1]
+            torch.sub(top.squeeze(-1), z.gather(-1, targets[lo:hi, None]).squeeze(-1), out=nll[lo:hi])
             if label_smoothing != 0.0:
-                uniform = lse[lo:hi] - z.mean(dim=-1, dtype=torch.float32)  # [n]: CE against the uniform distribution
+                uniform = top.squeeze(-1) - z.mean(dim=-1)  # [n]: CE against the uniform distribution, less lse
+            log_sum_exp = z.sub_(top).exp_().sum(dim=-1).log_()  # [n]
+            torch.add(log_sum_exp, top.squeeze(-1), out=lse[lo:hi])
+            nll[lo:hi] += log_sum_exp
+            if label_smoothing != 0.0:
+                uniform += log_sum_exp
                 torch.add(nll[lo:hi] * (1.0 - label_smoothing), uniform, alpha=label_smoothing, out=smoothed[lo:hi])
         ctx.save_for_backward(logits, targets, lse)
         ctx.label_smoothing = label_smoothing
@@ -72,11 +76,11 @@ class TokenCrossEntropy(torch.autograd.Function):
         g_target = g_nll + (1.0 - eps) * g_smooth  # [N]: weight of the one-hot term
         grad = torch.empty_like(logits)  # [N, V] in the logits' dtype
         step = _chunk_rows(vocab)
+        work = lse.new_empty(min(step, num_rows), vocab)  # [n, V] fp32, reused by every chunk
         for lo in range(0, num_rows, step):
             hi = min(lo + step, num_rows)
-            p = (
-                torch.sub(logits[lo:hi], lse[lo:hi, None]).exp_().mul_(g_all[lo:hi, None])
-            )  # [n, V] fp32 (type promotion)
+            p = work[: hi - lo].copy_(logits[lo:hi])  # [n, V] fp32
+            p.sub_(lse[lo:hi, None]).exp_().mul_(g_all[lo:hi, None])  # softmax, weighted
             p.scatter_add_(-1, targets[lo:hi, None], -g_target[lo:hi, None])
             if eps != 0.0:
                 p.sub_(g_smooth[lo:hi, None], alpha=eps / vocab)

@@ -27,6 +27,7 @@ from lightning_moe.models.attention import (
 )
 from lightning_moe.models.config import TransformerConfig
 from lightning_moe.models.cross_entropy import token_cross_entropy
+from lightning_moe.models.norm import LayerNorm
 from lightning_moe.moe import MoE
 from lightning_moe.moe.experts import ACTIVATIONS
 
@@ -182,9 +183,9 @@ class EncoderLayer(nn.Module):
     def __init__(self, config: TransformerConfig, index: int) -> None:
         super().__init__()
         d = config.d_model
-        self.self_attn_norm = nn.LayerNorm(d, eps=config.norm_eps)
+        self.self_attn_norm = LayerNorm(d, eps=config.norm_eps)
         self.self_attn = MultiHeadAttention(d, config.num_heads, config.attention_dropout)
-        self.ffn_norm = nn.LayerNorm(d, eps=config.norm_eps)
+        self.ffn_norm = LayerNorm(d, eps=config.norm_eps)
         self.ffn = _build_ffn(config, index)
         self.dropout = nn.Dropout(config.dropout)
 
@@ -241,11 +242,11 @@ class DecoderLayer(nn.Module):
     def __init__(self, config: TransformerConfig, index: int) -> None:
         super().__init__()
         d = config.d_model
-        self.self_attn_norm = nn.LayerNorm(d, eps=config.norm_eps)
+        self.self_attn_norm = LayerNorm(d, eps=config.norm_eps)
         self.self_attn = MultiHeadAttention(d, config.num_heads, config.attention_dropout)
-        self.cross_attn_norm = nn.LayerNorm(d, eps=config.norm_eps)
+        self.cross_attn_norm = LayerNorm(d, eps=config.norm_eps)
         self.cross_attn = MultiHeadAttention(d, config.num_heads, config.attention_dropout)
-        self.ffn_norm = nn.LayerNorm(d, eps=config.norm_eps)
+        self.ffn_norm = LayerNorm(d, eps=config.norm_eps)
         self.ffn = _build_ffn(config, index, decoder=True)
         self.dropout = nn.Dropout(config.dropout)
 
@@ -362,9 +363,9 @@ class MoETransformer(nn.Module):
         self.embed_dropout = nn.Dropout(config.dropout)
         self.embed_scale = math.sqrt(d) if config.scale_embeddings else 1.0
         self.encoder_layers = nn.ModuleList(EncoderLayer(config, i) for i in range(config.encoder_layers))
-        self.encoder_norm = nn.LayerNorm(d, eps=config.norm_eps)
+        self.encoder_norm = LayerNorm(d, eps=config.norm_eps)
         self.decoder_layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.decoder_layers))
-        self.decoder_norm = nn.LayerNorm(d, eps=config.norm_eps)
+        self.decoder_norm = LayerNorm(d, eps=config.norm_eps)
         self.init_weights()
 
     # ----------------------------------------------------------------------------------------- setup

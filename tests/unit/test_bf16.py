@@ -1,6 +1,6 @@
 """bf16 on CPU: the MoE layer under autocast against a float64 per-token loop, the chunked cross entropy and
-the short-sequence attention against float64 references, a short bf16-mixed training run against fp32, and
-the ``trainer.precision=auto`` rule."""
+the short-sequence attention against float64 references, the layer norm that hands on the autocast dtype, a
+short bf16-mixed training run against fp32, and the ``trainer.precision=auto`` rule."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from lightning_moe.config.run import TrainerConfig
 from lightning_moe.models import MoETransformer, sequence_cross_entropy
 from lightning_moe.models import cross_entropy as ce_mod
 from lightning_moe.models.attention import attend, causal_keep_mask, key_padding_keep_mask
+from lightning_moe.models.norm import LayerNorm
+from lightning_moe.models.transformer import EncoderLayer
 from lightning_moe.moe import MoE
 from tests.unit.test_model_training import copy_task, copy_task_config
 from tests.unit.test_moe_layer import reference_moe
@@ -125,6 +127,63 @@ def test_short_sequence_attention_in_bf16_is_within_bf16_tolerance() -> None:
     ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True)
     out = attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), is_causal=True)
     assert out.dtype == torch.bfloat16 and _rel(out, ref) < BF16_REL
+
+
+# ---------------------------------------------------------------------------------------- layer norm
+
+
+def test_layer_norm_is_plain_outside_autocast_and_hands_on_bf16_inside() -> None:
+    """Outside autocast exactly ``nn.LayerNorm``; under autocast its fp32 result rounded once to bf16, with
+    gradients through three readers (as queries, keys and values read it) within bf16 tolerance of float64."""
+    norm, ref = LayerNorm(32), torch.nn.LayerNorm(32)
+    with torch.no_grad():
+        norm.weight.normal_(), norm.bias.normal_()
+    ref.load_state_dict(norm.state_dict())
+    x = torch.randn(4, 7, 32, requires_grad=True)
+    assert torch.equal(norm(x), ref(x))
+
+    readers = [torch.nn.Linear(32, 16) for _ in range(3)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = norm(x)
+        out = sum(r(h).float() for r in readers)
+    assert h.dtype == torch.bfloat16
+    assert torch.equal(h, ref(x).to(torch.bfloat16))
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [x, norm.weight, norm.bias], g)
+
+    ref64 = torch.nn.LayerNorm(32).double()
+    ref64.load_state_dict(norm.state_dict())
+    x64 = x.detach().double().requires_grad_()
+    out64 = sum(torch.nn.functional.linear(ref64(x64), r.weight.double(), r.bias.double()) for r in readers)
+    ref_grads = torch.autograd.grad(out64, [x64, ref64.weight, ref64.bias], g.double())
+    for name, a, b in zip(("x", "weight", "bias"), grads, ref_grads):
+        assert a.dtype == torch.float32, name
+        assert _rel(a, b) < BF16_REL, (name, _rel(a, b))
+
+
+def test_encoder_block_casts_each_normalised_input_once_under_autocast() -> None:
+    """The self-attention's queries, keys and values share one bf16 copy of the normalised input: an encoder
+    block makes two activation casts to bf16 in forward (one per norm), not four (three projections + FFN)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountCasts(TorchDispatchMode):
+        def __init__(self, shape: torch.Size) -> None:
+            super().__init__()
+            self.shape, self.count = shape, 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is torch.ops.aten._to_copy.default and args[0].shape == self.shape:
+                self.count += kwargs.get("dtype") == torch.bfloat16
+            return func(*args, **kwargs)
+
+    config = copy_task_config(num_experts=0, k=1)
+    block = EncoderLayer(config, 0)
+    x = torch.randn(3, 5, config.d_model)
+    counter = CountCasts(x.shape)
+    with torch.autocast("cpu", dtype=torch.bfloat16), counter:
+        block(x)
+    assert counter.count == 2
 
 
 # ----------------------------------------------------------------------------------------- training
