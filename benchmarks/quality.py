@@ -15,6 +15,11 @@ time is the run's own compute time, robust to other jobs sharing the machine), f
    the upcycled router starts at zero, a capacity would drop most tokens at first) from scratch.
 5. **bf16 against fp32** (issue 15): MoE-8 on the multitask mixture in ``bf16-mixed`` and in ``32-true`` for the
    same number of steps (``--precision-steps``, no time budget): validation NLL at every validation.
+6. **The recipe's settings** (issue 16): ``experiment=multi30k`` shrunk to ``--recipe-steps`` steps with its
+   warm-up shrunk in proportion (the same inverse-sqrt shape), and one setting changed at a time: peak learning
+   rate x0.5 / x2, warm-up x0.5 / x2, label smoothing 0 / 0.2, dropout 0 / 0.3, token batch x0.5 / x2 (steps
+   scaled the other way: equal tokens). Scored by greedy BLEU on the *validation* split (never the test sets)
+   and validation NLL. The base runs from every seed, the variants from the first.
 
 Each run is a subprocess (``--one NAME``) through ``lightning_moe.train.run`` with ``checkpoint.resume=auto``:
 a killed run continues from its last checkpoint (its budget clock is in the checkpoint), and a finished run
@@ -28,6 +33,10 @@ writes ``{out}/runs/{name}.json`` and is skipped next time. The report (``report
     python benchmarks/quality.py --model small --budget-min 15 --finetune-budget-min 5 --val-every 200 \
         --arms multitask-dense multitask-moe8 multitask-moe16 multitask-moe32 single-dense single-moe8 \
         defr-scratch defr-finetuned --out benchmarks/results/quality_small --work runs/quality_small
+    # study 6, the recipe's settings (1/8 of the recipe's steps a run): about 1 h 30 min
+    python benchmarks/quality.py --model small --recipe-steps 500 --val-every 125 --max-test-sentences 500 \
+        --arms $(python benchmarks/quality.py --list-arms recipe-) \
+        --out benchmarks/results/recipe_settings --work runs/recipe_settings
 """
 
 from __future__ import annotations
@@ -48,6 +57,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_ROOT = REPO.parent / "shared" / "data" / "multi30k"
 TEST_SPLITS = ("test_2016_flickr", "test_2017_flickr")
+RECIPE = REPO / "conf" / "experiment" / "multi30k.yaml"
+RECIPE_DIRECTIONS = ("en-de", "de-en", "en-fr", "fr-en")
 FINETUNE_OPTIM = ("optim.lr=3e-4", "optim.warmup_steps=50")
 """Runs that start from a trained checkpoint (fine-tuning, upcycling) use ``conf/experiment/finetune.yaml``'s
 learning rate and warm-up; runs from scratch use the main settings (``--lr``, ``--warmup-steps``)."""
@@ -73,6 +84,8 @@ class Run:
     """Directions scored on the test splits after training (greedy)."""
     starts_from: str | None = None
     """Arm whose run of the same seed this run starts from (its final checkpoint)."""
+    splits: tuple[str, ...] = TEST_SPLITS
+    """Splits scored after training (the recipe's settings are chosen on ``("val",)``)."""
 
     @property
     def name(self) -> str:
@@ -113,7 +126,47 @@ def plan(args: argparse.Namespace) -> list[Run]:
         steps = (f"trainer.max_steps={args.precision_steps}",)  # equal steps, not equal time
         for arm, precision in (("precision-fp32", "32-true"), ("precision-bf16", "bf16-mixed")):
             runs.append(Run(arm, seed, (*moe(8), f"trainer.precision={precision}", *steps), math.inf, both))
+    runs += recipe_settings_runs(args)
     return runs if args.arms is None else only_arms(runs, args.arms)
+
+
+def recipe_settings_runs(args: argparse.Namespace) -> list[Run]:
+    """Study 6: the recipe shrunk to ``--recipe-steps`` steps, one setting changed a run (see the docstring)."""
+    from omegaconf import OmegaConf
+
+    recipe = OmegaConf.load(RECIPE)
+    scale = args.recipe_steps / recipe.trainer.max_steps
+    lr, warmup, smoothing = recipe.optim.lr, round(recipe.optim.warmup_steps * scale), recipe.optim.label_smoothing
+    steps, tokens = args.recipe_steps, 4096  # data.max_tokens of the multi30k data preset
+
+    def shrunk(step_factor: float = 1.0, warmup_factor: float = 1.0) -> tuple[str, ...]:
+        return (
+            "experiment=multi30k",
+            f"trainer.max_steps={round(steps * step_factor)}",
+            f"optim.warmup_steps={round(warmup * warmup_factor * step_factor)}",
+            f"optim.lr={lr}",
+            f"optim.label_smoothing={smoothing}",
+            "checkpoint.average_last=1",
+        )
+
+    variants: dict[str, tuple[str, ...]] = {
+        "base": shrunk(),
+        f"lr{lr / 2:g}": (*shrunk(), f"optim.lr={lr / 2:g}"),
+        f"lr{lr * 2:g}": (*shrunk(), f"optim.lr={lr * 2:g}"),
+        f"warmup{round(warmup / 2)}": shrunk(warmup_factor=0.5),
+        f"warmup{round(warmup * 2)}": shrunk(warmup_factor=2.0),
+        "smoothing0": (*shrunk(), "optim.label_smoothing=0.0"),
+        "smoothing0.2": (*shrunk(), "optim.label_smoothing=0.2"),
+        "dropout0": (*shrunk(), "model.dropout=0.0"),
+        "dropout0.3": (*shrunk(), "model.dropout=0.3"),
+        f"batch{tokens // 2}": (*shrunk(step_factor=2.0), f"data.max_tokens={tokens // 2}"),
+        f"batch{tokens * 2}": (*shrunk(step_factor=0.5), f"data.max_tokens={tokens * 2}"),
+    }
+    return [
+        Run(f"recipe-{name}", seed, overrides, math.inf, RECIPE_DIRECTIONS, splits=("val",))
+        for name, overrides in variants.items()
+        for seed in (args.seeds if name == "base" else args.seeds[:1])
+    ]
 
 
 def only_arms(runs: list[Run], arms: Sequence[str]) -> list[Run]:
@@ -218,7 +271,7 @@ def train_one(args: argparse.Namespace, run: Run) -> dict[str, Any]:
         EvaluateConfig(
             checkpoint=str(checkpoint),
             data=EvaluateDataConfig(root=str(args.data_root) if args.data_root else None),
-            splits=[s for s in TEST_SPLITS if not args.smoke or s == "test_2016_flickr"],
+            splits=[s for s in run.splits if not args.smoke or s in ("test_2016_flickr", "val")],
             directions=list(run.directions),
             beam_size=1,
             max_sentences=args.max_test_sentences,
@@ -319,6 +372,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budget-min", type=float, default=None, help="training CPU minutes of every run (6)")
     p.add_argument("--finetune-budget-min", type=float, default=None, help="training CPU minutes, de->fr runs (3)")
     p.add_argument("--precision-steps", type=int, default=None, help="steps of the bf16/fp32 runs (600)")
+    p.add_argument("--recipe-steps", type=int, default=None, help="steps of study 6's base runs (500)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup-steps", type=int, default=None, help="optim.warmup_steps from scratch (400)")
     p.add_argument("--val-every", type=int, default=None, help="validation (and checkpoint) period in steps (150)")
@@ -326,6 +380,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (one torch thread each)")
     p.add_argument("--smoke", action="store_true", help="the embedded sample, seconds-long budgets")
     p.add_argument("--report-only", action="store_true", help="only redraw the report from the run files")
+    p.add_argument("--list-arms", metavar="PREFIX", help="print the arms whose name starts with PREFIX and exit")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     defaults = {
@@ -334,6 +389,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "val_every": 150,
         "warmup_steps": 400,
         "precision_steps": 600,
+        "recipe_steps": 500,
     }
     if args.smoke:
         args.data_root = None
@@ -344,6 +400,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             "val_every": 10,
             "warmup_steps": 20,
             "precision_steps": 20,
+            "recipe_steps": 16,
         }
         args.max_test_sentences = args.max_test_sentences or 20
     elif args.data_root is None:
@@ -358,6 +415,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     sys.path.insert(0, str(REPO))
+    if args.list_arms is not None:
+        print(" ".join(dict.fromkeys(r.arm for r in plan(args) if r.arm.startswith(args.list_arms))))
+        return
     if args.one:
         run = next((r for r in plan(args) if r.name == args.one), None)
         if run is None:

@@ -23,6 +23,8 @@ PRECISION_ARMS = ("precision-fp32", "precision-bf16")
 PRECISION_TOLERANCE = 0.01
 """Issue 15's goal: bf16 training ends within 1% of fp32's validation NLL after the same steps."""
 SPLITS = ("test_2016_flickr", "test_2017_flickr")
+RECIPE_PREFIX = "recipe-"
+"""Arms of study 6 (the recipe's settings) start with this; the unchanged recipe is ``recipe-base``."""
 
 
 def load_runs(out: Path) -> dict[str, list[dict[str, Any]]]:
@@ -288,6 +290,53 @@ def precision_section(arms: dict[str, list]) -> list[str]:
     return lines
 
 
+def val_bleu(run: dict[str, Any]) -> float | None:
+    """Greedy BLEU on the validation split, averaged over the directions scored."""
+    return mean([r["bleu"] for r in run["test"] if r["split"] == "val"])
+
+
+def recipe_settings_section(arms: dict[str, list]) -> list[str]:
+    base_arm = f"{RECIPE_PREFIX}base"
+    lines, complete = heading("6. The recipe's settings, one at a time (issue 16)", arms, [base_arm])
+    if not complete:
+        return lines
+    base = arms[base_arm]
+    base_bleu, base_nll = mean([val_bleu(r) for r in base]), mean([r["val_nll"] for r in base])
+    bleu_spread = max(val_bleu(r) for r in base) - min(val_bleu(r) for r in base) if len(base) > 1 else None
+    nll_spread = max(r["val_nll"] for r in base) - min(r["val_nll"] for r in base) if len(base) > 1 else None
+    directions = sorted({t["direction"] for t in base[0]["test"] if t["split"] == "val"})
+    lines += [
+        "`experiment=multi30k` shrunk to the steps below with its warm-up shrunk in proportion (same inverse-sqrt"
+        " shape), one setting changed a run; token-batch arms take the steps that keep the tokens seen equal."
+        f" Greedy BLEU on the validation split ({', '.join(directions)}, {base[0]['test'][0].get('sentences', 'all')}"
+        " lines each; the test sets are never looked at) and validation NLL (all tasks) at the end."
+        " Seed spread: the base configuration's two seeds.",
+        "",
+        "| arm | steps | val BLEU (mean of directions) | vs base | val NLL | vs base | train CPU min |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    verdicts = []
+    for arm, runs in sorted(arms.items(), key=lambda kv: (kv[0] != base_arm, kv[0])):
+        if not arm.startswith(RECIPE_PREFIX):
+            continue
+        b, n = mean([val_bleu(r) for r in runs]), mean([r["val_nll"] for r in runs])
+        lines.append(
+            f"| {arm} | {steps_of(runs)} | {per_seed([val_bleu(r) for r in runs])} | {b - base_bleu:+.2f} |"
+            f" {fmt(n, 3)} | {n - base_nll:+.3f} | {mean([r['train_cpu_s'] for r in runs]) / 60:.1f} |"
+        )
+        if arm != base_arm:
+            verdicts.append(
+                f"{arm[len(RECIPE_PREFIX) :]} {b - base_bleu:+.2f}{against_noise(b - base_bleu, bleu_spread)}"
+            )
+    lines += [
+        "",
+        f"Seed spread of the base: {fmt(bleu_spread)} BLEU, {fmt(nll_spread, 3)} NLL. BLEU against the base, weighed"
+        f" against that spread: {'; '.join(verdicts)}.",
+        "",
+    ]
+    return lines
+
+
 def runs_table(arms: dict[str, list]) -> list[str]:
     lines = [
         "## Every run",
@@ -297,7 +346,10 @@ def runs_table(arms: dict[str, list]) -> list[str]:
     ]
     for runs in arms.values():
         for r in runs:
-            scores = ", ".join(f"{t['split'][5:9]} {t['direction']} {t['bleu']:.2f}" for t in r["test"])
+            scores = ", ".join(
+                f"{'val' if t['split'] == 'val' else t['split'][5:9]} {t['direction']} {t['bleu']:.2f}"
+                for t in r["test"]
+            )
             lines.append(
                 f"| {r['name']} | {r['steps']} | {r['train_cpu_s']:.0f} | {r['train_wall_s']:.0f} | "
                 f"{r['process_wall_s']:.0f} | {fmt(r['val_nll'], 3)} | {scores} |"
@@ -352,13 +404,17 @@ def write_report(out: Path, settings: dict[str, Any]) -> Path:
     if not arms:
         raise SystemExit(f"{out / 'runs'} has no finished runs: run benchmarks/quality.py first")
     first = next(iter(arms.values()))[0]
+    recipe_only = all(a.startswith(RECIPE_PREFIX) for a in arms)
     shown = {
         k: settings[k]
         for k in ("model", "seeds", "budget_min", "finetune_budget_min", "lr", "warmup_steps", "val_every")
+        if not recipe_only or k in ("model", "seeds", "val_every")
         if k in settings
     }
     lines = [
-        "# The seed's claims on Multi30k, at equal training time",
+        "# The recipe's settings on Multi30k, screened on the validation split"
+        if recipe_only
+        else "# The seed's claims on Multi30k, at equal training time",
         "",
         f"Settings: {', '.join(f'{k}={v}' for k, v in shown.items())}; one torch thread per run, bf16 where the CPU"
         f" has it (trainer.precision=auto), label smoothing 0.1, inverse-sqrt schedule. Machine: {first['machine']};"
@@ -371,6 +427,7 @@ def write_report(out: Path, settings: dict[str, Any]) -> Path:
         *studied(settings, FINETUNE_ARMS, finetune_section, arms),
         *studied(settings, UPCYCLE_ARMS, upcycling_section, arms),
         *studied(settings, PRECISION_ARMS, precision_section, arms),
+        *studied(settings, [a for a in arms if a.startswith(RECIPE_PREFIX)], recipe_settings_section, arms),
         *runs_table(arms),
     ]
     if any(a in arms for a in EXPERT_ARMS):

@@ -26,7 +26,7 @@ def _load(name: str) -> ModuleType:
 
 def test_plan_orders_runs_after_their_sources_and_gives_equal_budgets():
     quality = _load("quality")
-    runs = quality.plan(quality.parse_args(["--seeds", "0", "1"]))
+    runs = [r for r in quality.plan(quality.parse_args(["--seeds", "0", "1"])) if not r.arm.startswith("recipe-")]
     names = [r.name for r in runs]
     assert len(names) == len(set(names)) == 2 * 14
     for r in runs:
@@ -48,6 +48,40 @@ def test_plan_orders_runs_after_their_sources_and_gives_equal_budgets():
     assert fp32.budget_s == bf16.budget_s == float("inf") and "trainer.max_steps=600" in fp32.overrides
     assert {o for o in fp32.overrides if "precision" not in o} == {o for o in bf16.overrides if "precision" not in o}
     assert "trainer.precision=32-true" in fp32.overrides and "trainer.precision=bf16-mixed" in bf16.overrides
+
+
+def test_recipe_settings_change_one_setting_of_the_shrunk_recipe_and_are_scored_on_val():
+    quality = _load("quality")
+    runs = quality.plan(quality.parse_args(["--seeds", "0", "1", "--arms", *_recipe_arms(quality)]))
+    assert [r.name for r in runs if r.arm == "recipe-base"] == ["recipe-base-seed0", "recipe-base-seed1"]
+    assert len(runs) == 2 + 10 and all(r.seed == 0 for r in runs if r.arm != "recipe-base")
+    assert all(r.splits == ("val",) and r.budget_s == float("inf") for r in runs)  # never the test sets
+
+    def settings(arm: str) -> dict[str, str]:
+        run = next(r for r in runs if r.arm == arm)
+        return dict(o.split("=", 1) for o in run.overrides)  # later overrides win, as in Hydra
+
+    base = settings("recipe-base")
+    # conf/experiment/multi30k.yaml: 4000 steps, warm-up 800, lr 1e-3 -> 500 steps, warm-up 100
+    assert base["experiment"] == "multi30k" and base["trainer.max_steps"] == "500"
+    assert base["optim.warmup_steps"] == "100" and float(base["optim.lr"]) == 1e-3
+    changed = {arm: {k: v for k, v in settings(arm).items() if base.get(k) != v} for arm in {r.arm for r in runs}}
+    assert changed["recipe-base"] == {}
+    assert changed["recipe-lr0.002"] == {"optim.lr": "0.002"}
+    assert changed["recipe-warmup50"] == {"optim.warmup_steps": "50"}
+    assert changed["recipe-dropout0.3"] == {"model.dropout": "0.3"}
+    assert changed["recipe-smoothing0"] == {"optim.label_smoothing": "0.0"}
+    # half the tokens a step: twice the steps (and warm-up steps), the same tokens in all
+    assert changed["recipe-batch2048"] == {
+        "trainer.max_steps": "1000",
+        "optim.warmup_steps": "200",
+        "data.max_tokens": "2048",
+    }
+    assert all(len(c) == 1 for arm, c in changed.items() if "batch" not in arm and arm != "recipe-base")
+
+
+def _recipe_arms(quality: ModuleType) -> list[str]:
+    return sorted({r.arm for r in quality.plan(quality.parse_args([])) if r.arm.startswith("recipe-")})
 
 
 def test_arms_keep_the_runs_they_start_from_and_refuse_unknown_names():
@@ -123,6 +157,24 @@ def test_report_weighs_differences_against_the_seeds_and_shows_only_the_chosen_s
     assert "multitask training': **holds** (beyond the seed spread of 2.00)" in text
     assert "single task': **does not hold** (within the seed spread of 2.00)" in text
     assert "## 1. More experts" in text and "## 3. Fine-tuning" not in text and "## 5. bf16" not in text
+
+
+def test_recipe_settings_report_weighs_each_setting_against_the_base_seeds(tmp_path: Path):
+    report_module = _load("quality_report")
+
+    def val(bleu: float) -> dict[tuple[str, str], float]:
+        return {("val", d): bleu for d in ("en-de", "de-en")}
+
+    _run_file(tmp_path, "recipe-base", 0, 2.0, val(30.0), steps=500)
+    _run_file(tmp_path, "recipe-base", 1, 2.1, val(31.0), steps=500)  # seed spread: 1 BLEU
+    _run_file(tmp_path, "recipe-lr0.002", 0, 1.9, val(33.0), steps=500)  # +2.5: beyond it
+    _run_file(tmp_path, "recipe-dropout0", 0, 2.0, val(30.0), steps=500)  # -0.5: within it
+    text = report_module.write_report(tmp_path, {"arms": ["recipe-base"]}).read_text()
+    assert text.startswith("# The recipe's settings")
+    assert "| recipe-lr0.002 | 500 | **33.00** (33.00) | +2.50 | 1.900 | -0.150 |" in text
+    assert "lr0.002 +2.50 (beyond the seed spread of 1.00)" in text
+    assert "dropout0 -0.50 (within the seed spread of 1.00)" in text
+    assert "val en-de 30.00" in text
 
 
 @pytest.mark.slow
