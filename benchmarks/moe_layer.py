@@ -17,7 +17,9 @@ experts) and are reported by the strategy's memory benchmark instead.
 ``--ceiling`` adds what the machine allows: ``gemm ceil`` = time of the six FFN matrix products at T*k
 rows with one weight / time of the same products over E groups of T*k/E rows with E weights, spread
 over threads by expert exactly when the layer spreads them (the efficiency an MoE layer would reach if
-only its expert GEMMs cost anything), and ``grad fault ms`` = the extra time of writing the experts'
+only its expert GEMMs cost anything), ``+gate ceil`` = the same with the gate's three fp32 products (T x d by
+d x E: logits, input and weight gradients) added to the grouped time, since the layer routes in fp32 whatever
+the compute dtype and the dense FFN has no gate, and ``grad fault ms`` = the extra time of writing the experts'
 weight gradients into fresh memory rather than reused memory: what a layer that frees its ``[E, d, h]``
 gradients between steps pays (glibc returns blocks over 32 MiB to the OS, and the next step's page
 faults cost this much). The layer avoids it by keeping that memory (``GradientMemory``); a per-expert
@@ -181,13 +183,37 @@ def ffn_gemms(rows: int, num_experts: int, d: int, h: int, device: str, dtype: t
     return lambda: run_over_experts(products, bounds, d * h)
 
 
-def gemm_ceiling(rows: int, num_experts: int, d: int, h: int, device: str, dtype: torch.dtype, repeats: int) -> float:
-    """Time of the FFN products at ``rows * num_experts`` rows with one weight / time of the same products over
-    ``num_experts`` groups of ``rows`` rows with their own weights; the two alternate, median of the ratios."""
+def router_gemms(tokens: int, num_experts: int, d: int, device: str) -> Callable[[], None]:
+    """The gate's three fp32 products (logits, input gradient, weight gradient): the layer routes in fp32 whatever
+    the compute dtype, a cost the equal-FLOP dense FFN does not have."""
+    x, w, g = (torch.randn(*shape, device=device) for shape in ((tokens, d), (num_experts, d), (tokens, num_experts)))
+    logits, grad_x, grad_w = torch.empty(tokens, num_experts, device=device), torch.empty_like(x), torch.empty_like(w)
+
+    def products() -> None:
+        torch.mm(x, w.t(), out=logits)
+        torch.mm(g, w, out=grad_x)
+        torch.mm(g.t(), x, out=grad_w)
+
+    return products
+
+
+def gemm_ceilings(
+    rows: int, num_experts: int, d: int, h: int, device: str, dtype: torch.dtype, repeats: int
+) -> tuple[float, float]:
+    """``(experts only, experts and fp32 gate)``: time of the FFN products at ``rows * num_experts`` rows with
+    one weight / time of the same products over ``num_experts`` groups of ``rows`` rows with their own weights
+    (plus, for the second, the gate's products over the ``rows * num_experts`` tokens); alternating, median of
+    the per-round ratios."""
     grouped = ffn_gemms(rows, num_experts, d, h, device, dtype)
     large = ffn_gemms(rows * num_experts, 1, d, h, device, dtype)
-    grouped(), large()
-    return statistics.median(timed(large, device) / timed(grouped, device) for _ in range(repeats))
+    gate = router_gemms(rows * num_experts, num_experts, d, device)
+    grouped(), large(), gate()
+    experts_only, with_gate = [], []
+    for _ in range(repeats):
+        large_s, grouped_s, gate_s = timed(large, device), timed(grouped, device), timed(gate, device)
+        experts_only.append(large_s / grouped_s)
+        with_gate.append(large_s / (grouped_s + gate_s))
+    return statistics.median(experts_only), statistics.median(with_gate)
 
 
 def gradient_first_touch_seconds(
@@ -265,7 +291,9 @@ def measure(num_experts: int, k: int, args: argparse.Namespace, tokens: int, d: 
     if args.ceiling:
         # What the expert GEMMs allow: the six FFN products at T*k/E rows per expert against the same at T*k rows.
         rows = tokens * k // num_experts
-        result["gemm_ceiling"] = gemm_ceiling(rows, num_experts, d, h, device, dtype, args.repeats)
+        result["gemm_ceiling"], result["gemm_gate_ceiling"] = gemm_ceilings(
+            rows, num_experts, d, h, device, dtype, args.repeats
+        )
         result["grad_first_touch_ms"] = (
             gradient_first_touch_seconds(num_experts, d, h, device, dtype, args.repeats) * 1e3
         )
@@ -336,7 +364,7 @@ def main() -> None:
     if args.peers:
         header += f" {'loop eff':>8} {'einsum eff':>10}"
     if args.ceiling:
-        header += f" {'gemm ceil':>9} {'grad fault ms':>13}"
+        header += f" {'gemm ceil':>9} {'+gate ceil':>10} {'grad fault ms':>13}"
     print(header)
     for e, k, t, d, h in shapes:
         row = measure(e, k, args, t, d, h)
@@ -352,7 +380,9 @@ def main() -> None:
             einsum = row.get("onehot_einsum_efficiency", float("nan"))
             line += f" {loop:>8.2f} {einsum:>10.2f}"
         if args.ceiling:
-            line += f" {row['gemm_ceiling']:>9.2f} {row['grad_first_touch_ms']:>13.1f}"
+            line += (
+                f" {row['gemm_ceiling']:>9.2f} {row['gemm_gate_ceiling']:>10.2f} {row['grad_first_touch_ms']:>13.1f}"
+            )
         print(line, flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
