@@ -17,8 +17,8 @@ time is the run's own compute time, robust to other jobs sharing the machine), f
    same number of steps (``--precision-steps``, no time budget): validation NLL at every validation.
 6. **The recipe's settings** (issue 16): ``experiment=multi30k`` shrunk to ``--recipe-steps`` steps with its
    warm-up shrunk in proportion (the same inverse-sqrt shape), and one setting changed at a time: peak learning
-   rate x0.5 / x2, warm-up x0.5 / x2, label smoothing 0 / 0.2, dropout 0 / 0.3, token batch x0.5 / x2 (steps
-   scaled the other way: equal tokens). Scored by greedy BLEU on the *validation* split (never the test sets)
+   rate x0.5 / x2, warm-up x0.5 / x2, cosine decay instead of inverse-sqrt, label smoothing 0 / 0.2, dropout
+   0 / 0.3, token batch x0.5 / x2 (steps scaled the other way: equal tokens). Scored by greedy BLEU on the *validation* split (never the test sets)
    and validation NLL. The base runs from every seed, the variants from the first.
 
 Each run is a subprocess (``--one NAME``) through ``lightning_moe.train.run`` with ``checkpoint.resume=auto``:
@@ -155,6 +155,7 @@ def recipe_settings_runs(args: argparse.Namespace) -> list[Run]:
         f"lr{lr * 2:g}": (*shrunk(), f"optim.lr={lr * 2:g}"),
         f"warmup{round(warmup / 2)}": shrunk(warmup_factor=0.5),
         f"warmup{round(warmup * 2)}": shrunk(warmup_factor=2.0),
+        "cosine": (*shrunk(), "optim.schedule=cosine"),  # to optim.min_lr_ratio at the last step
         "smoothing0": (*shrunk(), "optim.label_smoothing=0.0"),
         "smoothing0.2": (*shrunk(), "optim.label_smoothing=0.2"),
         "dropout0": (*shrunk(), "model.dropout=0.0"),

@@ -54,7 +54,7 @@ def test_recipe_settings_change_one_setting_of_the_shrunk_recipe_and_are_scored_
     quality = _load("quality")
     runs = quality.plan(quality.parse_args(["--seeds", "0", "1", "--arms", *_recipe_arms(quality)]))
     assert [r.name for r in runs if r.arm == "recipe-base"] == ["recipe-base-seed0", "recipe-base-seed1"]
-    assert len(runs) == 2 + 10 and all(r.seed == 0 for r in runs if r.arm != "recipe-base")
+    assert len(runs) == 2 + 11 and all(r.seed == 0 for r in runs if r.arm != "recipe-base")
     assert all(r.splits == ("val",) and r.budget_s == float("inf") for r in runs)  # never the test sets
 
     def settings(arm: str) -> dict[str, str]:
@@ -70,6 +70,7 @@ def test_recipe_settings_change_one_setting_of_the_shrunk_recipe_and_are_scored_
     assert changed["recipe-lr0.002"] == {"optim.lr": "0.002"}
     assert changed["recipe-warmup50"] == {"optim.warmup_steps": "50"}
     assert changed["recipe-dropout0.3"] == {"model.dropout": "0.3"}
+    assert changed["recipe-cosine"] == {"optim.schedule": "cosine"}
     assert changed["recipe-smoothing0"] == {"optim.label_smoothing": "0.0"}
     # half the tokens a step: twice the steps (and warm-up steps), the same tokens in all
     assert changed["recipe-batch2048"] == {
