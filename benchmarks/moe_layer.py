@@ -183,11 +183,12 @@ def ffn_gemms(rows: int, num_experts: int, d: int, h: int, device: str, dtype: t
     return lambda: run_over_experts(products, bounds, d * h)
 
 
-def router_gemms(tokens: int, num_experts: int, d: int, device: str) -> Callable[[], None]:
-    """The gate's three fp32 products (logits, input gradient, weight gradient): the layer routes in fp32 whatever
-    the compute dtype, a cost the equal-FLOP dense FFN does not have."""
-    x, w, g = (torch.randn(*shape, device=device) for shape in ((tokens, d), (num_experts, d), (tokens, num_experts)))
-    logits, grad_x, grad_w = torch.empty(tokens, num_experts, device=device), torch.empty_like(x), torch.empty_like(w)
+def router_gemms(tokens: int, num_experts: int, d: int, device: str, dtype: torch.dtype) -> Callable[[], None]:
+    """The gate's three products (logits, input gradient, weight gradient) in ``dtype`` (fp32 with fp32 gating,
+    the layer's default, whatever the compute dtype): a cost the equal-FLOP dense FFN does not have."""
+    shapes = ((tokens, d), (num_experts, d), (tokens, num_experts))
+    x, w, g = (torch.randn(*shape, device=device, dtype=dtype) for shape in shapes)
+    logits, grad_x, grad_w = torch.empty_like(g), torch.empty_like(x), torch.empty_like(w)
 
     def products() -> None:
         torch.mm(x, w.t(), out=logits)
@@ -198,7 +199,7 @@ def router_gemms(tokens: int, num_experts: int, d: int, device: str) -> Callable
 
 
 def gemm_ceilings(
-    rows: int, num_experts: int, d: int, h: int, device: str, dtype: torch.dtype, repeats: int
+    rows: int, num_experts: int, d: int, h: int, device: str, dtype: torch.dtype, gate_dtype: torch.dtype, repeats: int
 ) -> tuple[float, float]:
     """``(experts only, experts and fp32 gate)``: time of the FFN products at ``rows * num_experts`` rows with
     one weight / time of the same products over ``num_experts`` groups of ``rows`` rows with their own weights
@@ -206,7 +207,7 @@ def gemm_ceilings(
     the per-round ratios."""
     grouped = ffn_gemms(rows, num_experts, d, h, device, dtype)
     large = ffn_gemms(rows * num_experts, 1, d, h, device, dtype)
-    gate = router_gemms(rows * num_experts, num_experts, d, device)
+    gate = router_gemms(rows * num_experts, num_experts, d, device, gate_dtype)
     grouped(), large(), gate()
     experts_only, with_gate = [], []
     for _ in range(repeats):
@@ -252,7 +253,15 @@ def measure(num_experts: int, k: int, args: argparse.Namespace, tokens: int, d: 
     torch.manual_seed(0)
     contenders: dict[str, tuple[nn.Module, torch.Tensor]] = {}
     x = torch.randn(tokens, d, device=device, dtype=dtype, requires_grad=True)
-    moe = MoE(d, num_experts, h, k=k, capacity_factor=args.capacity_factor, eval_capacity_factor=args.capacity_factor)
+    moe = MoE(
+        d,
+        num_experts,
+        h,
+        k=k,
+        capacity_factor=args.capacity_factor,
+        eval_capacity_factor=args.capacity_factor,
+        fp32_gating=not args.no_fp32_gating,
+    )
     contenders["moe"] = (moe.to(device, dtype), x)
     x_dense = torch.randn(tokens * k, d, device=device, dtype=dtype, requires_grad=True)
     contenders["dense"] = (DenseFFN(d, h).to(device, dtype), x_dense)
@@ -291,8 +300,9 @@ def measure(num_experts: int, k: int, args: argparse.Namespace, tokens: int, d: 
     if args.ceiling:
         # What the expert GEMMs allow: the six FFN products at T*k/E rows per expert against the same at T*k rows.
         rows = tokens * k // num_experts
+        gate_dtype = dtype if args.no_fp32_gating else torch.float32
         result["gemm_ceiling"], result["gemm_gate_ceiling"] = gemm_ceilings(
-            rows, num_experts, d, h, device, dtype, args.repeats
+            rows, num_experts, d, h, device, dtype, gate_dtype, args.repeats
         )
         result["grad_first_touch_ms"] = (
             gradient_first_touch_seconds(num_experts, d, h, device, dtype, args.repeats) * 1e3
@@ -343,6 +353,11 @@ def main() -> None:
         action="store_true",
         help="after timing each shape, profile 3 MoE steps and print the top operators",
     )
+    parser.add_argument(
+        "--no-fp32-gating",
+        action="store_true",
+        help="the layer's gate product in the compute dtype (MoE(fp32_gating=False)), as the peers compute theirs",
+    )
     parser.add_argument("--json", type=Path, help="write the rows to this file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -355,8 +370,8 @@ def main() -> None:
     rows = []
     print(
         f"# torch {torch.__version__}, device={args.device}, dtype={args.dtype}, threads={args.threads}, "
-        f"capacity_factor={args.capacity_factor}, median of {args.repeats}"
-        + (", malloc retains freed memory" if args.retain_freed_memory else "")
+        f"capacity_factor={args.capacity_factor}, fp32 gating {'off' if args.no_fp32_gating else 'on'},"
+        f" median of {args.repeats}" + (", malloc retains freed memory" if args.retain_freed_memory else "")
     )
     header = f"{'T':>6} {'d':>5} {'h':>5} {'E':>3} {'k':>2} {'moe ms':>8} {'dense ms':>9} {'eff':>5} {'tok/s':>8} {'TFLOP/s':>8}"
     if not args.no_memory:

@@ -102,6 +102,10 @@ class MoEConfig:
     aux_loss_scope: str = "local"
     """Balance-loss statistics: ``"local"`` (this rank's tokens) or ``"global"`` (summed over the data-parallel
     group, so the loss equals the single-process value)."""
+    fp32_gating: bool = True
+    """The router's product ``x @ W^T`` in fp32 whatever the precision (DeepSpeed's behaviour), or with False in
+    the compute dtype (bf16 under ``bf16-mixed``: cheaper, routing from bf16-rounded logits). Softmax, top-k
+    and the aux losses are fp32 either way."""
     upcycle: bool = False
     """With ``init_from=DENSE.ckpt``: build the MoE layers from the dense checkpoint's FFNs (each expert a
     copy of the dense FFN at the same position, a zero router), see ``lightning_moe.models.upcycle``."""
@@ -142,7 +146,7 @@ class MoEConfig:
         ):
             if value not in choices:
                 raise ValueError(f"moe.{name}={value!r} is not supported: use one of {list(choices)}")
-        for name in ("drop_tokens", "use_rts", "use_residual", "upcycle"):
+        for name in ("drop_tokens", "use_rts", "use_residual", "fp32_gating", "upcycle"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"moe.{name}={getattr(self, name)!r} is invalid: use true or false")
 

@@ -118,6 +118,9 @@ class MoE(nn.Module):
         drop_policy: ``"position"`` or ``"probs"`` (see :data:`DROP_POLICIES`); ``"probs"`` ignores ``use_rts``.
         aux_loss_scope: ``"local"`` or ``"global"`` (see :mod:`lightning_moe.moe.balance`): ``"global"``
             balance statistics are summed over the data-parallel group once the model is parallelised.
+        fp32_gating: the gate's product in fp32 whatever the compute dtype (default), or in the compute dtype
+            (bf16 under bf16 autocast: faster, routing from bf16-rounded logits); softmax, choice and losses
+            are fp32 either way (see :class:`TopKRouter`).
 
     ``forward(x, padding_mask=None)``: ``x`` is ``[..., hidden_size]``; ``padding_mask`` has ``x``'s
     leading shape, True marks padding, which is not routed, takes no capacity and counts in no loss
@@ -147,6 +150,7 @@ class MoE(nn.Module):
         router_bias_update_rate: float = 0.0,
         drop_policy: str = "position",
         aux_loss_scope: str = "local",
+        fp32_gating: bool = True,
     ) -> None:
         super().__init__()
         if isinstance(num_shared_experts, bool) or not isinstance(num_shared_experts, int) or num_shared_experts < 0:
@@ -190,6 +194,7 @@ class MoE(nn.Module):
             normalize_weights=normalize_weights,
             score_func=score_func,
             bias_update_rate=router_bias_update_rate,
+            fp32_gating=fp32_gating,
         )
         self.experts = build_experts(expert, num_experts, hidden_size, ffn_hidden_size, activation)
         # Runs the experts on the sorted rows; lightning_moe.parallel swaps it for a distributed one.

@@ -63,8 +63,9 @@ class RouterOutput:
 class TopKRouter(nn.Module):
     """Linear gate ``x -> logits [E]`` followed by a top-k choice.
 
-    The gate is computed in fp32 whatever the model's dtype: routing decisions are sensitive to
-    rounding, and the softmax over experts is cheap.
+    By default the gate's product is computed in fp32 whatever the model's dtype (``fp32_gating``, as DeepSpeed
+    does): routing decisions are sensitive to rounding. The softmax (or sigmoid), the choice and the losses
+    are in fp32 either way.
 
     Args:
         hidden_size: model width d.
@@ -80,6 +81,8 @@ class TopKRouter(nn.Module):
         bias_update_rate: > 0 enables aux-loss-free balancing: a per-expert ``expert_bias`` buffer ``[E]`` is
             added to the scores for the *choice* of experts only (the combine weights stay the clean scores).
             The bias is moved by :meth:`update_bias` after each optimizer step; 0 = no bias (no buffer).
+        fp32_gating: the gate's ``x @ W^T`` in fp32 (True) or in the compute dtype (False: bf16 under bf16
+            autocast, like the model's other products; a bf16 model's own dtype without autocast).
     """
 
     def __init__(
@@ -92,9 +95,11 @@ class TopKRouter(nn.Module):
         normalize_weights: bool | None = None,
         score_func: str = "softmax",
         bias_update_rate: float = 0.0,
+        fp32_gating: bool = True,
     ) -> None:
         super().__init__()
         check_score_func(score_func)
+        self.fp32_gating = bool(fp32_gating)
         if not bias_update_rate >= 0:
             raise ValueError(f"router_bias_update_rate={bias_update_rate!r} must be >= 0 (0 disables the bias)")
         self.num_experts = num_experts
@@ -134,13 +139,16 @@ class TopKRouter(nn.Module):
     def forward(self, x: Tensor) -> RouterOutput:
         """``x [T, d]`` -> :class:`RouterOutput`."""
         gate_dtype = torch.promote_types(x.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
-        x32 = x.to(gate_dtype)
+        gate_input = x.to(gate_dtype) if self.fp32_gating else x
         if self.training and self.noisy_gate_policy == "jitter":
-            noise = torch.empty_like(x32).uniform_(1.0 - self.noise_eps, 1.0 + self.noise_eps)
-            x32 = x32 * noise
-        # Autocast (bf16-mixed) would run the gate in bf16: routing stays in fp32 whatever the precision.
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            logits = F.linear(x32, self.weight.to(gate_dtype))  # [T, E] fp32 (at least)
+            noise = torch.empty_like(gate_input).uniform_(1.0 - self.noise_eps, 1.0 + self.noise_eps)
+            gate_input = gate_input * noise
+        if self.fp32_gating:
+            # Autocast (bf16-mixed) would run the gate in bf16: here it stays in fp32 whatever the precision.
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                logits = F.linear(gate_input, self.weight.to(gate_dtype))  # [T, E] fp32 (at least)
+        else:
+            logits = F.linear(gate_input, self.weight).to(gate_dtype)  # [T, E]: product in the compute dtype
         scores, probs = self._scores(logits)  # [T, E] each
         choice_logits = logits
         if self.training and self.noisy_gate_policy == "rsample":
@@ -170,7 +178,10 @@ class TopKRouter(nn.Module):
         return scores, scores / scores.sum(dim=-1, keepdim=True).clamp_min(1e-20)
 
     def extra_repr(self) -> str:
-        return f"num_experts={self.num_experts}, k={self.k}, score_func={self.score_func!r}, bias_update_rate={self.bias_update_rate}"
+        return (
+            f"num_experts={self.num_experts}, k={self.k}, score_func={self.score_func!r}, "
+            f"bias_update_rate={self.bias_update_rate}, fp32_gating={self.fp32_gating}"
+        )
 
 
 def router_losses(

@@ -143,6 +143,29 @@ def test_drop_policy_probs_differs_from_position():
     assert not torch.equal(by_probs(x).output, by_position(x).output)
 
 
+def test_fp32_gating_off_runs_the_gate_product_in_bf16_under_autocast_and_keeps_fp32_routing():
+    """Default: the gate's logits match a float64 product to fp32 rounding even under bf16 autocast; with
+    ``fp32_gating=False`` they carry bf16 rounding (the product ran in bf16) but still come out fp32, and
+    gradients reach the fp32 gate weight. Without autocast, in fp32, both settings give the same result."""
+    torch.manual_seed(0)
+    fp32_gate, bf16_gate = MoE(32, 8, 64, k=2), MoE(32, 8, 64, k=2, fp32_gating=False)
+    bf16_gate.load_state_dict(fp32_gate.state_dict())
+    x = torch.randn(64, 32)
+    exact = (x.double() @ fp32_gate.gate.weight.double().t()).float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits_fp32, logits_bf16 = fp32_gate.gate(x).logits, bf16_gate.gate(x).logits
+        out = bf16_gate(x)
+    assert logits_fp32.dtype == logits_bf16.dtype == torch.float32
+    assert (logits_fp32 - exact).abs().max() < 1e-5
+    bf16_error = float((logits_bf16 - exact).abs().max())
+    assert 1e-4 < bf16_error < 0.1, bf16_error
+    out.output.float().sum().backward()
+    assert bf16_gate.gate.weight.grad is not None and bf16_gate.gate.weight.grad.dtype == torch.float32
+    fp32_gate.eval(), bf16_gate.eval()  # no Random Token Selection draws
+    torch.testing.assert_close(bf16_gate(x).output, fp32_gate(x).output, rtol=0, atol=0)
+    assert "fp32_gating=False" in repr(bf16_gate.gate)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
@@ -228,6 +251,9 @@ def test_hydra_command_line_takes_a_list_of_counts():
                 ["moe.num_experts=[4,6]", "strategy=moe_zero", "strategy.expert_parallel_size=4", "trainer.devices=4"]
             )
         )
+    with pytest.raises(ValueError, match="moe.fp32_gating='yes' is invalid: use true or false"):
+        MoEConfig(num_experts=4, fp32_gating="yes")
+    assert to_train_config(_compose(["moe.fp32_gating=false"])).moe.fp32_gating is False
     with pytest.raises(ConfigError, match="moe.upcycle=true needs init_from"):
         to_train_config(_compose(["moe.upcycle=true"]))
     with pytest.raises(ConfigError, match="moe.aux_loss_scope=global .* use strategy=moe_zero"):
