@@ -405,6 +405,7 @@ def write_report(out: Path, settings: dict[str, Any]) -> Path:
         raise SystemExit(f"{out / 'runs'} has no finished runs: run benchmarks/quality.py first")
     first = next(iter(arms.values()))[0]
     recipe_only = all(a.startswith(RECIPE_PREFIX) for a in arms)
+    recipe_note = "otherwise conf/experiment/multi30k.yaml's settings (each arm changes one)"
     shown = {
         k: settings[k]
         for k in ("model", "seeds", "budget_min", "finetune_budget_min", "lr", "warmup_steps", "val_every")
@@ -417,7 +418,8 @@ def write_report(out: Path, settings: dict[str, Any]) -> Path:
         else "# The seed's claims on Multi30k, at equal training time",
         "",
         f"Settings: {', '.join(f'{k}={v}' for k, v in shown.items())}; one torch thread per run, bf16 where the CPU"
-        f" has it (trainer.precision=auto), label smoothing 0.1, inverse-sqrt schedule. Machine: {first['machine']};"
+        f" has it (trainer.precision=auto), {recipe_note if recipe_only else 'label smoothing 0.1, inverse-sqrt schedule'}."
+        f" Machine: {first['machine']};"
         f" runs finished {min(r['date'] for rs in arms.values() for r in rs)} to {max(r['date'] for rs in arms.values() for r in rs)}.",
         f"Command: `{settings.get('command', 'python benchmarks/quality.py')}` (resumable; `--report-only` redraws"
         " this page).",
