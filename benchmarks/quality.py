@@ -321,9 +321,22 @@ def result_path(args: argparse.Namespace, name: str) -> Path:
     return Path(args.out) / "runs" / f"{name}.json"
 
 
+def stale_result(args: argparse.Namespace, run: Run) -> None:
+    """Refuse a results file of ``run``'s name written with other overrides (e.g. the recipe changed since):
+    skipping it as done would report the old settings under the new name."""
+    path = result_path(args, run.name)
+    if path.exists() and tuple(json.loads(path.read_text()).get("overrides", ())) != run.overrides:
+        raise SystemExit(
+            f"{path} was run with other settings than the plan's {run.name}: use another --out, or delete the file"
+        )
+
+
 def run_all(args: argparse.Namespace, argv: Sequence[str]) -> None:
     """Start every run without a results file, ``--jobs`` at a time, each after the run it starts from."""
-    pending = [r for r in plan(args) if not result_path(args, r.name).exists()]
+    planned = plan(args)
+    for r in planned:
+        stale_result(args, r)
+    pending = [r for r in planned if not result_path(args, r.name).exists()]
     running: dict[str, subprocess.Popen] = {}
     failed: set[str] = set()
     log_dir = work_dir(args) / "logs"

@@ -51,7 +51,11 @@ def test_plan_orders_runs_after_their_sources_and_gives_equal_budgets():
 
 
 def test_recipe_settings_change_one_setting_of_the_shrunk_recipe_and_are_scored_on_val():
+    from omegaconf import OmegaConf
+
     quality = _load("quality")
+    recipe = OmegaConf.load(REPO / "conf" / "experiment" / "multi30k.yaml")  # the study reads the same file
+    lr, warmup = recipe.optim.lr, recipe.optim.warmup_steps * 500 // recipe.trainer.max_steps
     runs = quality.plan(quality.parse_args(["--seeds", "0", "1", "--arms", *_recipe_arms(quality)]))
     assert [r.name for r in runs if r.arm == "recipe-base"] == ["recipe-base-seed0", "recipe-base-seed1"]
     assert len(runs) == 2 + 11 and all(r.seed == 0 for r in runs if r.arm != "recipe-base")
@@ -62,23 +66,36 @@ def test_recipe_settings_change_one_setting_of_the_shrunk_recipe_and_are_scored_
         return dict(o.split("=", 1) for o in run.overrides)  # later overrides win, as in Hydra
 
     base = settings("recipe-base")
-    # conf/experiment/multi30k.yaml: 4000 steps, warm-up 800, lr 1e-3 -> 500 steps, warm-up 100
+    # 500 of the recipe's steps, its warm-up shrunk in proportion
     assert base["experiment"] == "multi30k" and base["trainer.max_steps"] == "500"
-    assert base["optim.warmup_steps"] == "100" and float(base["optim.lr"]) == 1e-3
+    assert base["optim.warmup_steps"] == str(warmup) and float(base["optim.lr"]) == lr
     changed = {arm: {k: v for k, v in settings(arm).items() if base.get(k) != v} for arm in {r.arm for r in runs}}
     assert changed["recipe-base"] == {}
-    assert changed["recipe-lr0.002"] == {"optim.lr": "0.002"}
-    assert changed["recipe-warmup50"] == {"optim.warmup_steps": "50"}
+    assert changed[f"recipe-lr{lr * 2:g}"] == {"optim.lr": f"{lr * 2:g}"}
+    assert changed[f"recipe-warmup{warmup // 2}"] == {"optim.warmup_steps": str(warmup // 2)}
     assert changed["recipe-dropout0.3"] == {"model.dropout": "0.3"}
     assert changed["recipe-cosine"] == {"optim.schedule": "cosine"}
     assert changed["recipe-smoothing0"] == {"optim.label_smoothing": "0.0"}
     # half the tokens a step: twice the steps (and warm-up steps), the same tokens in all
     assert changed["recipe-batch2048"] == {
         "trainer.max_steps": "1000",
-        "optim.warmup_steps": "200",
+        "optim.warmup_steps": str(2 * warmup),
         "data.max_tokens": "2048",
     }
     assert all(len(c) == 1 for arm, c in changed.items() if "batch" not in arm and arm != "recipe-base")
+
+
+def test_a_results_file_from_other_settings_is_refused_not_skipped(tmp_path: Path):
+    quality = _load("quality")
+    args = quality.parse_args(["--seeds", "0", "--arms", "recipe-base", "--out", str(tmp_path)])
+    (run,) = quality.plan(args)
+    path = tmp_path / "runs" / f"{run.name}.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"overrides": list(run.overrides)}))
+    quality.stale_result(args, run)  # the same settings: kept (skipped as done)
+    path.write_text(json.dumps({"overrides": [*run.overrides[:-1], "optim.lr=0.5"]}))
+    with pytest.raises(SystemExit, match="was run with other settings than the plan's recipe-base-seed0"):
+        quality.stale_result(args, run)
 
 
 def _recipe_arms(quality: ModuleType) -> list[str]:
