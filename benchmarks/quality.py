@@ -23,7 +23,8 @@ time is the run's own compute time, robust to other jobs sharing the machine), f
 
 Each run is a subprocess (``--one NAME``) through ``lightning_moe.train.run`` with ``checkpoint.resume=auto``:
 a killed run continues from its last checkpoint (its budget clock is in the checkpoint), and a finished run
-writes ``{out}/runs/{name}.json`` and is skipped next time. The report (``report.md`` and plots, drawn by
+writes ``{out}/runs/{name}.json`` and is skipped next time (a file written with other overrides, e.g. before the
+recipe changed, is refused rather than skipped). The report (``report.md`` and plots, drawn by
 ``quality_report.py``) is built from whatever run files exist. Nothing is downloaded.
 
     python benchmarks/quality.py                        # everything: about 1 h 45 min on 2 CPU cores (--jobs 2)
