@@ -18,8 +18,9 @@ time is the run's own compute time, robust to other jobs sharing the machine), f
 6. **The recipe's settings** (issue 16): ``experiment=multi30k`` shrunk to ``--recipe-steps`` steps with its
    warm-up shrunk in proportion (the same inverse-sqrt shape), and one setting changed at a time: peak learning
    rate x0.5 / x2, warm-up x0.5 / x2, cosine decay instead of inverse-sqrt, label smoothing 0 / 0.2, dropout
-   0 / 0.3, token batch x0.5 / x2 (steps scaled the other way: equal tokens). Scored by greedy BLEU on the *validation* split (never the test sets)
-   and validation NLL. The base runs from every seed, the variants from the first.
+   0 / 0.3, token batch x0.5 / x2 (steps scaled the other way: equal tokens). Scored by greedy BLEU on the
+   *validation* split (never the test sets) and validation NLL. The base runs from every seed, the variants
+   from the first.
 
 Each run is a subprocess (``--one NAME``) through ``lightning_moe.train.run`` with ``checkpoint.resume=auto``:
 a killed run continues from its last checkpoint (its budget clock is in the checkpoint), and a finished run
@@ -135,10 +136,14 @@ def recipe_settings_runs(args: argparse.Namespace) -> list[Run]:
     """Study 6: the recipe shrunk to ``--recipe-steps`` steps, one setting changed a run (see the docstring)."""
     from omegaconf import OmegaConf
 
+    sys.path.insert(0, str(REPO))
+    from lightning_moe.data.datamodule import DATA_PRESETS
+
     recipe = OmegaConf.load(RECIPE)
     scale = args.recipe_steps / recipe.trainer.max_steps
     lr, warmup, smoothing = recipe.optim.lr, round(recipe.optim.warmup_steps * scale), recipe.optim.label_smoothing
-    steps, tokens = args.recipe_steps, 4096  # data.max_tokens of the multi30k data preset
+    tokens = recipe.get("data", {}).get("max_tokens", DATA_PRESETS["multi30k"].max_tokens)  # the recipe's batch
+    steps = args.recipe_steps
 
     def shrunk(step_factor: float = 1.0, warmup_factor: float = 1.0) -> tuple[str, ...]:
         return (
