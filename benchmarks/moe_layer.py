@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from host_memory import retain_freed_host_memory  # noqa: E402  (benchmarks/host_memory.py, beside this file)
 from profiling import profile_steps  # noqa: E402  (benchmarks/profiling.py, beside this file)
 
 from lightning_moe.moe import MoE  # noqa: E402
@@ -236,18 +237,6 @@ def gradient_first_touch_seconds(
     return max(fresh_s - reused_s, 0.0)
 
 
-def retain_freed_memory() -> None:
-    """Ask glibc's malloc to serve every block from its heap and never give freed memory back to the OS (as
-    caching allocators such as jemalloc or tcmalloc do): freed gradients and activations are reused without
-    page faults. Applies to every contender alike."""
-    import ctypes
-
-    libc = ctypes.CDLL("libc.so.6")
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    if not (libc.mallopt(m_mmap_threshold, 2**30) and libc.mallopt(m_trim_threshold, 2**31 - 1)):
-        raise RuntimeError("mallopt failed: --retain-freed-memory needs glibc")
-
-
 def measure(num_experts: int, k: int, args: argparse.Namespace, tokens: int, d: int, h: int) -> dict[str, float]:
     device, dtype = args.device, DTYPES[args.dtype]
     torch.manual_seed(0)
@@ -362,7 +351,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.retain_freed_memory:
-        retain_freed_memory()
+        if not retain_freed_host_memory():
+            raise SystemExit("--retain-freed-memory needs glibc's malloc (Linux)")
 
     shapes = [(e, k, args.tokens, args.hidden, args.ffn) for e in args.experts for k in args.k]
     if args.large:

@@ -49,7 +49,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from lightning_moe.models import MoETransformer, TransformerConfig, get_preset, sequence_cross_entropy  # noqa: E402
+from lightning_moe.models import MoETransformer, TransformerConfig, get_preset  # noqa: E402
 from lightning_moe.moe import MoE  # noqa: E402
 
 PRECISIONS = ("32-true", "bf16-mixed", "bf16-true")
@@ -257,7 +257,8 @@ class Trainer:
         self.autocast = (
             torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16-mixed" else nullcontext()
         )
-        self.forward = torch.compile(model) if args.compile else model
+        # The translator's own training loss (models/transformer.py: MoETransformer.loss), aux loss included
+        self.loss = torch.compile(model.loss) if args.compile else model.loss
         self.batches = synthetic_batches(
             args.num_batches, args.batch_size, args.src_len, args.tgt_len, self.config.vocab_size, device, args.seed
         )
@@ -269,9 +270,7 @@ class Trainer:
     def step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         self.optimizer.zero_grad(set_to_none=True)
         with self.autocast:
-            out = self.forward(batch["src"], None, batch["tgt_in"], None)
-            ce, _, _ = sequence_cross_entropy(out.logits, batch["tgt_out"])
-            loss = ce + out.aux_loss if self.moe_layers else ce
+            loss, _ = self.loss(batch)
         loss.backward()
         self.optimizer.step()
         return loss.detach()
@@ -377,7 +376,9 @@ def variant_name(precision: str, experts: int | None) -> str:
 
 def side_by_side(args: argparse.Namespace) -> dict[str, Any]:
     """``--side-by-side R``: the variants of :data:`SIDE_BY_SIDE` built once, warmed up, then ``R`` rounds that
-    each time ``--steps`` steps of every variant in turn (so that load from elsewhere hits all alike) and, on
+    each time ``--steps`` steps of every variant in turn (so that load from elsewhere hits all alike; each after
+    ``--round-warmup`` untimed steps, since the first step after a switch pays for the other variant's
+    memory traffic, which steady training does not) and, on
     CPU, measure the matrix-product peak again (the best measurement counts); the median and the best round
     per variant, and the ratios the bf16 goals are stated in."""
     device = resolve_device(args.device)
@@ -402,6 +403,7 @@ def side_by_side(args: argparse.Namespace) -> dict[str, Any]:
     rounds: dict[str, list[float]] = {name: [] for name in trainers}
     for _ in range(args.side_by_side):
         for name, trainer in trainers.items():
+            trainer.time_steps(args.round_warmup)
             elapsed, _, _ = trainer.time_steps(args.steps)
             rounds[name].append(elapsed / max(args.steps, 1))
         if "measured_bf16_tflops" in peak:  # the peak is measured again every round: the best is the machine's
@@ -461,6 +463,7 @@ def print_side_by_side(result: dict[str, Any]) -> None:
     print(
         f"# torch {env['torch']} on {env.get('gpu', env['device'])}, {env['threads']} threads, "
         f"{result['rounds']} interleaved rounds; {peak_note}"
+        + ("; malloc retains freed memory" if result["config"].get("retain_freed_memory") else "")
     )
     print(f"{'variant':<24} {'tokens/s median':>16} {'tokens/s best':>14} {'TFLOP/s':>8} {'of bf16 peak':>13}")
     for name, v in result["variants"].items():
@@ -505,6 +508,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="R interleaved rounds of MoE 32-true, MoE bf16-mixed and the dense twin in bf16-mixed",
     )
     parser.add_argument(
+        "--round-warmup",
+        type=int,
+        default=1,
+        metavar="N",
+        help="with --side-by-side: untimed steps of a variant at the start of each of its rounds (the first "
+        "step after another variant ran refills the caches and the heap)",
+    )
+    parser.add_argument(
         "--compile",
         action="store_true",
         help="torch.compile the model (with --side-by-side: add a compiled MoE bf16-mixed variant to the eager ones)",
@@ -513,8 +524,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--label", default="", help="a name for this run in the JSON")
+    parser.add_argument(
+        "--retain-freed-memory",
+        action="store_true",
+        help="CPU: glibc malloc keeps freed memory for reuse, as a caching allocator does (benchmarks/host_memory.py)",
+    )
     parser.add_argument("--json", type=Path, help="write the result record to this file")
     args = parser.parse_args(argv)
+    if args.retain_freed_memory:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/host_memory.py
+        from host_memory import retain_freed_host_memory
+
+        if not retain_freed_host_memory():
+            raise SystemExit("--retain-freed-memory needs glibc's malloc (Linux)")
     if args.precision is None:
         args.precision = "bf16-mixed" if args.device.startswith("cuda") else "32-true"
     if args.side_by_side:

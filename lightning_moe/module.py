@@ -129,25 +129,22 @@ class MultitaskTranslationModule(pl.LightningModule):
         self.log("train/nll", details["nll"], batch_size=batch_size)
         if self.model.has_moe:
             self.log("train/aux_loss", details["aux_loss"], batch_size=batch_size)
-        for task, task_nll in self._per_task_nll(details["logits"], batch).items():
+        for task, task_nll in self._per_task_nll(details["token_nll"], batch).items():
             self.log(f"train/{task}/nll", task_nll, batch_size=batch_size)
         return loss
 
-    def _per_task_nll(self, logits: Tensor, batch: dict[str, Any]) -> dict[str, Tensor]:
+    def _per_task_nll(self, token_nll: Tensor, batch: dict[str, Any]) -> dict[str, Tensor]:
+        """Mean nll over each task's real target tokens, from the loss's per-token nll ``[B, T]``."""
         tasks = batch.get("task")
         if not tasks:
             return {}
+        mask = batch.get("tgt_padding_mask")
+        real = torch.ones_like(token_nll) if mask is None else (~mask).to(token_nll.dtype)  # [B, T]
         result = {}
         for task in sorted(set(tasks)):
-            rows = torch.tensor([i for i, t in enumerate(tasks) if t == task], device=logits.device)
-            mask = batch.get("tgt_padding_mask")
-            _, nll, _ = sequence_cross_entropy(
-                logits.index_select(0, rows),
-                batch["tgt_out"].index_select(0, rows),
-                None if mask is None else mask.index_select(0, rows),
-                0.0,
-            )
-            result[task.replace(":", "_")] = nll
+            rows = torch.tensor([i for i, t in enumerate(tasks) if t == task], device=token_nll.device)
+            count = real.index_select(0, rows).sum().clamp_min(1.0)
+            result[task.replace(":", "_")] = token_nll.index_select(0, rows).sum() / count
         return result
 
     # ------------------------------------------------------------------------------------ validation

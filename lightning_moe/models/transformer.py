@@ -287,7 +287,11 @@ class DecoderLayer(nn.Module):
 
 
 def sequence_cross_entropy(
-    logits: Tensor, targets: Tensor, padding_mask: Tensor | None = None, label_smoothing: float = 0.0
+    logits: Tensor,
+    targets: Tensor,
+    padding_mask: Tensor | None = None,
+    label_smoothing: float = 0.0,
+    overwrite_logits: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Token-level cross entropy over the non-padding positions, in fp32.
 
@@ -297,11 +301,20 @@ def sequence_cross_entropy(
         padding_mask: ``[B, T]``, True = padding (ignored).
         label_smoothing: ``eps`` in ``[0, 1)``; the target distribution is ``(1-eps)*onehot + eps/V``, as in
             ``torch.nn.functional.cross_entropy``.
+        overwrite_logits: the gradient may reuse the logits' memory (the logits are not read afterwards).
 
     Returns:
         ``(loss, nll, num_tokens)``: the smoothed loss and the plain negative log-likelihood, both means
         over real tokens, and the number of real tokens.
     """
+    loss, nll, num_tokens, _ = _sequence_losses(logits, targets, padding_mask, label_smoothing, overwrite_logits)
+    return loss, nll, num_tokens
+
+
+def _sequence_losses(
+    logits: Tensor, targets: Tensor, padding_mask: Tensor | None, label_smoothing: float, overwrite_logits: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`sequence_cross_entropy`'s three results and the per-token nll ``[B, T]`` (0 at padding)."""
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing={label_smoothing!r} is invalid: use a number in [0, 1)")
     if logits.shape[:-1] != targets.shape:
@@ -314,10 +327,11 @@ def sequence_cross_entropy(
         valid = ~padding_mask
         targets = targets.masked_fill(padding_mask, 0)
     # fp32 maths in cache-sized chunks: no [B, T, V] fp32 tensor (models/cross_entropy.py)
-    nll, per_token = token_cross_entropy(logits, targets, label_smoothing)  # [B, T] each
+    nll, per_token = token_cross_entropy(logits, targets, label_smoothing, overwrite_logits)  # [B, T] each
     num_tokens = valid.sum()
     denom = num_tokens.clamp_min(1).to(torch.float32)
-    return (per_token * valid).sum() / denom, (nll * valid).sum() / denom, num_tokens
+    token_nll = nll * valid  # [B, T]
+    return (per_token * valid).sum() / denom, token_nll.sum() / denom, num_tokens, token_nll
 
 
 def _check_tokens(name: str, tokens: Tensor) -> None:
@@ -546,7 +560,8 @@ class MoETransformer(nn.Module):
 
         Returns:
             ``(loss, details)``; ``details`` holds detached ``ce`` (smoothed), ``nll``, ``aux_loss``,
-            ``num_tokens``, the ``expert_counts`` list and the detached ``logits`` ``[B, T, V]``.
+            ``num_tokens``, the ``expert_counts`` list and ``token_nll`` ``[B, T]``, each target token's
+            detached nll (0 at padding). The logits are not kept: their memory holds the loss's gradient.
         """
         missing = [key for key in ("src", "tgt_in", "tgt_out") if batch.get(key) is None]
         if missing:
@@ -555,8 +570,8 @@ class MoETransformer(nn.Module):
         tgt_out = batch["tgt_out"]
         if tgt_out.shape != batch["tgt_in"].shape:
             raise ValueError(f"tgt_out {tuple(tgt_out.shape)} must have tgt_in's shape {tuple(batch['tgt_in'].shape)}")
-        ce, nll, num_tokens = sequence_cross_entropy(
-            out.logits, tgt_out, batch.get("tgt_padding_mask"), label_smoothing
+        ce, nll, num_tokens, token_nll = _sequence_losses(
+            out.logits, tgt_out, batch.get("tgt_padding_mask"), label_smoothing, overwrite_logits=True
         )
         loss = ce + out.aux_loss if self.has_moe else ce
         details: dict[str, Tensor | list[Tensor]] = {
@@ -565,6 +580,6 @@ class MoETransformer(nn.Module):
             "aux_loss": out.aux_loss.detach(),
             "num_tokens": num_tokens,
             "expert_counts": out.expert_counts,
-            "logits": out.logits.detach(),
+            "token_nll": token_nll.detach(),
         }
         return loss, details

@@ -75,16 +75,23 @@ def test_layer_under_bf16_autocast_matches_float64_per_token_loop(k: int, expert
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("nll_weight", [0.3, 0.0])
+@pytest.mark.parametrize("overwrite", [False, True])
 def test_chunked_cross_entropy_matches_float64(
-    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, smoothing: float
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, smoothing: float, nll_weight: float, overwrite: bool
 ) -> None:
+    """Loss and gradient against float64 ``F.cross_entropy``, through the smoothed loss alone or with the plain
+    nll too, with the gradient in its own memory or in the logits' (behind a linear layer, as in the model)."""
     monkeypatch.setattr(ce_mod, "CHUNK_ELEMENTS", 3 * 37)  # chunks of 3 rows: 15 rows = 5 chunks
-    logits = (torch.randn(3, 5, 37) * 4).to(dtype).requires_grad_()
+    hidden = (torch.randn(3, 5, 37) * 4).to(dtype).requires_grad_()
+    projected = hidden * 1.0  # a non-leaf, like a projection's output
     targets = torch.randint(0, 37, (3, 5))
     padding = torch.zeros(3, 5, dtype=torch.bool)
     padding[0, 3:] = True
-    loss, nll, count = sequence_cross_entropy(logits, targets, padding, smoothing)
-    (loss + 0.3 * nll).backward()
+    loss, nll, count = sequence_cross_entropy(projected, targets, padding, smoothing, overwrite_logits=overwrite)
+    (loss + nll_weight * nll if nll_weight else loss).backward()
+    logits = hidden  # its gradient is the logits'
+    assert torch.equal(projected.detach(), hidden.grad) == overwrite  # the gradient lives in the logits' memory
 
     l64 = logits.detach().double().requires_grad_()
     kept = targets.masked_fill(padding, 0).reshape(-1)
@@ -92,7 +99,7 @@ def test_chunked_cross_entropy_matches_float64(
     ref_nll = F.cross_entropy(l64.reshape(-1, 37), kept, reduction="none")
     valid = (~padding).reshape(-1).double()
     ref_loss, ref_nll = (ref_loss * valid).sum() / valid.sum(), (ref_nll * valid).sum() / valid.sum()
-    (ref_loss + 0.3 * ref_nll).backward()
+    (ref_loss + nll_weight * ref_nll).backward()
 
     assert int(count) == 13 and loss.dtype == nll.dtype == torch.float32
     # fp32 maths on the given logits: only fp32 rounding, and the gradient's rounding to the logits' dtype
@@ -104,6 +111,21 @@ def test_chunked_cross_entropy_matches_float64(
         logits.grad.double(), l64.grad, rtol=grad_tol, atol=grad_tol * float(l64.grad.abs().max())
     )
     assert float(logits.grad[0, 3:].abs().max()) == 0.0  # padding positions get no gradient
+
+
+def test_cross_entropy_gradient_is_spent_by_its_backward() -> None:
+    """The gradient is scaled in place in backward: a second backward through the same graph fails loudly
+    instead of reading a scaled gradient, and without a gradient to compute no ``[N, V]`` block is written."""
+    logits = torch.randn(6, 11, requires_grad=True)
+    _, smoothed = ce_mod.token_cross_entropy(logits * 1.0, torch.randint(0, 11, (6,)), 0.1)
+    smoothed.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        smoothed.sum().backward()
+    frozen = torch.randn(6, 11)
+    before = frozen.clone()
+    with torch.no_grad():
+        ce_mod.token_cross_entropy(frozen, torch.randint(0, 11, (6,)), 0.1, overwrite_logits=True)
+    assert torch.equal(frozen, before)  # nothing to differentiate: the logits are left as they are
 
 
 # ---------------------------------------------------------------------------------------- attention

@@ -10,6 +10,7 @@ import lightning.pytorch as pl
 import pytest
 import sacrebleu
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
@@ -127,6 +128,30 @@ def test_training_step_is_the_models_loss(monkeypatch):
     torch.manual_seed(1)
     expected, _ = original(batch, module.optim_config.label_smoothing)
     assert torch.allclose(loss, expected)
+
+
+def test_per_task_training_nll_equals_each_tasks_own_cross_entropy(monkeypatch):
+    """``train/<task>/nll`` comes from the loss's per-token nll; reference: each task's rows scored apart."""
+    torch.manual_seed(0)
+    module = _module()
+    module.eval()  # no dropout: the reference forward below sees the same network
+    batch = _batch(range(0, 5))
+    batch["task"] = ["translate:en-de", "denoise:en", "translate:en-de", "denoise:en", "denoise:en"]
+    padding = torch.zeros(5, 6, dtype=torch.bool)
+    padding[1, 4:] = padding[2, 2:] = True
+    batch["tgt_padding_mask"] = batch["src_padding_mask"] = padding
+    logged: dict[str, float] = {}
+    monkeypatch.setattr(module, "log", lambda name, value, **_: logged.__setitem__(name, float(value)))
+    torch.manual_seed(1)
+    module.training_step(batch, 0)
+    for task, name in (("translate:en-de", "translate_en-de"), ("denoise:en", "denoise_en")):
+        rows = [i for i, t in enumerate(batch["task"]) if t == task]
+        with torch.no_grad():
+            torch.manual_seed(1)
+            logits = module(batch).logits[rows]  # [rows, T, V]
+        targets, real = batch["tgt_out"][rows], ~padding[rows]
+        expected = F.cross_entropy(logits.double()[real], targets[real])
+        assert logged[f"train/{name}/nll"] == pytest.approx(float(expected), rel=1e-5)
 
 
 def test_checkpoint_hparams_with_nested_model_moe_still_load():
