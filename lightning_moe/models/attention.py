@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_moe.models.dropout import dropout
+
 __all__ = [
     "MultiHeadAttention",
     "SelfAttentionCache",
@@ -89,7 +91,7 @@ def attend(
     # same result as an fp32 softmax cast back, without the fp32 [B, H, Tq, Tk] copy and the cast.
     weights = torch.softmax(scores, dim=-1).to(v.dtype)  # [B, H, Tq, Tk]
     if dropout_p > 0.0:
-        weights = F.dropout(weights, p=dropout_p)
+        weights = dropout(weights, dropout_p)
     return torch.matmul(weights, v)  # [B, H, Tq, hd]
 
 

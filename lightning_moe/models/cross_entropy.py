@@ -112,7 +112,9 @@ def token_cross_entropy(
     itself) the plain formula.
 
     ``overwrite_logits``: the chunked path keeps its gradient in the logits' own memory (no second ``[N, V]``
-    block): for a caller that reads the logits no more after this call, e.g. a training loss.
+    block): for a caller that reads the logits no more after this call, e.g. a training loss. Ignored when the
+    logits are a view of another tensor (e.g. a DTensor's local shard under tensor parallelism), whose memory
+    autograd or another caller may still read.
     """
     vocab = logits.shape[-1]
     flat_logits = logits.reshape(-1, vocab)  # [N, V]
@@ -122,7 +124,8 @@ def token_cross_entropy(
         nll = -lprobs.gather(-1, flat_targets[:, None]).squeeze(-1)  # [N]
         smoothed = nll if label_smoothing == 0.0 else (1.0 - label_smoothing) * nll - label_smoothing * lprobs.mean(-1)
     else:
+        overwrite = overwrite_logits and logits._base is None
         nll, smoothed = TokenCrossEntropy.apply(
-            flat_logits.contiguous(), flat_targets, float(label_smoothing), overwrite_logits
+            flat_logits.contiguous(), flat_targets, float(label_smoothing), overwrite
         )
     return nll.view(targets.shape), smoothed.view(targets.shape)

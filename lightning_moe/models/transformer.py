@@ -27,6 +27,7 @@ from lightning_moe.models.attention import (
 )
 from lightning_moe.models.config import TransformerConfig
 from lightning_moe.models.cross_entropy import token_cross_entropy
+from lightning_moe.models.dropout import Dropout
 from lightning_moe.models.norm import LayerNorm
 from lightning_moe.moe import MoE
 from lightning_moe.moe.experts import ACTIVATIONS
@@ -109,7 +110,7 @@ class FeedForward(nn.Module):
         self.fc1 = nn.Linear(d_model, hidden_size, bias=bias)
         self.fc3: nn.Linear | None = nn.Linear(d_model, hidden_size, bias=False) if kind == "glu" else None
         self.fc2 = nn.Linear(hidden_size, d_model, bias=bias)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -187,7 +188,7 @@ class EncoderLayer(nn.Module):
         self.self_attn = MultiHeadAttention(d, config.num_heads, config.attention_dropout)
         self.ffn_norm = LayerNorm(d, eps=config.norm_eps)
         self.ffn = _build_ffn(config, index)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
 
     def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> BlockOutput:
         """``x [B, S, D]``, ``padding_mask [B, S]`` -> ``(x, aux_loss, expert_counts)``."""
@@ -248,7 +249,7 @@ class DecoderLayer(nn.Module):
         self.cross_attn = MultiHeadAttention(d, config.num_heads, config.attention_dropout)
         self.ffn_norm = LayerNorm(d, eps=config.norm_eps)
         self.ffn = _build_ffn(config, index, decoder=True)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
 
     def forward(
         self,
@@ -374,7 +375,7 @@ class MoETransformer(nn.Module):
         learned = config.positional == "learned"
         self.encoder_pos_embed: nn.Embedding | None = nn.Embedding(config.max_positions, d) if learned else None
         self.decoder_pos_embed: nn.Embedding | None = nn.Embedding(config.max_positions, d) if learned else None
-        self.embed_dropout = nn.Dropout(config.dropout)
+        self.embed_dropout = Dropout(config.dropout)
         self.embed_scale = math.sqrt(d) if config.scale_embeddings else 1.0
         self.encoder_layers = nn.ModuleList(EncoderLayer(config, i) for i in range(config.encoder_layers))
         self.encoder_norm = LayerNorm(d, eps=config.norm_eps)

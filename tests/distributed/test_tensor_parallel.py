@@ -184,11 +184,15 @@ def _check(results: list[dict[str, Any]], *, tie: bool = False, aux: float = 0.0
                 # Softmax ignores a shift shared by every key, so this gradient is rounding noise around 0
                 # that AdamW normalises to full-size steps: no reference can match it.
                 continue
-            # atol: AdamW turns an element whose gradient is ~0 (rounding noise, different in every
-            # reduction order) into a step of up to lr=1e-2; measured up to 2e-4 after 3 steps.
-            torch.testing.assert_close(
-                value, ref["params"][name], rtol=1e-4, atol=5e-4, msg=lambda m: f"rank {rank} {name}: {m}"
-            )
+            # AdamW turns an element whose first gradient is ~0 (rounding noise, different in every reduction
+            # order; e.g. 6e-8 against a median of 1e-2) into a first step of up to lr: those elements may
+            # differ by lr per step; every other element within 5e-4 (measured up to 2e-4 after 3 steps).
+            expected = ref["params"][name]
+            noise = ref["grads"][name].abs() <= 1e-6 if name in ref["grads"] else torch.zeros_like(expected, dtype=bool)
+            for where, atol in ((~noise, 5e-4), (noise, LR * STEPS)):
+                torch.testing.assert_close(
+                    value[where], expected[where], rtol=1e-4, atol=atol, msg=lambda m: f"rank {rank} {name}: {m}"
+                )
         if clip is not None:
             torch.testing.assert_close(torch.tensor(result["norms"]), torch.tensor(ref["norms"]), rtol=1e-4, atol=1e-5)
 

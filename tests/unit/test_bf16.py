@@ -115,12 +115,19 @@ def test_chunked_cross_entropy_matches_float64(
 
 def test_cross_entropy_gradient_is_spent_by_its_backward() -> None:
     """The gradient is scaled in place in backward: a second backward through the same graph fails loudly
-    instead of reading a scaled gradient, and without a gradient to compute no ``[N, V]`` block is written."""
+    instead of reading a scaled gradient; a view's memory is never overwritten; and without a gradient to
+    compute no ``[N, V]`` block is written."""
     logits = torch.randn(6, 11, requires_grad=True)
     _, smoothed = ce_mod.token_cross_entropy(logits * 1.0, torch.randint(0, 11, (6,)), 0.1)
     smoothed.sum().backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         smoothed.sum().backward()
+    base = torch.randn(6, 11, requires_grad=True) * 1.0
+    view = base.view(6, 11)  # a view: its memory is its base's, which others may read
+    before = view.detach().clone()
+    _, smoothed = ce_mod.token_cross_entropy(view, torch.randint(0, 11, (6,)), 0.1, overwrite_logits=True)
+    smoothed.sum().backward()
+    assert torch.equal(base.detach(), before)
     frozen = torch.randn(6, 11)
     before = frozen.clone()
     with torch.no_grad():
