@@ -116,7 +116,8 @@ def test_train_throughput_runs_on_cpu(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_train_throughput_side_by_side_interleaves_three_variants(tmp_path: Path) -> None:
     out = tmp_path / "side.json"
-    options = "--steps 1 --warmup 1 --threads 1 --side-by-side 2 --peak-tflops 2.0 --json".split()
+    options = "--steps 1 --warmup 1 --threads 1 --side-by-side 2 --round-warmup 2 --retain-freed-memory".split()
+    options += "--peak-tflops 2.0 --json".split()
     proc = _run("train_throughput.py", *TINY_THROUGHPUT, *options, str(out))
     result = json.loads(out.read_text())
     variants = result["variants"]
@@ -133,6 +134,7 @@ def test_train_throughput_side_by_side_interleaves_three_variants(tmp_path: Path
     )
     assert moe_bf16["utilisation_of_bf16_peak_median"] == pytest.approx(moe_bf16["model_tflops_per_s_median"] / 2.0)
     assert "bf16 / fp32 (MoE)" in proc.stdout
+    assert "malloc retains freed memory" in proc.stdout and result["config"]["round_warmup"] == 2
 
 
 @pytest.mark.slow
