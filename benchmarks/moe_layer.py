@@ -3,7 +3,11 @@
 For each (E, k): forward+backward time of ``lightning_moe.MoE`` (T tokens, capacity factor 1.25) and
 of one dense FFN ``d -> h -> d`` run on ``T*k`` tokens (the same useful FLOPs), alternating the two,
 so machine noise hits both alike. Efficiency = dense time / MoE time (1.0 = no MoE overhead), the median
-of the ratios of each round's back-to-back pair (robust to the machine slowing down mid-run).
+of the per-round ratios (robust to the machine slowing down mid-run). A round times one step of every
+contender, in an order that changes every round so that each contender follows every other one equally often,
+each timed step right after ``--round-warmup`` untimed ones of its own: the first step after another
+contender pays for that one's freed memory and cold caches, and a fixed order would charge it to the same
+contender every round.
 Optional peers (``--peers``) implement other libraries' *techniques* in a few lines, for context:
 ``per_expert_loop`` (Switch-style: a mask and an ``nn.Linear`` pair per expert) and ``onehot_einsum``
 (GShard-style: one-hot ``[T, E, C]`` dispatch and combine einsums over capacity buffers).
@@ -237,6 +241,24 @@ def gradient_first_touch_seconds(
     return max(fresh_s - reused_s, 0.0)
 
 
+def running_order(names: list[str], turn: int) -> list[str]:
+    """Round ``turn``'s running order of ``names``: a balanced Latin square (Williams design), so that over
+    ``n`` rounds (``2n`` for an odd ``n``) every contender runs right after every other one equally often.
+
+    A plain turning order would keep each contender behind the same one in every round.
+    """
+    n = len(names)
+    base, low, high = [0], 1, n - 1  # 0, 1, n-1, 2, n-2, ...: consecutive differences cover 1..n-1 once
+    while len(base) < n:
+        base.append(low)
+        low += 1
+        if len(base) < n:
+            base.append(high)
+            high -= 1
+    order = [names[(b + turn) % n] for b in base]
+    return order[::-1] if n % 2 and (turn // n) % 2 else order
+
+
 def measure(num_experts: int, k: int, args: argparse.Namespace, tokens: int, d: int, h: int) -> dict[str, float]:
     device, dtype = args.device, DTYPES[args.dtype]
     torch.manual_seed(0)
@@ -271,14 +293,19 @@ def measure(num_experts: int, k: int, args: argparse.Namespace, tokens: int, d: 
         for _ in range(args.warmup):
             fn()
     times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(args.repeats):
-        for name, fn in runs.items():  # interleaved: noise hits every contender alike
-            times[name].append(timed(fn, device))
+    for round_index in range(args.repeats):
+        # Interleaved, so noise hits every contender alike; the order changes each round, so no contender always
+        # follows the same one (whose freed memory and cold caches the next step pays for), and each timed step
+        # comes after --round-warmup untimed ones of its own.
+        for name in running_order(list(runs), round_index):
+            for _ in range(args.round_warmup):
+                runs[name]()
+            times[name].append(timed(runs[name], device))
     result: dict[str, float] = {"E": num_experts, "k": k, "T": tokens, "d": d, "h": h}
     for name, samples in times.items():
         med = statistics.median(samples)
         result[f"{name}_ms"] = med * 1e3
-        if name != "dense":  # median of the per-round ratios: each pair ran back to back
+        if name != "dense":  # median of the per-round ratios: each pair ran in the same round
             result[f"{name}_efficiency"] = statistics.median(
                 dense / other for dense, other in zip(times["dense"], samples)
             )
@@ -323,7 +350,15 @@ def main() -> None:
     parser.add_argument("--k", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--capacity-factor", type=float, default=1.25)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds (one step of each contender per round)")
+    parser.add_argument(
+        "--round-warmup",
+        type=int,
+        default=1,
+        metavar="N",
+        help="untimed steps of a contender right before each of its timed ones (0: time the first step after "
+        "another contender)",
+    )
     parser.add_argument("--peers", action="store_true", help="also time the peer techniques")
     parser.add_argument("--large", action="store_true", help="add T=16384, d=2048, h=8192, E in {8, 64} (GPU)")
     parser.add_argument("--no-memory", action="store_true")
@@ -361,7 +396,8 @@ def main() -> None:
     print(
         f"# torch {torch.__version__}, device={args.device}, dtype={args.dtype}, threads={args.threads}, "
         f"capacity_factor={args.capacity_factor}, fp32 gating {'off' if args.no_fp32_gating else 'on'},"
-        f" median of {args.repeats}" + (", malloc retains freed memory" if args.retain_freed_memory else "")
+        f" median of {args.repeats} rounds, {args.round_warmup} untimed step(s) before each timed one"
+        + (", malloc retains freed memory" if args.retain_freed_memory else "")
     )
     header = f"{'T':>6} {'d':>5} {'h':>5} {'E':>3} {'k':>2} {'moe ms':>8} {'dense ms':>9} {'eff':>5} {'tok/s':>8} {'TFLOP/s':>8}"
     if not args.no_memory:

@@ -1,5 +1,6 @@
-"""The GPU benchmarks' CPU modes: ``train_throughput.py`` and ``model_scale.py`` run end to end on a tiny model,
-and their bookkeeping (active parameters, the scale summary) is right. ``gpu_check.sh`` parses."""
+"""The GPU benchmarks' CPU modes: ``train_throughput.py``, ``model_scale.py`` and ``moe_layer.py`` run end to end on
+tiny shapes, and their bookkeeping (active parameters, the scale summary, the running order) is right.
+``gpu_check.sh`` parses."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ BENCHMARKS = REPO / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
 import model_scale  # noqa: E402
+import moe_layer  # noqa: E402
 import train_throughput  # noqa: E402
 
 from lightning_moe.models import MoETransformer, get_preset  # noqa: E402
@@ -179,3 +181,30 @@ def test_model_scale_grows_experts_until_a_failure_then_refines(tmp_path: Path) 
     # fp32 parameters + gradients + two AdamW moments, all in host memory: 16 bytes per parameter.
     assert best["state_bytes_by_device"]["cpu"] == pytest.approx(16 * best["params"], rel=1e-3)
     assert torch.isfinite(torch.tensor(best["loss"]))
+
+
+@pytest.mark.parametrize("count", [2, 3, 4, 5])
+def test_layer_benchmark_order_puts_every_contender_after_every_other_equally_often(count: int) -> None:
+    names = [f"c{i}" for i in range(count)]
+    rounds = count if count % 2 == 0 else 2 * count
+    orders = [moe_layer.running_order(names, turn) for turn in range(rounds)]
+    assert all(sorted(order) == names for order in orders)
+    pairs = [(order[i - 1], order[i]) for order in orders for i in range(1, count)]
+    expected = rounds * (count - 1) // (count * (count - 1))  # each ordered pair of distinct contenders
+    assert {pair: pairs.count(pair) for pair in set(pairs)} == {
+        (a, b): expected for a in names for b in names if a != b
+    }
+    assert sorted(order[0] for order in orders[:count]) == names  # and each runs first once
+
+
+@pytest.mark.slow
+def test_moe_layer_benchmark_runs_on_cpu_with_peers(tmp_path: Path) -> None:
+    out = tmp_path / "layer.json"
+    options = "--tokens 64 --hidden 16 --ffn 32 --experts 4 --k 1 2 --repeats 2 --warmup 1 --round-warmup 2"
+    proc = _run("moe_layer.py", *options.split(), *"--threads 1 --peers --no-memory --json".split(), str(out))
+    rows = json.loads(out.read_text())
+    assert [(row["E"], row["k"]) for row in rows] == [(4, 1), (4, 2)]
+    for row in rows:
+        for name in ("moe", "per_expert_loop", "onehot_einsum"):
+            assert row[f"{name}_efficiency"] > 0 and row[f"{name}_ms"] > 0
+    assert "2 untimed step(s) before each timed one" in proc.stdout
