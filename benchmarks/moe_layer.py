@@ -52,6 +52,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from host_memory import retain_freed_host_memory  # noqa: E402  (benchmarks/host_memory.py, beside this file)
 from profiling import profile_steps  # noqa: E402  (benchmarks/profiling.py, beside this file)
+from running_order import running_order  # noqa: E402  (benchmarks/running_order.py, beside this file)
 
 from lightning_moe.moe import MoE  # noqa: E402
 from lightning_moe.moe.kernels.expert_threads import run_over_experts  # noqa: E402
@@ -239,24 +240,6 @@ def gradient_first_touch_seconds(
     fresh_s = statistics.median(timed(fresh, device) for _ in range(repeats))
     reused_s = statistics.median(timed(lambda: reused.fill_(1.0), device) for _ in range(repeats))
     return max(fresh_s - reused_s, 0.0)
-
-
-def running_order(names: list[str], turn: int) -> list[str]:
-    """Round ``turn``'s running order of ``names``: a balanced Latin square (Williams design), so that over
-    ``n`` rounds (``2n`` for an odd ``n``) every contender runs right after every other one equally often.
-
-    A plain turning order would keep each contender behind the same one in every round.
-    """
-    n = len(names)
-    base, low, high = [0], 1, n - 1  # 0, 1, n-1, 2, n-2, ...: consecutive differences cover 1..n-1 once
-    while len(base) < n:
-        base.append(low)
-        low += 1
-        if len(base) < n:
-            base.append(high)
-            high -= 1
-    order = [names[(b + turn) % n] for b in base]
-    return order[::-1] if n % 2 and (turn // n) % 2 else order
 
 
 def measure(num_experts: int, k: int, args: argparse.Namespace, tokens: int, d: int, h: int) -> dict[str, float]:

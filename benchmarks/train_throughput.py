@@ -376,7 +376,8 @@ def variant_name(precision: str, experts: int | None) -> str:
 
 def side_by_side(args: argparse.Namespace) -> dict[str, Any]:
     """``--side-by-side R``: the variants of :data:`SIDE_BY_SIDE` built once, warmed up, then ``R`` rounds that
-    each time ``--steps`` steps of every variant in turn (so that load from elsewhere hits all alike; each after
+    each time ``--steps`` steps of every variant, in a balanced order that changes every round (so that load from
+    elsewhere hits all alike, and no variant always follows the same one; each after
     ``--round-warmup`` untimed steps, since the first step after a switch pays for the other variant's
     memory traffic, which steady training does not) and, on
     CPU, measure the matrix-product peak again (the best measurement counts); the median and the best round
@@ -400,9 +401,13 @@ def side_by_side(args: argparse.Namespace) -> dict[str, Any]:
         name = variant_name(precision, experts) + (" compiled" if compiled else "")
         trainers[name] = trainer = Trainer(variant, device)
         trainer.time_steps(args.warmup)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/running_order.py
+    from running_order import running_order
+
     rounds: dict[str, list[float]] = {name: [] for name in trainers}
-    for _ in range(args.side_by_side):
-        for name, trainer in trainers.items():
+    for round_index in range(args.side_by_side):
+        for name in running_order(list(trainers), round_index):
+            trainer = trainers[name]
             trainer.time_steps(args.round_warmup)
             elapsed, _, _ = trainer.time_steps(args.steps)
             rounds[name].append(elapsed / max(args.steps, 1))

@@ -17,7 +17,7 @@ BENCHMARKS = REPO / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
 import model_scale  # noqa: E402
-import moe_layer  # noqa: E402
+import running_order  # noqa: E402
 import train_throughput  # noqa: E402
 
 from lightning_moe.models import MoETransformer, get_preset  # noqa: E402
@@ -184,10 +184,10 @@ def test_model_scale_grows_experts_until_a_failure_then_refines(tmp_path: Path) 
 
 
 @pytest.mark.parametrize("count", [2, 3, 4, 5])
-def test_layer_benchmark_order_puts_every_contender_after_every_other_equally_often(count: int) -> None:
+def test_side_by_side_order_puts_every_contender_after_every_other_equally_often(count: int) -> None:
     names = [f"c{i}" for i in range(count)]
     rounds = count if count % 2 == 0 else 2 * count
-    orders = [moe_layer.running_order(names, turn) for turn in range(rounds)]
+    orders = [running_order.running_order(names, turn) for turn in range(rounds)]
     assert all(sorted(order) == names for order in orders)
     pairs = [(order[i - 1], order[i]) for order in orders for i in range(1, count)]
     expected = rounds * (count - 1) // (count * (count - 1))  # each ordered pair of distinct contenders

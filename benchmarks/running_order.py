@@ -1,0 +1,30 @@
+"""The order in which a side-by-side benchmark runs its contenders in each round.
+
+Used by ``moe_layer.py`` and ``train_throughput.py --side-by-side``. On a CPU the first step after another
+contender pays for that one's freed memory and cold caches; with one fixed order the same contender would pay
+it for the same predecessor in every round.
+"""
+
+from __future__ import annotations
+
+__all__ = ["running_order"]
+
+
+def running_order(names: list[str], turn: int) -> list[str]:
+    """Round ``turn``'s running order of ``names``: a balanced Latin square (Williams design), so that over
+    ``n`` rounds (``2n`` for an odd ``n``) every contender runs right after every other one equally often.
+
+    A plain turning order would keep each contender behind the same one in every round.
+    """
+    n = len(names)
+    if n == 0:
+        return []
+    base, low, high = [0], 1, n - 1  # 0, 1, n-1, 2, n-2, ...: consecutive differences cover 1..n-1 once
+    while len(base) < n:
+        base.append(low)
+        low += 1
+        if len(base) < n:
+            base.append(high)
+            high -= 1
+    order = [names[(b + turn) % n] for b in base]
+    return order[::-1] if n % 2 and (turn // n) % 2 else order
