@@ -52,7 +52,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from host_memory import retain_freed_host_memory  # noqa: E402  (benchmarks/host_memory.py, beside this file)
 from profiling import profile_steps  # noqa: E402  (benchmarks/profiling.py, beside this file)
-from running_order import running_order  # noqa: E402  (benchmarks/running_order.py, beside this file)
+from running_order import add_round_warmup_argument, running_order  # noqa: E402  (benchmarks/running_order.py, beside this file)
 
 from lightning_moe.moe import MoE  # noqa: E402
 from lightning_moe.moe.kernels.expert_threads import run_over_experts  # noqa: E402
@@ -334,14 +334,7 @@ def main() -> None:
     parser.add_argument("--capacity-factor", type=float, default=1.25)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds (one step of each contender per round)")
-    parser.add_argument(
-        "--round-warmup",
-        type=int,
-        default=1,
-        metavar="N",
-        help="untimed steps of a contender right before each of its timed ones (0: time the first step after "
-        "another contender)",
-    )
+    add_round_warmup_argument(parser)
     parser.add_argument("--peers", action="store_true", help="also time the peer techniques")
     parser.add_argument("--large", action="store_true", help="add T=16384, d=2048, h=8192, E in {8, 64} (GPU)")
     parser.add_argument("--no-memory", action="store_true")

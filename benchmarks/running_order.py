@@ -2,12 +2,27 @@
 
 Used by ``moe_layer.py`` and ``train_throughput.py --side-by-side``. On a CPU the first step after another
 contender pays for that one's freed memory and cold caches; with one fixed order the same contender would pay
-it for the same predecessor in every round.
+it for the same predecessor in every round, and without untimed steps first (``--round-warmup``) every timed
+step would include it.
 """
 
 from __future__ import annotations
 
-__all__ = ["running_order"]
+import argparse
+
+__all__ = ["running_order", "add_round_warmup_argument"]
+
+
+def add_round_warmup_argument(parser: argparse.ArgumentParser) -> None:
+    """``--round-warmup N`` (default 1): untimed steps of a contender right before each of its timed ones."""
+    parser.add_argument(
+        "--round-warmup",
+        type=int,
+        default=1,
+        metavar="N",
+        help="untimed steps of a contender right before each of its timed ones in a round (the first step after "
+        "another contender refills the caches and the heap; 0 times it)",
+    )
 
 
 def running_order(names: list[str], turn: int) -> list[str]:

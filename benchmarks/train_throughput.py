@@ -49,6 +49,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/running_order.py, beside this file
+from running_order import add_round_warmup_argument, running_order  # noqa: E402
+
 from lightning_moe.models import MoETransformer, TransformerConfig, get_preset  # noqa: E402
 from lightning_moe.moe import MoE  # noqa: E402
 
@@ -401,9 +404,6 @@ def side_by_side(args: argparse.Namespace) -> dict[str, Any]:
         name = variant_name(precision, experts) + (" compiled" if compiled else "")
         trainers[name] = trainer = Trainer(variant, device)
         trainer.time_steps(args.warmup)
-    sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/running_order.py
-    from running_order import running_order
-
     rounds: dict[str, list[float]] = {name: [] for name in trainers}
     for round_index in range(args.side_by_side):
         for name in running_order(list(trainers), round_index):
@@ -512,14 +512,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         metavar="R",
         help="R interleaved rounds of MoE 32-true, MoE bf16-mixed and the dense twin in bf16-mixed",
     )
-    parser.add_argument(
-        "--round-warmup",
-        type=int,
-        default=1,
-        metavar="N",
-        help="with --side-by-side: untimed steps of a variant at the start of each of its rounds (the first "
-        "step after another variant ran refills the caches and the heap)",
-    )
+    add_round_warmup_argument(parser)  # with --side-by-side
     parser.add_argument(
         "--compile",
         action="store_true",
