@@ -28,6 +28,7 @@ from lightning_moe.models.attention import (
 from lightning_moe.models.config import TransformerConfig
 from lightning_moe.models.cross_entropy import token_cross_entropy
 from lightning_moe.models.dropout import Dropout
+from lightning_moe.models.logits_block import LogitsBlock, project_logits
 from lightning_moe.models.norm import LayerNorm
 from lightning_moe.moe import MoE
 from lightning_moe.moe.experts import ACTIVATIONS
@@ -36,6 +37,7 @@ __all__ = [
     "ModelOutput",
     "FeedForward",
     "TiedOutputHead",
+    "OutputProjection",
     "EncoderLayer",
     "DecoderLayer",
     "DecoderCache",
@@ -149,9 +151,21 @@ class TiedOutputHead(nn.Module):
         """The embedding whose ``weight [V, D]`` is the projection."""
         return self._embedding[0]
 
-    def forward(self, hidden: Tensor) -> Tensor:
-        """``hidden [..., D]`` -> logits ``[..., V]``."""
-        return F.linear(hidden, self.embedding.weight)
+    def forward(self, hidden: Tensor, logits_block: LogitsBlock | None = None) -> Tensor:
+        """``hidden [..., D]`` -> logits ``[..., V]`` (in ``logits_block``'s memory where it can be)."""
+        return project_logits(hidden, self.embedding.weight, logits_block)
+
+
+class OutputProjection(nn.Linear):
+    """The untied output projection ``[..., D] -> [..., V]``: an ``nn.Linear`` without bias whose logits can
+    go into a :class:`~lightning_moe.models.logits_block.LogitsBlock`."""
+
+    def __init__(self, d_model: int, vocab_size: int) -> None:
+        super().__init__(d_model, vocab_size, bias=False)
+
+    def forward(self, hidden: Tensor, logits_block: LogitsBlock | None = None) -> Tensor:
+        """``hidden [..., D]`` -> logits ``[..., V]`` (in ``logits_block``'s memory where it can be)."""
+        return project_logits(hidden, self.weight, logits_block)
 
 
 def _build_ffn(config: TransformerConfig, index: int, decoder: bool = False) -> nn.Module:
@@ -370,7 +384,7 @@ class MoETransformer(nn.Module):
         self.src_embed = nn.Embedding(vocab, d)
         # Tied: src_embed serves source, target and output projection.
         self.tgt_embed: nn.Embedding | None = None if config.tie_embeddings else nn.Embedding(vocab, d)
-        self.output_proj: nn.Linear | None = None if config.tie_embeddings else nn.Linear(d, vocab, bias=False)
+        self.output_proj: OutputProjection | None = None if config.tie_embeddings else OutputProjection(d, vocab)
         self.tied_head: TiedOutputHead | None = TiedOutputHead(self.src_embed) if config.tie_embeddings else None
         learned = config.positional == "learned"
         self.encoder_pos_embed: nn.Embedding | None = nn.Embedding(config.max_positions, d) if learned else None
@@ -381,6 +395,8 @@ class MoETransformer(nn.Module):
         self.encoder_norm = LayerNorm(d, eps=config.norm_eps)
         self.decoder_layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.decoder_layers))
         self.decoder_norm = LayerNorm(d, eps=config.norm_eps)
+        # Memory that the training loss's logits reuse from step to step (models/logits_block.py)
+        self.loss_logits_block = LogitsBlock()
         self.init_weights()
 
     # ----------------------------------------------------------------------------------------- setup
@@ -441,10 +457,11 @@ class MoETransformer(nn.Module):
             x = x + sinusoidal_positions(positions, self.config.d_model).to(x.dtype)
         return self.embed_dropout(x)
 
-    def output_logits(self, hidden: Tensor) -> Tensor:
-        """Project decoder states ``[..., D]`` to vocabulary logits ``[..., V]``."""
+    def output_logits(self, hidden: Tensor, logits_block: LogitsBlock | None = None) -> Tensor:
+        """Project decoder states ``[..., D]`` to vocabulary logits ``[..., V]`` (in ``logits_block``'s memory
+        where it can be)."""
         head = self.output_proj if self.tied_head is None else self.tied_head
-        return head(hidden)
+        return head(hidden) if logits_block is None else head(hidden, logits_block=logits_block)
 
     # --------------------------------------------------------------------------------------- encoder
 
@@ -529,6 +546,7 @@ class MoETransformer(nn.Module):
         src_padding_mask: Tensor | None,
         tgt_in: Tensor,
         tgt_padding_mask: Tensor | None = None,
+        logits_block: LogitsBlock | None = None,
     ) -> ModelOutput:
         """Teacher-forced logits of ``tgt_in [B, T]`` given ``src [B, S]``.
 
@@ -537,6 +555,8 @@ class MoETransformer(nn.Module):
             src_padding_mask: ``[B, S]`` bool, True = padding (None = no padding).
             tgt_in: decoder inputs ``[B, T]`` (BOS followed by the target shifted right).
             tgt_padding_mask: ``[B, T]`` bool, True = padding (None = no padding).
+            logits_block: write the logits into this block's memory, lent until their backward (for a caller
+                that reads the logits once and lets its loss overwrite them, as :meth:`loss` does).
         """
         memory, enc_aux, enc_counts = self._encode(src, src_padding_mask)  # [B, S, D]
         hidden, dec_aux, dec_counts = self._decode(tgt_in, memory, src_padding_mask, tgt_padding_mask)  # [B, T, D]
@@ -545,7 +565,7 @@ class MoETransformer(nn.Module):
             aux_loss = torch.stack([a.float() for a in aux_losses]).sum()
         else:
             aux_loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        return ModelOutput(self.output_logits(hidden), aux_loss, enc_counts + dec_counts)
+        return ModelOutput(self.output_logits(hidden, logits_block), aux_loss, enc_counts + dec_counts)
 
     def loss(
         self, batch: Mapping[str, Tensor | None], label_smoothing: float = 0.0
@@ -567,7 +587,13 @@ class MoETransformer(nn.Module):
         missing = [key for key in ("src", "tgt_in", "tgt_out") if batch.get(key) is None]
         if missing:
             raise ValueError(f"batch is missing {missing}: provide the keys {list(BATCH_KEYS)}")
-        out = self(batch["src"], batch.get("src_padding_mask"), batch["tgt_in"], batch.get("tgt_padding_mask"))
+        out = self(
+            batch["src"],
+            batch.get("src_padding_mask"),
+            batch["tgt_in"],
+            batch.get("tgt_padding_mask"),
+            logits_block=self.loss_logits_block,
+        )
         tgt_out = batch["tgt_out"]
         if tgt_out.shape != batch["tgt_in"].shape:
             raise ValueError(f"tgt_out {tuple(tgt_out.shape)} must have tgt_in's shape {tuple(batch['tgt_in'].shape)}")
