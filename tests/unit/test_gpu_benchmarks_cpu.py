@@ -135,6 +135,7 @@ def test_train_throughput_side_by_side_interleaves_three_variants(tmp_path: Path
         moe_bf16["tokens_per_s_best"] / dense["tokens_per_s_best"]
     )
     assert moe_bf16["utilisation_of_bf16_peak_median"] == pytest.approx(moe_bf16["model_tflops_per_s_median"] / 2.0)
+    assert dense["dropped_fraction"] == 0.0 and 0.0 <= moe_bf16["dropped_fraction"] < 1.0
     assert "bf16 / fp32 (MoE)" in proc.stdout
     assert "malloc retains freed memory" in proc.stdout and result["config"]["round_warmup"] == 2
 
