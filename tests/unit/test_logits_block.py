@@ -90,11 +90,11 @@ def test_the_next_projection_writes_into_the_memory_its_backward_handed_back() -
     hidden = torch.randn(6, 5, 8, requires_grad=True)
     weight = torch.randn(40, 8, requires_grad=True)
     targets = torch.randint(0, 40, (6, 5))
-    logits = project_logits(hidden, weight, block)
+    logits = project_logits(hidden, weight, block)  # fresh memory: the block has none yet
     address, nbytes = logits.data_ptr(), logits.untyped_storage().nbytes()
     assert logits._base is None  # the loss may overwrite it
+    _overwriting_loss(logits, targets).backward()
     del logits  # as in the training loss: nobody keeps the logits
-    _overwriting_loss(project_logits(hidden, weight, block), targets).backward()
     assert block.nbytes == nbytes
     again = project_logits(hidden.detach()[:3].requires_grad_(), weight, block)  # smaller: fits in the block
     assert again.data_ptr() == address and again.shape == (3, 5, 40)
