@@ -231,11 +231,21 @@ def train_one(args: argparse.Namespace, run: Run) -> dict[str, Any]:
 
     class TrainBudget(pl.Callback):
         """Stops training after ``budget_s`` CPU seconds in training batches (validation left out) and keeps
-        ``(step, cpu seconds, val NLL)`` at every validation; both live in the checkpoints (resumable)."""
+        ``(step, cpu seconds, val NLL)`` at every validation; both live in the checkpoints (resumable).
 
-        def __init__(self, budget_s: float) -> None:
+        The history is also written to ``record`` at every validation: a step's checkpoint is saved before that
+        step's validation, so a run resumed from it takes the entry of its own step from there."""
+
+        def __init__(self, budget_s: float, record: Path) -> None:
             self.budget_s, self.cpu_s, self.wall_s, self.history = budget_s, 0.0, 0.0, []
+            self.record = record
             self._cpu0 = self._wall0 = 0.0
+
+        def on_train_start(self, trainer: pl.Trainer, *_: Any) -> None:
+            if self.record.exists():  # validations of the steps up to the restored one that the checkpoint lacks
+                last = self.history[-1]["step"] if self.history else -1
+                recorded = json.loads(self.record.read_text())
+                self.history += [h for h in recorded if last < h["step"] <= trainer.global_step]
 
         def on_train_batch_start(self, *_: Any) -> None:
             self._cpu0, self._wall0 = time.process_time(), time.perf_counter()
@@ -255,6 +265,9 @@ def train_one(args: argparse.Namespace, run: Run) -> dict[str, Any]:
                 }
                 if not self.history or self.history[-1]["step"] != entry["step"]:
                     self.history.append(entry)
+                    partial = self.record.with_suffix(".partial")
+                    partial.write_text(json.dumps(self.history))
+                    os.replace(partial, self.record)
 
         def state_dict(self) -> dict[str, Any]:
             return {"cpu_s": self.cpu_s, "wall_s": self.wall_s, "history": self.history}
@@ -270,7 +283,7 @@ def train_one(args: argparse.Namespace, run: Run) -> dict[str, Any]:
     register_configs()
     with initialize_config_module(config_module="lightning_moe.conf", version_base=None):
         cfg = to_train_config(compose(config_name="config", overrides=overrides))
-    budget = TrainBudget(run.budget_s)
+    budget = TrainBudget(run.budget_s, run_dir / "budget_history.json")
     began = time.perf_counter()
     train_module.run(cfg, [budget])
     checkpoint = final_checkpoint(run_dir)
