@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_moe.moe.experts import compute_dtype
+
 __all__ = ["LogitsBlock", "project_logits"]
 
 
@@ -100,11 +102,8 @@ def project_logits(hidden: Tensor, weight: Tensor, block: LogitsBlock | None) ->
         or type(hidden) is not Tensor
     ):
         return F.linear(hidden, weight)
-    if torch.is_autocast_enabled("cpu"):
-        dtype = torch.get_autocast_dtype("cpu")
-    elif hidden.dtype == weight.dtype:
-        dtype = hidden.dtype
-    else:
+    dtype = compute_dtype(hidden, (weight,))
+    if dtype is None:
         return F.linear(hidden, weight)  # F.linear's own error for mixed dtypes
     with torch.autocast("cpu", enabled=False):
         # Differentiable casts, as autocast makes them: the weight's gradient arrives in its own dtype.

@@ -461,7 +461,7 @@ class MoETransformer(nn.Module):
         """Project decoder states ``[..., D]`` to vocabulary logits ``[..., V]`` (in ``logits_block``'s memory
         where it can be)."""
         head = self.output_proj if self.tied_head is None else self.tied_head
-        return head(hidden) if logits_block is None else head(hidden, logits_block=logits_block)
+        return head(hidden, logits_block=logits_block)
 
     # --------------------------------------------------------------------------------------- encoder
 

@@ -44,6 +44,7 @@ from lightning_moe.moe.kernels.loop_experts import loop_expert_ffn, loop_expert_
 __all__ = [
     "local_tensor",
     "grouped_mm",
+    "compute_dtype",
     "native_grouped_mm_dtype",
     "native_group_layout",
     "NativeGroupLayout",
@@ -94,9 +95,10 @@ def _fused_kernel_on(device: torch.device) -> bool:
     return _cuda_capability_major(device.index) in (9, 10)
 
 
-def _compute_dtype(x: Tensor, weights: Sequence[Tensor]) -> torch.dtype | None:
-    """The dtype the grouped products run in: the autocast dtype when autocast is on for ``x``'s device
-    (activations often arrive in fp32 from a LayerNorm), else the common dtype of ``x`` and the weights."""
+def compute_dtype(x: Tensor, weights: Sequence[Tensor]) -> torch.dtype | None:
+    """The dtype a product of ``x`` with ``weights`` runs in, as ``nn.Linear`` would: the autocast dtype when autocast
+    is on for ``x``'s device (activations often arrive in fp32 from a LayerNorm), else the common dtype of ``x`` and
+    the weights (None when they differ). Used by the grouped experts and the output projection's logits block."""
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type) and x.is_floating_point():
         return torch.get_autocast_dtype(device_type)
@@ -106,7 +108,7 @@ def _compute_dtype(x: Tensor, weights: Sequence[Tensor]) -> torch.dtype | None:
 
 
 def _cast_for_loop(dtype: torch.dtype, *tensors: Tensor | None) -> tuple[Tensor | None, ...]:
-    """``tensors`` in the loop path's compute ``dtype`` (see :func:`_compute_dtype`).
+    """``tensors`` in the loop path's compute ``dtype`` (see :func:`compute_dtype`).
 
     Under autocast this is what autocast does to an ``nn.Linear``: the fp32 weights are cast once per forward
     (a differentiable cast, so their gradients arrive in fp32) and the products run in the autocast dtype, on
@@ -142,7 +144,7 @@ def native_grouped_mm_dtype(x: Tensor, weights: Sequence[Tensor]) -> torch.dtype
         return None
     if not _fused_kernel_on(x.device):
         return None
-    dtype = _compute_dtype(x, weights)
+    dtype = compute_dtype(x, weights)
     if dtype not in _NATIVE_DTYPES:
         return None
     alignment = 16 // dtype.itemsize
@@ -272,7 +274,7 @@ def grouped_mm(x: Tensor, w: Tensor, tokens_per_expert: Tensor, bias: Tensor | N
         layout = native_group_layout(tokens_per_expert, x.shape[0])
         b = None if bias is None else bias.to(dtype)
         return _unpad_rows(_native_linear(_pad_rows(x.to(dtype), layout), w.to(dtype), layout, b), layout)
-    dtype = _compute_dtype(x, (w,))
+    dtype = compute_dtype(x, (w,))
     if dtype is not None:
         x, w, bias = _cast_for_loop(dtype, x, w, bias)
     return loop_grouped_mm(x, w, tokens_per_expert, bias)
@@ -348,7 +350,7 @@ class GroupedFFNExperts(_GroupedExperts):
             h = _native_linear(_pad_rows(x.to(dtype), layout), cast(w1), layout, cast(b1))  # [rows, h]
             h = ACTIVATIONS[self.activation](h)
             return _unpad_rows(_native_linear(h, cast(w2), layout, cast(b2)), layout)  # [N, d]
-        dtype = _compute_dtype(x, (w1, w2))
+        dtype = compute_dtype(x, (w1, w2))
         if dtype is not None and self.activation in ACTIVATION_BACKWARD:
             x, w1, b1, w2, b2 = _cast_for_loop(dtype, x, w1, b1, w2, b2)
             return loop_expert_ffn(x, w1, b1, w2, b2, tokens_per_expert, self.activation, self.gradient_memory)
@@ -389,7 +391,7 @@ class GroupedGLUExperts(_GroupedExperts):
             up = _native_linear(x_pad, w3.to(dtype), layout, None)  # [rows, h]
             hidden = ACTIVATIONS[self.activation](gate) * up
             return _unpad_rows(_native_linear(hidden, w2.to(dtype), layout, None), layout)  # [N, d]
-        dtype = _compute_dtype(x, (w1, w3, w2))
+        dtype = compute_dtype(x, (w1, w3, w2))
         if dtype is not None and self.activation in ACTIVATION_BACKWARD:
             x, w1, w3, w2 = _cast_for_loop(dtype, x, w1, w3, w2)
             return loop_expert_glu(x, w1, w3, w2, tokens_per_expert, self.activation, self.gradient_memory)

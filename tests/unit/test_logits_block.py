@@ -115,7 +115,7 @@ def test_memory_that_someone_may_still_read_is_not_kept() -> None:
     stored = block.nbytes
     with torch.no_grad():
         plain = project_logits(hidden, weight, block)
-    assert block.nbytes == stored and plain.data_ptr() != 0
+    assert block.nbytes == stored
     torch.testing.assert_close(plain, hidden.detach() @ weight.detach().t())
 
 
