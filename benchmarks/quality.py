@@ -52,7 +52,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -225,7 +225,6 @@ def train_one(args: argparse.Namespace, run: Run) -> dict[str, Any]:
 
     from lightning_moe import train as train_module
     from lightning_moe.config import register_configs, to_train_config
-    from lightning_moe.evaluate import EvaluateConfig, EvaluateDataConfig, evaluate
     from lightning_moe.inference import load_translator
     from lightning_moe.models import count_parameters
 
@@ -287,17 +286,7 @@ def train_one(args: argparse.Namespace, run: Run) -> dict[str, Any]:
     began = time.perf_counter()
     train_module.run(cfg, [budget])
     checkpoint = final_checkpoint(run_dir)
-    rows = evaluate(
-        EvaluateConfig(
-            checkpoint=str(checkpoint),
-            data=EvaluateDataConfig(root=str(args.data_root) if args.data_root else None),
-            splits=[s for s in run.splits if not args.smoke or s in ("test_2016_flickr", "val")],
-            directions=list(run.directions),
-            beam_size=1,
-            max_sentences=args.max_test_sentences,
-        ),
-        progress=False,
-    )
+    rows = test_scores(args, run, checkpoint)
     total, active = count_parameters(load_translator(checkpoint).model)
     return {
         **asdict(run),
@@ -309,16 +298,109 @@ def train_one(args: argparse.Namespace, run: Run) -> dict[str, Any]:
         "process_wall_s": time.perf_counter() - began,
         "history": budget.history,
         "val_nll": budget.history[-1]["val_nll"] if budget.history else None,
-        "test": [
-            {k: r[k] for k in ("split", "direction", "bleu", "chrf", "sentences", "bleu_signature") if k in r}
-            for r in rows
-        ],
+        "test": rows,
+        "moe_evaluation": MOE_EVALUATION,
         "params_total": total,
         "params_active": active,
         "all_overrides": overrides,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}",
     }
+
+
+def test_scores(args: argparse.Namespace, run: Run, checkpoint: Path) -> list[dict[str, Any]]:
+    """Greedy BLEU and chrF of ``checkpoint`` on ``run``'s splits and directions (the rows a results file keeps)."""
+    from lightning_moe.evaluate import EvaluateConfig, EvaluateDataConfig, evaluate
+
+    rows = evaluate(
+        EvaluateConfig(
+            checkpoint=str(checkpoint),
+            data=EvaluateDataConfig(root=str(args.data_root) if args.data_root else None),
+            splits=[s for s in run.splits if not args.smoke or s in ("test_2016_flickr", "val")],
+            directions=list(run.directions),
+            beam_size=1,
+            max_sentences=args.max_test_sentences,
+        ),
+        progress=False,
+    )
+    keep = ("split", "direction", "bleu", "chrf", "sentences", "bleu_signature")
+    return [{k: r[k] for k in keep if k in r} for r in rows]
+
+
+MOE_EVALUATION = "dropless"
+"""How the MoE layers routed when a results file's scores were taken: since 2026-12-05 validation and generation
+route every token (``moe.eval_drop_tokens=false``); files without the key were scored with the eval capacity."""
+
+
+def validation_nll(checkpoint: Path, overrides: Sequence[str]) -> float:
+    """The validation NLL of ``checkpoint`` on its own validation sets, through the training module's validation
+    (the value a run logs as ``val/nll``), in the run's precision."""
+    import lightning.pytorch as pl
+
+    from lightning_moe.config.precision import resolve_precision
+    from lightning_moe.data.datamodule import MultitaskDataModule
+    from lightning_moe.data.tokenizer import SubwordTokenizer
+    from lightning_moe.inference import read_checkpoint, tokenizer_bytes, translator_from_checkpoint
+
+    stored = read_checkpoint(checkpoint)
+    module = translator_from_checkpoint(stored, checkpoint, "cpu", generation={"val_max_sentences": 0})
+    data = stored["datamodule_hyper_parameters"]
+    datamodule = MultitaskDataModule(data["data"], data["tasks"])
+    datamodule.tokenizer = SubwordTokenizer(tokenizer_bytes(stored["tokenizer_model"]))
+    datamodule.setup("fit")
+    asked = next((o.split("=", 1)[1] for o in reversed(overrides) if o.startswith("trainer.precision=")), "auto")
+    precision, _ = resolve_precision(asked, "cpu")
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        precision=precision,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.validate(module, datamodule=datamodule, verbose=False)
+    return float(trainer.callback_metrics["val/nll"])
+
+
+def rescore(args: argparse.Namespace) -> None:
+    """Score every finished run's last checkpoint again with the current evaluation (``--rescore``): the test rows
+    and the final validation NLL; the old ones stay in the file under ``earlier_scores``.
+
+    Every results file in ``--out`` of an arm in ``--arms`` (default all) is rescored as its own file describes it:
+    the plan may have moved on since (e.g. the recipe's learning rate)."""
+    import torch
+
+    torch.set_num_threads(1)
+    run_fields = {f.name for f in fields(Run)}
+    for path in sorted((Path(args.out) / "runs").glob("*.json")):
+        result = json.loads(path.read_text())
+        run = Run(**{k: tuple(v) if isinstance(v, list) else v for k, v in result.items() if k in run_fields})
+        if args.arms is not None and run.arm not in args.arms:
+            continue
+        if result.get("moe_evaluation") == MOE_EVALUATION:
+            print(f"{run.name}: already scored {MOE_EVALUATION}", flush=True)
+            continue
+        if {"moe=dense", "moe=dropless"} & set(run.overrides):  # never dropped: rescoring dense runs changed nothing
+            continue
+        checkpoint = final_checkpoint(work_dir(args) / run.name)
+        if int(checkpoint.name.split("-")[1].split(".")[0]) != result["steps"]:
+            raise SystemExit(f"{checkpoint} is not the step {result['steps']} that {path} scored: rescore refused")
+        earlier = {"test": result["test"], "val_nll": result["val_nll"], "moe_evaluation": "eval capacity"}
+        result["test"] = test_scores(args, run, checkpoint)
+        if result["val_nll"] is not None:
+            result["val_nll"] = validation_nll(checkpoint, result.get("all_overrides", run.overrides))
+        result.update(earlier_scores=earlier, moe_evaluation=MOE_EVALUATION)
+        result["rescored"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, indent=1))
+        tmp.replace(path)
+        before = {(r["split"], r["direction"]): r["bleu"] for r in earlier["test"]}
+        changes = ", ".join(
+            f"{r['split']} {r['direction']} {before.get((r['split'], r['direction']))} -> {r['bleu']}"
+            for r in result["test"]
+        )
+        print(f"{run.name}: val NLL {earlier['val_nll']} -> {result['val_nll']:.4f}; BLEU {changes}", flush=True)
 
 
 def work_dir(args: argparse.Namespace) -> Path:
@@ -413,6 +495,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (one torch thread each)")
     p.add_argument("--smoke", action="store_true", help="the embedded sample, seconds-long budgets")
     p.add_argument("--report-only", action="store_true", help="only redraw the report from the run files")
+    p.add_argument(
+        "--rescore",
+        action="store_true",
+        help="score finished runs' last checkpoints again with the current evaluation (MoE without capacity), "
+        "then redraw the report",
+    )
     p.add_argument("--list-arms", metavar="PREFIX", help="print the arms whose name starts with PREFIX and exit")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -462,9 +550,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         tmp.write_text(json.dumps(result, indent=1))
         tmp.replace(path)
         return
-    if not args.report_only:
+    if args.rescore:
+        rescore(args)
+    elif not args.report_only:
         run_all(args, argv)
-    args.command = " ".join(["python benchmarks/quality.py", *(a for a in argv if a != "--report-only")])
+    drop = ("--report-only", "--rescore")
+    args.command = " ".join(["python benchmarks/quality.py", *(a for a in argv if a not in drop)])
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import quality_report
 

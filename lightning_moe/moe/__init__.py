@@ -9,7 +9,7 @@ from lightning_moe.moe.experts import (
     grouped_mm,
     local_tensor,
 )
-from lightning_moe.moe.layer import DROP_POLICIES, MoE, MoEOutput, MoEStats, find_moe_layers
+from lightning_moe.moe.layer import DROP_POLICIES, MoE, MoEOutput, MoEStats, dropless_routing, find_moe_layers
 from lightning_moe.moe.router import SCORE_FUNCS, TopKRouter
 from lightning_moe.moe.token_dispatcher import TokenDispatcher
 
@@ -20,6 +20,7 @@ __all__ = [
     "TopKRouter",
     "TokenDispatcher",
     "find_moe_layers",
+    "dropless_routing",
     "GroupedFFNExperts",
     "GroupedGLUExperts",
     "ReplicatedExperts",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -15,7 +17,7 @@ from lightning_moe.moe.kernels.gradient_memory import gradient_memory_of
 from lightning_moe.moe.router import TopKRouter, normalize_noisy_gate_policy, router_losses
 from lightning_moe.moe.token_dispatcher import TokenDispatcher
 
-__all__ = ["MoE", "MoEOutput", "MoEStats", "find_moe_layers", "DROP_POLICIES"]
+__all__ = ["MoE", "MoEOutput", "MoEStats", "find_moe_layers", "dropless_routing", "DROP_POLICIES"]
 
 DROP_POLICIES = ("position", "probs")
 """Which assignments an expert over capacity keeps: by position (choice rank, then token order or a random
@@ -101,6 +103,9 @@ class MoE(nn.Module):
         eval_capacity_factor: the same in evaluation.
         min_capacity: the smallest capacity of an expert.
         drop_tokens: drop assignments over capacity; False routes every token (dropless).
+        eval_drop_tokens: with ``drop_tokens``, drop over ``eval_capacity_factor`` in evaluation too (DeepSpeed's
+            behaviour); False routes every token in evaluation, so a sequence's output does not depend on the
+            batch it is evaluated in. Generation routes every token either way (:func:`dropless_routing`).
         noisy_gate_policy: ``None``, ``"jitter"`` or ``"rsample"`` (see :class:`TopKRouter`).
         use_rts: Random Token Selection: random priority for capacity in training.
         use_residual: residual MoE: a dense FFN beside the experts, mixed by a learned coefficient.
@@ -139,6 +144,7 @@ class MoE(nn.Module):
         eval_capacity_factor: float = 1.0,
         min_capacity: int = 4,
         drop_tokens: bool = True,
+        eval_drop_tokens: bool = True,
         noisy_gate_policy: str | None = None,
         use_rts: bool = True,
         use_residual: bool = False,
@@ -179,6 +185,7 @@ class MoE(nn.Module):
         self.eval_capacity_factor = float(eval_capacity_factor)
         self.min_capacity = int(min_capacity)
         self.drop_tokens = bool(drop_tokens)
+        self.eval_drop_tokens = bool(eval_drop_tokens)
         self.use_rts = bool(use_rts)
         self.use_residual = bool(use_residual)
         self.aux_loss_coef = float(aux_loss_coef)
@@ -259,7 +266,7 @@ class MoE(nn.Module):
         """Per-expert capacity for ``num_tokens`` real tokens in the current mode (None if dropless).
 
         A 0-dim tensor ``num_tokens`` gives a 0-dim tensor capacity (see :func:`compute_capacity`)."""
-        if not self.drop_tokens:
+        if not self.drop_tokens or not (self.training or self.eval_drop_tokens):
             return None
         factor = self.capacity_factor if self.training else self.eval_capacity_factor
         return compute_capacity(num_tokens, self.num_experts, self.k, factor, self.min_capacity)
@@ -281,14 +288,15 @@ class MoE(nn.Module):
 
         routing = self.gate(tokens)
         num_real = num_tokens if valid is None else valid.sum()  # a tensor: no host read for the capacity
-        by_probs = self.drop_policy == "probs" and self.drop_tokens
+        capacity = self.capacity(num_real)
+        by_probs = self.drop_policy == "probs" and capacity is not None
         plan = plan_dispatch(
             routing.expert_index,
             routing.expert_weight,
             self.num_experts,
-            self.capacity(num_real),
+            capacity,
             valid=valid,
-            random_priority=self.use_rts and self.training and self.drop_tokens,
+            random_priority=self.use_rts and self.training and capacity is not None,
             priority_score=routing.probs.gather(-1, routing.expert_index) if by_probs else None,  # [T, k]
         )
         if self.training and self.gate.expert_bias is not None:
@@ -326,7 +334,8 @@ class MoE(nn.Module):
         return (
             f"num_experts={self.num_experts}, k={self.k}, capacity_factor={self.capacity_factor}, "
             f"eval_capacity_factor={self.eval_capacity_factor}, min_capacity={self.min_capacity}, "
-            f"drop_tokens={self.drop_tokens}, use_rts={self.use_rts}, use_residual={self.use_residual}, "
+            f"drop_tokens={self.drop_tokens}, eval_drop_tokens={self.eval_drop_tokens}, use_rts={self.use_rts}, "
+            f"use_residual={self.use_residual}, "
             f"num_shared_experts={self.num_shared_experts}, drop_policy={self.drop_policy!r}, "
             f"aux_loss_scope={self.aux_loss_scope!r}"
         )
@@ -369,3 +378,22 @@ def _validate_arguments(
 def find_moe_layers(model: nn.Module) -> list[tuple[str, MoE]]:
     """``(qualified name, layer)`` of every :class:`MoE` layer in ``model``, in module order."""
     return [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]
+
+
+@contextmanager
+def dropless_routing(model: nn.Module) -> Iterator[None]:
+    """Within the block every :class:`MoE` layer of ``model`` routes every token to its experts (no capacity);
+    each layer gets its own ``drop_tokens`` back afterwards, also after an error.
+
+    For generation: a capacity is shared by every token routed together, so with it a sentence's output
+    depends on the sentences decoded beside it, and a decoding step's few tokens, all at one position,
+    crowd the same experts."""
+    layers = [layer for _, layer in find_moe_layers(model)]
+    settings = [layer.drop_tokens for layer in layers]
+    for layer in layers:
+        layer.drop_tokens = False
+    try:
+        yield
+    finally:
+        for layer, setting in zip(layers, settings):
+            layer.drop_tokens = setting

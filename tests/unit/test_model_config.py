@@ -99,6 +99,19 @@ def test_layer_kwargs_map_onto_moe_arguments():
     assert out.output.shape == (2, 3, 16)
 
 
+def test_the_model_evaluates_without_drops_unless_asked():
+    """Validation routes every token by default; ``eval_drop_tokens=True`` gives DeepSpeed's eval capacity."""
+    assert MoEConfig().eval_drop_tokens is False
+    for eval_drop_tokens, expected in ((False, None), (True, 20)):
+        kwargs = MoEConfig(
+            num_experts=4, k=1, eval_capacity_factor=2.0, eval_drop_tokens=eval_drop_tokens
+        ).layer_kwargs()
+        layer = MoE(16, 4, 32, **{**kwargs, "min_capacity": 0}).eval()
+        assert layer.capacity(40) == expected
+    with pytest.raises(ValueError, match="moe.eval_drop_tokens"):
+        MoEConfig(eval_drop_tokens="yes")
+
+
 def test_structured_config_merges_yaml_and_rejects_typos():
     schema = OmegaConf.structured(TransformerConfig)
     merged = OmegaConf.merge(schema, OmegaConf.create({"d_model": 64, "num_heads": 4, "moe": {"num_experts": 8}}))

@@ -150,6 +150,22 @@ def test_eval_uses_eval_capacity_factor():
     assert layer.capacity(40) == 20
 
 
+def test_eval_without_drops_routes_every_token_in_eval_only():
+    torch.manual_seed(0)
+    layer = MoE(8, 4, 16, k=1, capacity_factor=0.25, eval_capacity_factor=0.25, min_capacity=0, use_rts=False)
+    dropless = MoE(8, 4, 16, k=1, drop_tokens=False)
+    dropless.load_state_dict(layer.state_dict())
+    layer.eval_drop_tokens = False
+    x = torch.randn(40, 8)
+    assert layer.capacity(40) == 3  # training keeps its capacity
+    layer(x)
+    assert float(layer.last_stats.dropped_fraction) > 0.5
+    layer.eval(), dropless.eval()
+    assert layer.capacity(40) is None
+    torch.testing.assert_close(layer(x).output, dropless(x).output)
+    assert float(layer.last_stats.dropped_fraction) == 0.0
+
+
 def test_random_token_selection_varies_kept_tokens_in_training_only():
     layer = MoE(8, 2, 16, k=1, capacity_factor=0.25, min_capacity=1, use_rts=True)
     with torch.no_grad():

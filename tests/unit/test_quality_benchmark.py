@@ -195,6 +195,24 @@ def test_recipe_settings_report_weighs_each_setting_against_the_base_seeds(tmp_p
     assert "val en-de 30.00" in text
 
 
+def test_report_lists_rescored_runs_with_their_earlier_scores(tmp_path: Path):
+    report_module = _load("quality_report")
+    for arm, nll, bleu in (("multitask-dense", 3.0, 20.0), ("multitask-moe8", 2.9, 22.0)):
+        _run_file(tmp_path, arm, 0, nll, _en_de(bleu))
+        path = tmp_path / "runs" / f"{arm}-seed0.json"
+        run = json.loads(path.read_text())
+        earlier_bleu = bleu if arm == "multitask-dense" else 15.0  # only the MoE's scores moved
+        earlier = {"test": [{**t, "bleu": earlier_bleu} for t in run["test"]], "val_nll": nll + 0.02}
+        path.write_text(json.dumps({**run, "earlier_scores": earlier}))
+    text = report_module.write_report(tmp_path, {"model": "tiny"}).read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| multitask-") and "->" in line]
+    assert rows == [
+        "| multitask-moe8-seed0 | 2.9200 -> 2.9000 | 2016 en-de 15.00 -> 22.00, 2017 en-de 15.00 -> 22.00 |"
+    ]
+    assert "Scored again with nothing changed: multitask-dense-seed0." in text
+    assert "| multitask-moe8 | 1,000 | 500 | 100 | **2.900** (2.900) | **2.900** (2.900) |" in text  # the new scores
+
+
 @pytest.mark.slow
 def test_one_run_trains_to_its_budget_scores_and_resumes_its_clock(tmp_path: Path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", LIGHTNING_MOE_CACHE=str(tmp_path / "cache"))
@@ -228,3 +246,16 @@ def test_one_run_trains_to_its_budget_scores_and_resumes_its_clock(tmp_path: Pat
     assert second["steps"] > first["steps"] and 6.0 <= second["train_cpu_s"] < 15.0
     # with every validation of the first part, also that of the step it stopped and was checkpointed on
     assert second["history"][: len(first["history"])] == first["history"]
+    # --rescore scores the last checkpoint again: the same test rows, and through the module's own validation the
+    # loss the run logged at its last step; what the file held before stays under earlier_scores
+    stale = {**second, "test": [{**t, "bleu": -1.0} for t in second["test"]], "val_nll": 99.0}
+    del stale["moe_evaluation"]
+    result_file.write_text(json.dumps(stale))
+    rescore = [sys.executable, str(BENCHMARKS / "quality.py"), "--smoke", "--out", str(tmp_path / "out")]
+    rescore += ["--work", str(tmp_path / "work"), "--budget-min", "0.1", "--arms", "multitask-moe8", "--rescore"]
+    result = subprocess.run(rescore, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    third = json.loads(result_file.read_text())
+    assert third["test"] == second["test"] and third["moe_evaluation"] == "dropless"
+    assert third["val_nll"] == pytest.approx(second["history"][-1]["val_nll"], abs=1e-4)
+    assert third["earlier_scores"]["val_nll"] == 99.0 and third["earlier_scores"]["test"][0]["bleu"] == -1.0
