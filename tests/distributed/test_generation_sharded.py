@@ -23,9 +23,11 @@ pytestmark = pytest.mark.distributed
 VOCAB, PAD, BOS, EOS = 40, 0, 2, 3
 
 
-def _model() -> MoETransformer:
+def _model(capacity: bool = False) -> MoETransformer:
+    """``capacity``: a model whose experts drop in evaluation (generation routes every token all the same)."""
     torch.manual_seed(0)
-    cfg = small_config(VOCAB, 4, ffn_hidden_size=32, max_positions=48)
+    drops = dict(drop_tokens=True, eval_drop_tokens=True, eval_capacity_factor=0.5, min_capacity=0) if capacity else {}
+    cfg = small_config(VOCAB, 4, ffn_hidden_size=32, max_positions=48, **drops)
     return MoETransformer(cfg).eval()
 
 
@@ -44,8 +46,8 @@ def _all_done(local_done: bool) -> bool:
     return float(flag) == 0.0
 
 
-def _decode_sharded(rank: int, world_size: int, zero_stage: int, ep: int) -> tuple[list, list]:
-    model = _model()
+def _decode_sharded(rank: int, world_size: int, zero_stage: int, ep: int, capacity: bool = False) -> tuple[list, list]:
+    model = _model(capacity)
     reference = copy.deepcopy(model)
     dims = ParallelDims(world_size, expert_parallel_size=ep, zero_stage=zero_stage).resolve([4, 4, 4, 4])
     parallelize(model, dims.build_mesh("cpu"), dims)
@@ -63,4 +65,9 @@ def _decode_sharded(rank: int, world_size: int, zero_stage: int, ep: int) -> tup
 @pytest.mark.parametrize(("zero_stage", "ep"), [(0, 1), (0, 2), (3, 2)], ids=["stage0-ddp", "stage0-ep2", "stage3-ep2"])
 def test_generation_on_sharded_model_equals_unsharded(zero_stage, ep):
     results = run_ranks(_decode_sharded, 2, zero_stage, ep, timeout=120)
+    assert len(results) == 2
+
+
+def test_generation_of_a_model_with_eval_capacity_on_expert_parallel_ranks_equals_unsharded():
+    results = run_ranks(_decode_sharded, 2, 3, 2, True, timeout=120)
     assert len(results) == 2
