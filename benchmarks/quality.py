@@ -30,6 +30,7 @@ recipe changed, is refused rather than skipped). The report (``report.md`` and p
 
     python benchmarks/quality.py                        # everything: about 1 h 45 min on 2 CPU cores (--jobs 2)
     python benchmarks/quality.py --report-only          # redraw the report from the run files
+    python benchmarks/quality.py --rescore              # score finished runs again with today's evaluation
     python benchmarks/quality.py --smoke --out /tmp/q   # a tiny version on the embedded sample (~4 min)
     # studies 1-3 with the recipe's model (small), 15 CPU minutes a run: about 3 h 10 min
     python benchmarks/quality.py --model small --budget-min 15 --finetune-budget-min 5 --val-every 200 \
