@@ -162,6 +162,7 @@ def test_report_judges_the_claims_from_the_numbers(tmp_path: Path, moe_wins: boo
     assert "## 3. Fine-tuning" in text and "Not run yet (missing: ['defr-scratch', 'defr-finetuned'])" in text
     assert (tmp_path / "val_curves.png").read_bytes().startswith(b"\x89PNG")
     assert "(beyond the seed spread of 0.00)" in text  # the hand-made seeds agree
+    assert "Handicap" not in text and "Scored again" not in text  # no run was rescored
 
 
 def test_report_weighs_differences_against_the_seeds_and_shows_only_the_chosen_studies(tmp_path: Path):
@@ -210,6 +211,7 @@ def test_report_lists_rescored_runs_with_their_earlier_scores(tmp_path: Path):
         "| multitask-moe8-seed0 | 2.9200 -> 2.9000 | 2016 en-de 15.00 -> 22.00, 2017 en-de 15.00 -> 22.00 |"
     ]
     assert "Scored again with nothing changed: multitask-dense-seed0." in text
+    assert "**Handicap:** the curves of multitask-moe8-seed0 were measured" in text
     assert "| multitask-moe8 | 1,000 | 500 | 100 | **2.900** (2.900) | **2.900** (2.900) |" in text  # the new scores
 
 
