@@ -69,5 +69,8 @@ def test_generation_on_sharded_model_equals_unsharded(zero_stage, ep):
 
 
 def test_generation_of_a_model_with_eval_capacity_on_expert_parallel_ranks_equals_unsharded():
+    """Generation routes every token (``dropless_routing``) also through the expert-parallel dispatcher of a model
+    configured to drop in evaluation. Both sides apply any capacity to the same local tokens, so this checks the
+    dropless path under EP, not batch independence (``tests/unit/test_generation_capacity.py`` does that)."""
     results = run_ranks(_decode_sharded, 2, 3, 2, True, timeout=120)
     assert len(results) == 2
