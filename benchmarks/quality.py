@@ -225,6 +225,7 @@ def train_one(args: argparse.Namespace, run: Run) -> dict[str, Any]:
     from hydra import compose, initialize_config_module
 
     from lightning_moe import train as train_module
+    from lightning_moe.checkpoint import checkpoint_step
     from lightning_moe.config import register_configs, to_train_config
     from lightning_moe.inference import load_translator
     from lightning_moe.models import count_parameters
@@ -293,7 +294,7 @@ def train_one(args: argparse.Namespace, run: Run) -> dict[str, Any]:
         **asdict(run),
         "name": run.name,
         "init_from": run.init_from,
-        "steps": int(checkpoint.name.split("-")[1].split(".")[0]),
+        "steps": checkpoint_step(checkpoint),
         "train_cpu_s": budget.cpu_s,
         "train_wall_s": budget.wall_s,
         "process_wall_s": time.perf_counter() - began,
@@ -372,6 +373,8 @@ def rescore(args: argparse.Namespace) -> None:
     the plan may have moved on since (e.g. the recipe's learning rate)."""
     import torch
 
+    from lightning_moe.checkpoint import checkpoint_step
+
     torch.set_num_threads(1)
     run_fields = {f.name for f in fields(Run)}
     for path in sorted((Path(args.out) / "runs").glob("*.json")):
@@ -385,7 +388,7 @@ def rescore(args: argparse.Namespace) -> None:
         if {"moe=dense", "moe=dropless"} & set(run.overrides):  # never dropped: rescoring dense runs changed nothing
             continue
         checkpoint = final_checkpoint(work_dir(args) / run.name)
-        if int(checkpoint.name.split("-")[1].split(".")[0]) != result["steps"]:
+        if checkpoint_step(checkpoint) != result["steps"]:
             raise SystemExit(f"{checkpoint} is not the step {result['steps']} that {path} scored: rescore refused")
         earlier = {"test": result["test"], "val_nll": result["val_nll"], "moe_evaluation": "eval capacity"}
         result["test"] = test_scores(args, run, checkpoint)

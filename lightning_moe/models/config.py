@@ -80,8 +80,7 @@ class MoEConfig:
     eval_drop_tokens: bool = False
     """Drop tokens over ``eval_capacity_factor`` in validation too (True, DeepSpeed's behaviour), or route every
     token there (False): a sentence's loss then does not depend on its batch, and with a capacity a batch of
-    similar sentences crowds the same experts (README: 8% dropped at 2x capacity, 32 experts). Generation
-    never drops."""
+    similar sentences crowds the same experts (README, "The MoE layer"). Generation never drops."""
     noisy_gate_policy: str | None = None
     """Router noise in training: None, ``"jitter"`` or ``"rsample"`` (DeepSpeed spellings accepted)."""
     use_rts: bool = True

@@ -12,8 +12,8 @@ Results are token id lists without BOS, EOS or padding.
 
 MoE layers route every token to its experts while generating (no capacity, see
 :func:`lightning_moe.moe.dropless_routing`): a sentence's output does not depend on the sentences decoded
-beside it. With a capacity, a decoding step's few tokens, all at one position, crowd the same experts: a
-multitask model with 32 experts dropped 12-18% of its assignments and lost up to 14 BLEU (README).
+beside it. With a capacity, a decoding step's few tokens, all at one position, crowd the same experts and many
+are dropped (figures: README, "The MoE layer").
 
 The model must provide ``config.max_positions``, ``encode(src, src_padding_mask) -> [B, S, D]``,
 ``new_cache(capacity)`` (an object with ``reorder``, ``reorder_self_attention`` and
