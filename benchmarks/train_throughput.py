@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
 import platform
 import resource
 import statistics
@@ -377,8 +378,81 @@ def variant_name(precision: str, experts: int | None) -> str:
     return ("dense " if experts == 0 else "MoE ") + precision
 
 
+class _VariantHere:
+    """A side-by-side variant trained in this process (``--one-process``)."""
+
+    def __init__(self, variant: argparse.Namespace, device: torch.device) -> None:
+        self.trainer = Trainer(variant, device)
+        self.info = _variant_info(self.trainer)
+
+    def steps(self, untimed: int, timed: int) -> tuple[float, list[float]]:
+        """``untimed`` steps, then ``timed`` steps: their seconds and dropped fractions."""
+        self.trainer.time_steps(untimed)
+        elapsed, _, dropped = self.trainer.time_steps(timed)
+        return elapsed, [float(d) for d in dropped]
+
+    def close(self) -> None:
+        pass
+
+
+class _VariantProcess:
+    """A side-by-side variant trained in a process of its own, which waits (no CPU) between its turns.
+
+    A training run holds one model per process; in a shared process each variant's step would also pay for, or
+    profit from, the heap the other variants left (on this CPU the MoE bf16 step took 5-10% longer beside the
+    fp32 model, while the dense twin lost its page faults there; README, issue 15).
+    """
+
+    def __init__(self, variant: argparse.Namespace, device: torch.device) -> None:
+        context = multiprocessing.get_context("spawn")  # a fresh interpreter: no heap or thread pool inherited
+        self._conn, child_conn = context.Pipe()
+        self._process = context.Process(target=_serve_variant, args=(child_conn, variant, str(device)), daemon=True)
+        self._process.start()
+        child_conn.close()
+        self.info = self._receive()
+
+    def _receive(self) -> Any:
+        try:
+            reply = self._conn.recv()
+        except EOFError:
+            raise RuntimeError(f"variant process exited with code {self._process.exitcode}") from None
+        if isinstance(reply, BaseException):
+            raise reply
+        return reply
+
+    def steps(self, untimed: int, timed: int) -> tuple[float, list[float]]:
+        self._conn.send((untimed, timed))
+        return self._receive()
+
+    def close(self) -> None:
+        self._conn.send(None)
+        self._process.join(timeout=60)
+
+
+def _variant_info(trainer: Trainer) -> dict[str, Any]:
+    return {"flops": trainer.flops, "experts": trainer.config.moe.num_experts, "precision": trainer.args.precision}
+
+
+def _serve_variant(conn: Any, variant: argparse.Namespace, device_name: str) -> None:
+    """Body of a :class:`_VariantProcess`: build the trainer, then run the steps asked for until told to stop."""
+    try:
+        if variant.retain_freed_memory:
+            from host_memory import retain_freed_host_memory  # benchmarks/, on sys.path above
+
+            retain_freed_host_memory()
+        if variant.threads:
+            torch.set_num_threads(variant.threads)
+        here = _VariantHere(variant, torch.device(device_name))
+        conn.send(here.info)
+        while (request := conn.recv()) is not None:
+            conn.send(here.steps(*request))
+    except Exception as error:  # handed to the parent, which raises it
+        conn.send(error)
+
+
 def side_by_side(args: argparse.Namespace) -> dict[str, Any]:
-    """``--side-by-side R``: the variants of :data:`SIDE_BY_SIDE` built once, warmed up, then ``R`` rounds that
+    """``--side-by-side R``: the variants of :data:`SIDE_BY_SIDE` built once (each in a process of its own unless
+    ``--one-process``), warmed up one after the other, then ``R`` rounds that
     each time ``--steps`` steps of every variant, in a balanced order that changes every round (so that load from
     elsewhere hits all alike, and no variant always follows the same one; each after
     ``--round-warmup`` untimed steps, since the first step after a switch pays for the other variant's
@@ -389,49 +463,52 @@ def side_by_side(args: argparse.Namespace) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     peak = peaks(args, device)
-    trainers = {}
+    runners: dict[str, _VariantHere | _VariantProcess] = {}
     # with --compile, the eager variants stay eager and a compiled MoE bf16-mixed variant joins them
     variants_built = [(p, e, False) for p, e in SIDE_BY_SIDE] + ([("bf16-mixed", None, True)] if args.compile else [])
-    for precision, experts, compiled in variants_built:
-        variant = argparse.Namespace(
-            **{
-                **vars(args),
-                "precision": precision,
-                "experts": experts if experts is not None else args.experts,
-                "compile": compiled,
-            }
-        )
-        name = variant_name(precision, experts) + (" compiled" if compiled else "")
-        trainers[name] = trainer = Trainer(variant, device)
-        trainer.time_steps(args.warmup)
-    rounds: dict[str, list[float]] = {name: [] for name in trainers}
-    dropped: dict[str, list[torch.Tensor]] = {name: [] for name in trainers}
-    for round_index in range(args.side_by_side):
-        for name in running_order(list(trainers), round_index):
-            trainer = trainers[name]
-            trainer.time_steps(args.round_warmup)
-            elapsed, _, round_dropped = trainer.time_steps(args.steps)
-            rounds[name].append(elapsed / max(args.steps, 1))
-            dropped[name].extend(round_dropped)
-        if "measured_bf16_tflops" in peak:  # the peak is measured again every round: the best is the machine's
-            peak = _best_peaks(peak, peaks(args, device))
+    runner_class = _VariantHere if args.one_process else _VariantProcess
+    try:
+        for precision, experts, compiled in variants_built:
+            variant = argparse.Namespace(
+                **{
+                    **vars(args),
+                    "precision": precision,
+                    "experts": experts if experts is not None else args.experts,
+                    "compile": compiled,
+                }
+            )
+            name = variant_name(precision, experts) + (" compiled" if compiled else "")
+            runners[name] = runner = runner_class(variant, device)
+            runner.steps(args.warmup, 0)
+        rounds: dict[str, list[float]] = {name: [] for name in runners}
+        dropped: dict[str, list[float]] = {name: [] for name in runners}
+        for round_index in range(args.side_by_side):
+            for name in running_order(list(runners), round_index):
+                elapsed, round_dropped = runners[name].steps(args.round_warmup, args.steps)
+                rounds[name].append(elapsed / max(args.steps, 1))
+                dropped[name].extend(round_dropped)
+            if "measured_bf16_tflops" in peak:  # the peak is measured again every round: the best is the machine's
+                peak = _best_peaks(peak, peaks(args, device))
+    finally:
+        for runner in runners.values():
+            runner.close()
     variants = {}
-    for name, trainer in trainers.items():
+    for name, runner in runners.items():
         times = sorted(rounds[name])
-        tokens = trainer.flops["src_tokens"] + trainer.flops["tgt_tokens"]
+        flops = runner.info["flops"]
+        tokens = flops["src_tokens"] + flops["tgt_tokens"]
         median_s, best_s = statistics.median(times), times[0]
-        precision = trainer.args.precision
         bf16_peak = peak.get("measured_bf16_tflops", peak["peak_tflops"])
         variants[name] = {
-            "precision": precision,
-            "experts": trainer.config.moe.num_experts,
+            "precision": runner.info["precision"],
+            "experts": runner.info["experts"],
             "step_s": rounds[name],
             "tokens_per_s_median": tokens / median_s,
             "tokens_per_s_best": tokens / best_s,
-            "model_tflops_per_s_median": trainer.flops["model_flops"] / median_s / 1e12,
-            "utilisation_of_bf16_peak_median": trainer.flops["model_flops"] / median_s / 1e12 / bf16_peak,
+            "model_tflops_per_s_median": flops["model_flops"] / median_s / 1e12,
+            "utilisation_of_bf16_peak_median": flops["model_flops"] / median_s / 1e12 / bf16_peak,
             # the model FLOPs count dropped tokens as computed: a fresh router drops more (see --warmup)
-            "dropped_fraction": float(torch.stack(dropped[name]).float().mean()) if dropped[name] else 0.0,
+            "dropped_fraction": statistics.fmean(dropped[name]) if dropped[name] else 0.0,
         }
     moe_fp32, moe_bf16, dense_bf16 = (variants[variant_name(p, e)] for p, e in SIDE_BY_SIDE)
     ratios = {
@@ -454,6 +531,7 @@ def side_by_side(args: argparse.Namespace) -> dict[str, Any]:
         "benchmark": "train_throughput_side_by_side",
         "label": args.label,
         "rounds": args.side_by_side,
+        "isolation": "one process" if args.one_process else "a process per variant",
         "config": {k: v for k, v in vars(args).items() if k != "json"},
         "environment": environment(device),
         **peak,
@@ -471,7 +549,7 @@ def print_side_by_side(result: dict[str, Any]) -> None:
     )
     print(
         f"# torch {env['torch']} on {env.get('gpu', env['device'])}, {env['threads']} threads, "
-        f"{result['rounds']} interleaved rounds; {peak_note}"
+        f"{result['rounds']} interleaved rounds, {result.get('isolation', 'one process')}; {peak_note}"
         + ("; malloc retains freed memory" if result["config"].get("retain_freed_memory") else "")
     )
     print(
@@ -526,6 +604,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="R interleaved rounds of MoE 32-true, MoE bf16-mixed and the dense twin in bf16-mixed",
     )
     add_round_warmup_argument(parser)  # with --side-by-side
+    parser.add_argument(
+        "--one-process",
+        action="store_true",
+        help="with --side-by-side: train every variant in this process (default: each in a process of its own, as "
+        "in training; in one process each step also meets the heap the other variants left)",
+    )
     parser.add_argument(
         "--compile",
         action="store_true",

@@ -116,9 +116,11 @@ def test_train_throughput_runs_on_cpu(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_train_throughput_side_by_side_interleaves_three_variants(tmp_path: Path) -> None:
+@pytest.mark.parametrize("one_process", [False, True], ids=["process-per-variant", "one-process"])
+def test_train_throughput_side_by_side_interleaves_three_variants(tmp_path: Path, one_process: bool) -> None:
     out = tmp_path / "side.json"
     options = "--steps 1 --warmup 1 --threads 1 --side-by-side 2 --round-warmup 2 --retain-freed-memory".split()
+    options += ["--one-process"] if one_process else []
     options += "--peak-tflops 2.0 --json".split()
     proc = _run("train_throughput.py", *TINY_THROUGHPUT, *options, str(out))
     result = json.loads(out.read_text())
@@ -138,6 +140,7 @@ def test_train_throughput_side_by_side_interleaves_three_variants(tmp_path: Path
     assert dense["dropped_fraction"] == 0.0 and 0.0 <= moe_bf16["dropped_fraction"] < 1.0
     assert "bf16 / fp32 (MoE)" in proc.stdout
     assert "malloc retains freed memory" in proc.stdout and result["config"]["round_warmup"] == 2
+    assert result["isolation"] == ("one process" if one_process else "a process per variant")
 
 
 @pytest.mark.slow
@@ -209,3 +212,11 @@ def test_moe_layer_benchmark_runs_on_cpu_with_peers(tmp_path: Path) -> None:
         for name in ("moe", "per_expert_loop", "onehot_einsum"):
             assert row[f"{name}_efficiency"] > 0 and row[f"{name}_ms"] > 0
     assert "2 untimed step(s) before each timed one" in proc.stdout
+
+
+@pytest.mark.slow
+def test_expert_shapes_times_fixed_changing_and_rounded_row_counts() -> None:
+    options = "--threads 1 --experts 4 --rounds 2 --width 16 --hidden 32 --rows 70 --rows-min 65 --rows-max 90"
+    proc = _run("expert_shapes.py", *options.split())
+    lines = [line.split()[0] for line in proc.stdout.splitlines() if not line.startswith("#")]
+    assert lines == ["fixed", "changing", "rounded"] and "x fixed" in proc.stdout

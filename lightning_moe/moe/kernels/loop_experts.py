@@ -14,11 +14,16 @@ tensor each: indexing ``w[e]`` under autograd would build a full-size zero gradi
 When the experts get few rows each, whole experts run on separate threads
 (:mod:`lightning_moe.moe.kernels.expert_threads`); weight gradients on CPU reuse the memory of the previous step's
 (:mod:`lightning_moe.moe.kernels.gradient_memory`).
+
+On CPU each expert's rows are padded with zero rows to a rounded count (:data:`CPU_ROW_SIGNIFICANT_BITS`, see there)
+before the products, and the padding rows are dropped from the output; their gradients are zero, so nothing else
+changes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -29,7 +34,9 @@ from lightning_moe.moe.kernels.expert_threads import run_over_experts
 from lightning_moe.moe.kernels.gradient_memory import GradientMemory
 
 __all__ = [
-    "group_bounds",
+    "CPU_ROW_SIGNIFICANT_BITS",
+    "rounded_rows",
+    "pad_groups",
     "LoopExpertFFN",
     "LoopExpertGLU",
     "LoopGroupedMM",
@@ -39,12 +46,23 @@ __all__ = [
 ]
 
 
-def group_bounds(tokens_per_expert: Tensor) -> list[int]:
-    """Row offsets ``[0, n_0, n_0+n_1, ..., N]`` on the host (one sync per layer, not per expert)."""
-    bounds = [0]
-    for c in tokens_per_expert.tolist():
-        bounds.append(bounds[-1] + int(c))
-    return bounds
+CPU_ROW_SIGNIFICANT_BITS = 6
+"""On CPU, each expert's row count is rounded up to its first this many binary digits (0 disables it).
+
+oneDNN, which runs torch's bf16 products on CPU, builds a kernel for every product shape and keeps the last 1,024
+(``ONEDNN_PRIMITIVE_CACHE_CAPACITY``). Routing gives every expert a new row count at every step, and an expert
+runs six product shapes per count (forward and backward), so at a few hundred rows per expert the cache
+thrashes and most products build their kernel anew: 20-50% slower than the same products at fixed shapes
+(README, issue 15). Rounded, the counts of one octave take 32 values, at a cost of under 1/32 of the rows in
+zero padding (1.6% on average); counts under 64 stay as they are."""
+
+
+def rounded_rows(count: int, significant_bits: int = CPU_ROW_SIGNIFICANT_BITS) -> int:
+    """``count`` rounded up to its first ``significant_bits`` binary digits (1000 -> 1008 for 6 bits)."""
+    if significant_bits <= 0:
+        return count
+    step = 1 << max(count.bit_length() - significant_bits, 0)
+    return -(-count // step) * step
 
 
 def _weight_grad(memory: GradientMemory | None, key: str, w: Tensor) -> Tensor:
@@ -307,15 +325,59 @@ def _first_saved_index(bounds: list[int]) -> list[int]:
     return index
 
 
+class _PaddedGroups(NamedTuple):
+    """Expert groups padded to rounded sizes: ``bounds`` in the padded buffer, and the padded row of each input
+    row (None when no group needs padding: nothing is copied then)."""
+
+    bounds: list[int]
+    rows: Tensor | None
+
+
+def pad_groups(tokens_per_expert: Tensor, significant_bits: int, device: torch.device) -> _PaddedGroups:
+    """The padded layout of expert-sorted rows with ``tokens_per_expert [E]`` rows per expert, each group
+    :func:`rounded_rows` long (one host read)."""
+    counts = [int(c) for c in tokens_per_expert.tolist()]
+    padded = [rounded_rows(c, significant_bits) for c in counts]
+    bounds = [0]
+    for size in padded:
+        bounds.append(bounds[-1] + size)
+    if padded == counts:
+        return _PaddedGroups(bounds, None)
+    # Each group's rows move by the padding of the groups before it.
+    shift = torch.tensor([bounds[e] - sum(counts[:e]) for e in range(len(counts))], device=device)  # [E]
+    num_rows = sum(counts)
+    rows = torch.arange(num_rows, device=device) + torch.repeat_interleave(
+        shift, torch.tensor(counts, device=device), output_size=num_rows
+    )  # [N]
+    return _PaddedGroups(bounds, rows)
+
+
+def _pad(x: Tensor, groups: _PaddedGroups) -> Tensor:
+    """``x [N, a]`` -> ``[bounds[-1], a]`` with zero padding rows (differentiable)."""
+    if groups.rows is None:
+        return x
+    return x.new_zeros(groups.bounds[-1], x.shape[1]).index_copy(0, groups.rows, x)
+
+
+def _unpad(out: Tensor, groups: _PaddedGroups) -> Tensor:
+    """The rows of ``out [bounds[-1], b]`` that belong to input rows: ``[N, b]`` (differentiable)."""
+    return out if groups.rows is None else out.index_select(0, groups.rows)
+
+
+def _groups(x: Tensor, tokens_per_expert: Tensor) -> _PaddedGroups:
+    significant_bits = CPU_ROW_SIGNIFICANT_BITS if x.device.type == "cpu" else 0
+    return pad_groups(tokens_per_expert, significant_bits, x.device)
+
+
 @torch.compiler.disable
 def loop_grouped_mm(
     x: Tensor, w: Tensor, tokens_per_expert: Tensor, bias: Tensor | None = None, memory: GradientMemory | None = None
 ) -> Tensor:
     """:class:`LoopGroupedMM` in the dtype of its inputs, also under autocast (eager even under
     ``torch.compile``: the host-side group bounds would otherwise make every new routing a recompilation)."""
-    bounds = group_bounds(tokens_per_expert)
+    groups = _groups(x, tokens_per_expert)
     with torch.autocast(device_type=x.device.type, enabled=False):
-        return LoopGroupedMM.apply(x, w, bias, bounds, memory)
+        return _unpad(LoopGroupedMM.apply(_pad(x, groups), w, bias, groups.bounds, memory), groups)
 
 
 @torch.compiler.disable
@@ -330,9 +392,10 @@ def loop_expert_ffn(
     memory: GradientMemory | None = None,
 ) -> Tensor:
     """:class:`LoopExpertFFN` in the dtype of its inputs, also under autocast (eager under ``torch.compile``)."""
-    bounds = group_bounds(tokens_per_expert)
+    groups = _groups(x, tokens_per_expert)
     with torch.autocast(device_type=x.device.type, enabled=False):
-        return LoopExpertFFN.apply(x, w1, b1, w2, b2, bounds, activation, memory)
+        out = LoopExpertFFN.apply(_pad(x, groups), w1, b1, w2, b2, groups.bounds, activation, memory)
+        return _unpad(out, groups)
 
 
 @torch.compiler.disable
@@ -346,6 +409,6 @@ def loop_expert_glu(
     memory: GradientMemory | None = None,
 ) -> Tensor:
     """:class:`LoopExpertGLU` in the dtype of its inputs, also under autocast (eager under ``torch.compile``)."""
-    bounds = group_bounds(tokens_per_expert)
+    groups = _groups(x, tokens_per_expert)
     with torch.autocast(device_type=x.device.type, enabled=False):
-        return LoopExpertGLU.apply(x, w1, w3, w2, bounds, activation, memory)
+        return _unpad(LoopExpertGLU.apply(_pad(x, groups), w1, w3, w2, groups.bounds, activation, memory), groups)
