@@ -399,8 +399,7 @@ class _VariantProcess:
     """A side-by-side variant trained in a process of its own, which waits (no CPU) between its turns.
 
     A training run holds one model per process; in a shared process each variant's step would also pay for, or
-    profit from, the heap the other variants left (on this CPU the MoE bf16 step took 5-10% longer beside the
-    fp32 model, while the dense twin lost its page faults there; README, issue 15).
+    profit from, the heap the other variants left (figures: README, issue 15).
     """
 
     def __init__(self, variant: argparse.Namespace, device: torch.device) -> None:
