@@ -434,8 +434,11 @@ def plot(arms: dict[str, list], path: Path) -> None:
                 by_step.plot(steps, nll, style, color=colors[arm], label=label)
             by_time.plot([offset + h["cpu_s"] for h in r["history"]], nll, style, color=colors[arm], label=label)
     by_step.set(xlabel="training step", ylabel="validation NLL", title="1. experts vs loss (solid: seed 0)")
+    upcycled = any(arm.startswith("upcycle-upcycled") for arm in arms)
     by_time.set(
-        xlabel="training CPU seconds", ylabel="validation NLL", title="at equal time (upcycled after its dense phase)"
+        xlabel="training CPU seconds",
+        ylabel="validation NLL",
+        title="at equal time" + (" (upcycled after its dense phase)" if upcycled else ""),
     )
     for ax in (by_step, by_time):
         ax.grid(alpha=0.3)
