@@ -105,3 +105,17 @@ def test_grouped_mm_pads_too() -> None:
     want = torch.autograd.grad(reference, [x, w, bias], grad)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
+
+
+def test_padding_rows_are_zero_and_pad_unpad_gradients_pass_gradcheck() -> None:
+    groups = pad_groups(torch.tensor([3, 0, 65, 1]), 6, torch.device("cpu"))  # 65 -> 66: one padding row
+    assert groups.padding.tolist() == [68]
+    x = torch.randn(69, 3, dtype=torch.float64, requires_grad=True)
+    padded = loop_experts._pad(x, groups)
+    assert padded.shape == (70, 3) and torch.all(padded[68] == 0)
+    torch.testing.assert_close(loop_experts._unpad(padded, groups), x)
+    assert torch.autograd.gradcheck(lambda t: loop_experts._pad(t, groups), (x,))
+    y = torch.randn(70, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: loop_experts._unpad(t, groups), (y,))
+    (grad_y,) = torch.autograd.grad(loop_experts._unpad(y, groups).sum(), y)
+    assert torch.all(grad_y[68] == 0) and torch.all(grad_y[:68] == 1) and torch.all(grad_y[69] == 1)

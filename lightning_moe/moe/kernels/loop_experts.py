@@ -326,11 +326,19 @@ def _first_saved_index(bounds: list[int]) -> list[int]:
 
 
 class _PaddedGroups(NamedTuple):
-    """Expert groups padded to rounded sizes: ``bounds`` in the padded buffer, and the padded row of each input
-    row (None when no group needs padding: nothing is copied then)."""
+    """Expert groups padded to rounded sizes (``rows`` etc. None when no group needs padding: nothing is copied).
+
+    Attributes:
+        bounds: group offsets in the padded buffer, ``[0, p_0, p_0+p_1, ..., P]``.
+        rows: ``[N]`` long, the padded row of each input row.
+        source: ``[P]`` long, the input row of each padded row (0 for padding rows).
+        padding: ``[P - N]`` long, the padding rows.
+    """
 
     bounds: list[int]
-    rows: Tensor | None
+    rows: Tensor | None = None
+    source: Tensor | None = None
+    padding: Tensor | None = None
 
 
 def pad_groups(tokens_per_expert: Tensor, significant_bits: int, device: torch.device) -> _PaddedGroups:
@@ -342,26 +350,54 @@ def pad_groups(tokens_per_expert: Tensor, significant_bits: int, device: torch.d
     for size in padded:
         bounds.append(bounds[-1] + size)
     if padded == counts:
-        return _PaddedGroups(bounds, None)
+        return _PaddedGroups(bounds)
     # Each group's rows move by the padding of the groups before it.
     shift = torch.tensor([bounds[e] - sum(counts[:e]) for e in range(len(counts))], device=device)  # [E]
     num_rows = sum(counts)
     rows = torch.arange(num_rows, device=device) + torch.repeat_interleave(
         shift, torch.tensor(counts, device=device), output_size=num_rows
     )  # [N]
-    return _PaddedGroups(bounds, rows)
+    source = torch.zeros(bounds[-1], dtype=torch.long, device=device).index_copy_(
+        0, rows, torch.arange(num_rows, device=device)
+    )  # [P]
+    is_padding = torch.ones(bounds[-1], dtype=torch.bool, device=device).index_fill_(0, rows, False)  # [P]
+    return _PaddedGroups(bounds, rows, source, is_padding.nonzero().squeeze(1))
+
+
+class _MoveRows(torch.autograd.Function):
+    """``out = x[index]`` with the rows ``zero`` of ``out`` set to 0; the gradient goes back by gathering too,
+    ``grad_x = grad_out[back]`` with the rows ``back_zero`` set to 0. Valid where every row of ``x`` lands in one
+    row of ``out`` and the other rows of ``out`` are zeroed (padding and unpadding): nothing is scattered."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, index: Tensor, zero: Tensor | None, back: Tensor, back_zero: Tensor | None) -> Tensor:
+        ctx.save_for_backward(back, back_zero)
+        out = x.index_select(0, index)
+        return out if zero is None else out.index_fill_(0, zero, 0)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        back, back_zero = ctx.saved_tensors
+        grad_x = grad_out.index_select(0, back)
+        if back_zero is not None:
+            grad_x.index_fill_(0, back_zero, 0)
+        return grad_x, None, None, None, None
 
 
 def _pad(x: Tensor, groups: _PaddedGroups) -> Tensor:
     """``x [N, a]`` -> ``[bounds[-1], a]`` with zero padding rows (differentiable)."""
     if groups.rows is None:
         return x
-    return x.new_zeros(groups.bounds[-1], x.shape[1]).index_copy(0, groups.rows, x)
+    return _MoveRows.apply(x, groups.source, groups.padding, groups.rows, None)
 
 
 def _unpad(out: Tensor, groups: _PaddedGroups) -> Tensor:
-    """The rows of ``out [bounds[-1], b]`` that belong to input rows: ``[N, b]`` (differentiable)."""
-    return out if groups.rows is None else out.index_select(0, groups.rows)
+    """The rows of ``out [bounds[-1], b]`` that belong to input rows: ``[N, b]`` (differentiable; the padding rows
+    get zero gradients)."""
+    if groups.rows is None:
+        return out
+    return _MoveRows.apply(out, groups.rows, None, groups.source, groups.padding)
 
 
 def _groups(x: Tensor, tokens_per_expert: Tensor) -> _PaddedGroups:
