@@ -424,7 +424,10 @@ class _VariantProcess:
         return self._receive()
 
     def close(self) -> None:
-        self._conn.send(None)
+        try:
+            self._conn.send(None)
+        except OSError:  # the process has ended already (after an error, which the caller is raising)
+            pass
         self._process.join(timeout=60)
 
 

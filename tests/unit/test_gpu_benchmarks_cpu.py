@@ -220,3 +220,17 @@ def test_expert_shapes_times_fixed_changing_and_rounded_row_counts() -> None:
     proc = _run("expert_shapes.py", *options.split())
     lines = [line.split()[0] for line in proc.stdout.splitlines() if not line.startswith("#")]
     assert lines == ["fixed", "changing", "rounded"] and "x fixed" in proc.stdout
+
+
+@pytest.mark.slow
+def test_side_by_side_variant_process_error_reaches_the_caller() -> None:
+    options = "--preset tiny --device cpu --threads 1 --experts 4 --k 6 --side-by-side 1 --steps 1 --warmup 0"
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "train_throughput.py"), *options.split(), "--peak-tflops", "1"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=REPO,
+    )
+    assert proc.returncode != 0
+    assert proc.stderr.count("Traceback") == 1 and "moe.k=6 is larger than moe.num_experts=4" in proc.stderr

@@ -352,8 +352,12 @@ def pad_groups(tokens_per_expert: Tensor, significant_bits: int, device: torch.d
     if padded == counts:
         return _PaddedGroups(bounds)
     # Each group's rows move by the padding of the groups before it.
-    shift = torch.tensor([bounds[e] - sum(counts[:e]) for e in range(len(counts))], device=device)  # [E]
-    num_rows = sum(counts)
+    shift, unpadded_start = [], 0
+    for start, count in zip(bounds, counts):
+        shift.append(start - unpadded_start)
+        unpadded_start += count
+    shift = torch.tensor(shift, device=device)  # [E]
+    num_rows = unpadded_start
     rows = torch.arange(num_rows, device=device) + torch.repeat_interleave(
         shift, torch.tensor(counts, device=device), output_size=num_rows
     )  # [N]
