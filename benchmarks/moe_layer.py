@@ -20,7 +20,7 @@ experts) and are reported by the strategy's memory benchmark instead.
 
 ``--ceiling`` adds what the machine allows: ``gemm ceil`` = time of the six FFN matrix products at T*k
 rows with one weight / time of the same products over E groups of T*k/E rows with E weights, spread
-over threads by expert exactly when the layer spreads them (the efficiency an MoE layer would reach if
+over threads by expert and run by rows or by columns exactly when the layer does (the efficiency an MoE layer would reach if
 only its expert GEMMs cost anything), ``+gate ceil`` = the same with the gate's three fp32 products (T x d by
 d x E: logits, input and weight gradients) added to the grouped time, since the layer routes in fp32 whatever
 the compute dtype and the dense FFN has no gate, and ``grad fault ms`` = the extra time of writing the experts'
@@ -57,6 +57,7 @@ from running_order import add_round_warmup_argument, running_order  # noqa: E402
 from lightning_moe.moe import MoE  # noqa: E402
 from lightning_moe.moe.kernels.expert_threads import run_over_experts  # noqa: E402
 from lightning_moe.moe.kernels.gradient_memory import gradient_memory_of  # noqa: E402
+from lightning_moe.moe.kernels.product_layout import backward_by_columns  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -166,19 +167,31 @@ def peak_memory_bytes(fn: Callable[[], None], device: str) -> int:
 def ffn_gemms(rows: int, num_experts: int, d: int, h: int, device: str, dtype: torch.dtype) -> Callable[[], None]:
     """The six matrix products of a d -> h -> d FFN's forward+backward (two forward, two input gradients, two
     weight gradients) over ``num_experts`` groups of ``rows`` rows, each group with its own weights, every
-    output written into a buffer allocated once (no allocation or page-fault cost)."""
+    output written into a buffer allocated once (no allocation or page-fault cost). The backward products run
+    the way round the layer runs them (by rows, or by columns where ``backward_by_columns`` says so), on
+    operands already laid out for it: the transposed copies the layer makes are not products."""
     n = rows * num_experts
     w1 = torch.randn(num_experts, d, h, device=device, dtype=dtype)
     w2 = torch.randn(num_experts, h, d, device=device, dtype=dtype)
     x, a, g, gp = (torch.randn(n, c, device=device, dtype=dtype) for c in (d, h, d, h))
     out_h, out_d = torch.empty(n, h, device=device, dtype=dtype), torch.empty(n, d, device=device, dtype=dtype)
     grad_w1, grad_w2 = torch.empty_like(w1), torch.empty_like(w2)
+    by_columns = backward_by_columns(rows, d, h, w1)
+    # by columns: the rows of each group transposed, [E, width, rows]
+    x_t, a_t, gp_t = (t.view(num_experts, rows, -1).transpose(1, 2).contiguous() for t in (x, a, gp))
+    out_h_t, out_d_t = torch.empty_like(a_t), torch.empty_like(x_t)
 
     def products(first: int, last: int, scratch: None) -> None:
         for e in range(first, last):
             r = slice(e * rows, (e + 1) * rows)
             torch.mm(x[r], w1[e], out=out_h[r])  # forward fc1
             torch.mm(a[r], w2[e], out=out_d[r])  # forward fc2
+            if by_columns:
+                torch.mm(w2[e], g[r].t(), out=out_h_t[e])  # input gradient of fc2, transposed
+                torch.mm(w1[e], gp_t[e], out=out_d_t[e])  # input gradient of fc1, transposed
+                torch.mm(a_t[e], g[r], out=grad_w2[e])  # weight gradient of fc2
+                torch.mm(x_t[e], gp_t[e].t(), out=grad_w1[e])  # weight gradient of fc1
+                continue
             torch.mm(g[r], w2[e].t(), out=out_h[r])  # input gradient of fc2
             torch.mm(gp[r], w1[e].t(), out=out_d[r])  # input gradient of fc1
             torch.mm(a[r].t(), g[r], out=grad_w2[e])  # weight gradient of fc2

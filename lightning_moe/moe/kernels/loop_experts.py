@@ -32,6 +32,7 @@ from torch.autograd.function import once_differentiable
 from lightning_moe.moe.activations import ACTIVATION_BACKWARD_OUT, ACTIVATION_OUT
 from lightning_moe.moe.kernels.expert_threads import run_over_experts
 from lightning_moe.moe.kernels.gradient_memory import GradientMemory
+from lightning_moe.moe.kernels.product_layout import backward_by_columns, columns_of
 
 __all__ = [
     "CPU_ROW_SIGNIFICANT_BITS",
@@ -122,8 +123,10 @@ class LoopGroupedMM(torch.autograd.Function):
         grad_x = torch.empty_like(x) if need_x else None  # [N, a]
         grad_w = _weight_grad(ctx.memory, "w", w) if need_w else None  # [E, a, b]
         grad_b = w.new_empty(w.shape[0], w.shape[2]) if need_b else None  # [E, b]
+        in_width, out_width = w.shape[1], w.shape[2]
+        by_columns = [backward_by_columns(bounds[e + 1] - bounds[e], in_width, out_width, w) for e in range(w.shape[0])]
 
-        def run(first: int, last: int, scratch: None) -> None:
+        def run(first: int, last: int, in_scratch: Tensor | None) -> None:
             for e in range(first, last):
                 lo, hi = bounds[e], bounds[e + 1]
                 if hi == lo:  # an expert without rows has zero gradients
@@ -132,14 +135,25 @@ class LoopGroupedMM(torch.autograd.Function):
                             grad[e].zero_()
                     continue
                 g = grad_out[lo:hi]  # [n_e, b]
+                if grad_b is not None:
+                    torch.sum(g, dim=0, out=grad_b[e])
+                if by_columns[e]:  # the weight read in place, the rows transposed (product_layout.py)
+                    if grad_x is not None:
+                        grad_x_t = torch.mm(w[e], g.t(), out=columns_of(in_scratch, hi - lo))  # [a, n_e]
+                        grad_x[lo:hi].copy_(grad_x_t.t())
+                    if grad_w is not None:
+                        x_t = columns_of(in_scratch, hi - lo).copy_(x[lo:hi].t())  # [a, n_e]
+                        torch.mm(x_t, g, out=grad_w[e])  # [a, b]
+                    continue
                 if grad_x is not None:
                     torch.mm(g, w[e].t(), out=grad_x[lo:hi])
                 if grad_w is not None:
                     torch.mm(x[lo:hi].t(), g, out=grad_w[e])
-                if grad_b is not None:
-                    torch.sum(g, dim=0, out=grad_b[e])
 
-        run_over_experts(run, bounds, w.shape[1] * w.shape[2])
+        def scratch(rows: int) -> Tensor | None:
+            return x.new_empty(rows, in_width) if any(by_columns) else None
+
+        run_over_experts(run, bounds, in_width * out_width, scratch)
         return grad_x, grad_w, grad_b, None, None
 
 
@@ -203,8 +217,13 @@ class LoopExpertFFN(torch.autograd.Function):
         grad_b2 = w2.new_empty(num_experts, w2.shape[2]) if ctx.has_b2 and need[4] else None  # [E, d]
         need_hidden_grad = grad_x is not None or grad_w1 is not None or grad_b1 is not None
         first_saved = _first_saved_index(bounds)
+        model_size = w1.shape[1]
+        by_columns = [
+            backward_by_columns(bounds[e + 1] - bounds[e], model_size, hidden_size, w1) for e in range(num_experts)
+        ]
 
-        def run(first: int, last: int, scratch: Tensor) -> None:
+        def run(first: int, last: int, scratch: tuple[Tensor, Tensor | None]) -> None:
+            hidden_scratch, model_scratch = scratch  # [3, rows, h], [rows, d] (None when no expert needs it)
             for e in range(first, last):
                 lo, hi = bounds[e], bounds[e + 1]
                 if hi == lo:  # an expert without rows has zero gradients
@@ -212,24 +231,46 @@ class LoopExpertFFN(torch.autograd.Function):
                         if grad is not None:
                             grad[e].zero_()
                     continue
-                pre = pre_activations[first_saved[e]]  # [n_e, h]
-                g = grad_out[lo:hi]  # [n_e, d]
-                if grad_w2 is not None:
-                    torch.mm(act_out(pre, scratch[0, : hi - lo]).t(), g, out=grad_w2[e])  # [h, d]
+                n = hi - lo
+                pre = pre_activations[first_saved[e]]  # [n, h]
+                g = grad_out[lo:hi]  # [n, d]
                 if grad_b2 is not None:
                     torch.sum(g, dim=0, out=grad_b2[e])
+                if by_columns[e]:  # transposed activations, weights read in place (product_layout.py)
+                    pre_t = columns_of(hidden_scratch[0], n).copy_(pre.t())  # [h, n]
+                    if grad_w2 is not None:
+                        activated_t = act_out(pre_t, columns_of(hidden_scratch[1], n))  # [h, n]
+                        torch.mm(activated_t, g, out=grad_w2[e])  # [h, d]
+                    if not need_hidden_grad:
+                        continue
+                    grad_activated_t = torch.mm(w2[e], g.t(), out=columns_of(hidden_scratch[2], n))  # [h, n]
+                    grad_pre_t = act_backward_out(grad_activated_t, pre_t, columns_of(hidden_scratch[1], n))
+                    if grad_w1 is not None:
+                        x_t = columns_of(model_scratch, n).copy_(x[lo:hi].t())  # [d, n]
+                        torch.mm(x_t, grad_pre_t.t(), out=grad_w1[e])  # [d, h]
+                    if grad_b1 is not None:
+                        torch.sum(grad_pre_t, dim=1, out=grad_b1[e])
+                    if grad_x is not None:
+                        grad_x_t = torch.mm(w1[e], grad_pre_t, out=columns_of(model_scratch, n))  # [d, n]
+                        grad_x[lo:hi].copy_(grad_x_t.t())
+                    continue
+                if grad_w2 is not None:
+                    torch.mm(act_out(pre, hidden_scratch[0, :n]).t(), g, out=grad_w2[e])  # [h, d]
                 if not need_hidden_grad:
                     continue
-                grad_activated = torch.mm(g, w2[e].t(), out=scratch[1, : hi - lo])  # [n_e, h]
-                grad_pre = act_backward_out(grad_activated, pre, scratch[0, : hi - lo])  # [n_e, h]
+                grad_activated = torch.mm(g, w2[e].t(), out=hidden_scratch[1, :n])  # [n, h]
+                grad_pre = act_backward_out(grad_activated, pre, hidden_scratch[0, :n])  # [n, h]
                 if grad_w1 is not None:
                     torch.mm(x[lo:hi].t(), grad_pre, out=grad_w1[e])  # [d, h]
                 if grad_b1 is not None:
                     torch.sum(grad_pre, dim=0, out=grad_b1[e])
                 if grad_x is not None:
-                    torch.mm(grad_pre, w1[e].t(), out=grad_x[lo:hi])  # [n_e, d]
+                    torch.mm(grad_pre, w1[e].t(), out=grad_x[lo:hi])  # [n, d]
 
-        run_over_experts(run, bounds, w1.shape[1] * hidden_size, _scratch(x, 2, hidden_size))
+        def scratch(rows: int) -> tuple[Tensor, Tensor | None]:
+            return x.new_empty(3, rows, hidden_size), x.new_empty(rows, model_size) if any(by_columns) else None
+
+        run_over_experts(run, bounds, model_size * hidden_size, scratch)
         return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, None, None, None
 
 
@@ -285,8 +326,13 @@ class LoopExpertGLU(torch.autograd.Function):
         grad_w2 = _weight_grad(ctx.memory, "w2", w2) if need[3] else None  # [E, h, d]
         need_hidden_grad = grad_x is not None or grad_w1 is not None or grad_w3 is not None
         first_saved = _first_saved_index(bounds)
+        model_size = w1.shape[1]
+        by_columns = [
+            backward_by_columns(bounds[e + 1] - bounds[e], model_size, hidden_size, w1) for e in range(len(bounds) - 1)
+        ]
 
-        def run(first: int, last: int, scratch: Tensor) -> None:
+        def run(first: int, last: int, scratch: tuple[Tensor, Tensor | None]) -> None:
+            hidden_scratch, model_scratch = scratch  # [4, rows, h], [rows, d] (None when no expert needs it)
             for e in range(first, last):
                 lo, hi = bounds[e], bounds[e + 1]
                 if hi == lo:  # an expert without rows has zero gradients
@@ -297,15 +343,37 @@ class LoopExpertGLU(torch.autograd.Function):
                 n = hi - lo
                 gate, up = saved[2 * first_saved[e]], saved[2 * first_saved[e] + 1]  # [n_e, h] each
                 g = grad_out[lo:hi]  # [n_e, d]
-                activated = act_out(gate, scratch[0, :n])  # [n_e, h]
+                if by_columns[e]:  # transposed activations, weights read in place (product_layout.py)
+                    gate_t = columns_of(hidden_scratch[0], n).copy_(gate.t())  # [h, n]
+                    up_t = columns_of(hidden_scratch[1], n).copy_(up.t())  # [h, n]
+                    activated_t = act_out(gate_t, columns_of(hidden_scratch[2], n))  # [h, n]
+                    if grad_w2 is not None:
+                        hidden_t = torch.mul(activated_t, up_t, out=columns_of(hidden_scratch[3], n))  # [h, n]
+                        torch.mm(hidden_t, g, out=grad_w2[e])  # [h, d]
+                    if not need_hidden_grad:
+                        continue
+                    grad_hidden_t = torch.mm(w2[e], g.t(), out=columns_of(hidden_scratch[3], n))  # [h, n]
+                    grad_up_t = activated_t.mul_(grad_hidden_t)  # [h, n] (overwrites the activation)
+                    grad_gate_t = act_backward_out(grad_hidden_t.mul_(up_t), gate_t, up_t)  # [h, n] (over up)
+                    if grad_w1 is not None or grad_w3 is not None:
+                        x_t = columns_of(model_scratch, n).copy_(x[lo:hi].t())  # [d, n]
+                        if grad_w1 is not None:
+                            torch.mm(x_t, grad_gate_t.t(), out=grad_w1[e])  # [d, h]
+                        if grad_w3 is not None:
+                            torch.mm(x_t, grad_up_t.t(), out=grad_w3[e])  # [d, h]
+                    if grad_x is not None:
+                        grad_x_t = torch.mm(w1[e], grad_gate_t, out=columns_of(model_scratch, n))  # [d, n]
+                        grad_x[lo:hi].copy_(grad_x_t.addmm_(w3[e], grad_up_t).t())
+                    continue
+                activated = act_out(gate, hidden_scratch[0, :n])  # [n_e, h]
                 if grad_w2 is not None:
-                    hidden = torch.mul(activated, up, out=scratch[1, :n])  # [n_e, h]
+                    hidden = torch.mul(activated, up, out=hidden_scratch[1, :n])  # [n_e, h]
                     torch.mm(hidden.t(), g, out=grad_w2[e])  # [h, d]
                 if not need_hidden_grad:
                     continue
-                grad_hidden = torch.mm(g, w2[e].t(), out=scratch[2, :n])  # [n_e, h]
+                grad_hidden = torch.mm(g, w2[e].t(), out=hidden_scratch[2, :n])  # [n_e, h]
                 grad_up = activated.mul_(grad_hidden)  # [n_e, h] (overwrites the activation)
-                grad_gate = act_backward_out(grad_hidden.mul_(up), gate, scratch[1, :n])  # [n_e, h]
+                grad_gate = act_backward_out(grad_hidden.mul_(up), gate, hidden_scratch[1, :n])  # [n_e, h]
                 if grad_w1 is not None:
                     torch.mm(x[lo:hi].t(), grad_gate, out=grad_w1[e])  # [d, h]
                 if grad_w3 is not None:
@@ -313,7 +381,10 @@ class LoopExpertGLU(torch.autograd.Function):
                 if grad_x is not None:
                     torch.mm(grad_gate, w1[e].t(), out=grad_x[lo:hi]).addmm_(grad_up, w3[e].t())  # [n_e, d]
 
-        run_over_experts(run, bounds, w1.shape[1] * hidden_size, _scratch(x, 3, hidden_size))
+        def scratch(rows: int) -> tuple[Tensor, Tensor | None]:
+            return x.new_empty(4, rows, hidden_size), x.new_empty(rows, model_size) if any(by_columns) else None
+
+        run_over_experts(run, bounds, model_size * hidden_size, scratch)
         return grad_x, grad_w1, grad_w3, grad_w2, None, None, None
 
 
