@@ -223,6 +223,17 @@ def test_expert_shapes_times_fixed_changing_and_rounded_row_counts() -> None:
 
 
 @pytest.mark.slow
+def test_expert_backward_layout_times_both_ways_round(tmp_path: Path) -> None:
+    out = tmp_path / "layout.json"
+    options = f"--threads 1 --rounds 1 --shapes ffn:2:8:16:32 glu:2:8:16:32 --json {out}"
+    proc = _run("expert_backward_layout.py", *options.split())
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["shape"] for row in rows] == ["ffn:2:8:16:32", "glu:2:8:16:32"]
+    assert all(row["rows_ms"] > 0 and row["cols_ms"] > 0 and row["rule_picks"] == "rows" for row in rows)
+    assert "rows/cols" in proc.stdout
+
+
+@pytest.mark.slow
 def test_side_by_side_variant_process_error_reaches_the_caller() -> None:
     options = "--preset tiny --device cpu --threads 1 --experts 4 --k 6 --side-by-side 1 --steps 1 --warmup 0"
     proc = subprocess.run(
