@@ -57,7 +57,7 @@ from running_order import add_round_warmup_argument, running_order  # noqa: E402
 from lightning_moe.moe import MoE  # noqa: E402
 from lightning_moe.moe.kernels.expert_threads import run_over_experts  # noqa: E402
 from lightning_moe.moe.kernels.gradient_memory import gradient_memory_of  # noqa: E402
-from lightning_moe.moe.kernels.product_layout import backward_by_columns  # noqa: E402
+from lightning_moe.moe.kernels.product_layout import backward_by_columns, whole_experts_per_thread  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -199,7 +199,7 @@ def ffn_gemms(rows: int, num_experts: int, d: int, h: int, device: str, dtype: t
 
     bounds = [e * rows for e in range(num_experts + 1)]
     # Spread over threads by expert exactly when the layer's loop path would be.
-    return lambda: run_over_experts(products, bounds, d * h)
+    return lambda: run_over_experts(products, bounds, d * h, any_rows=whole_experts_per_thread(d, h, w1))
 
 
 def router_gemms(tokens: int, num_experts: int, d: int, device: str, dtype: torch.dtype) -> Callable[[], None]:

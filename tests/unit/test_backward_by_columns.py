@@ -9,7 +9,7 @@ from torch import Tensor
 
 from lightning_moe.moe.experts import ACTIVATIONS, GroupedFFNExperts, GroupedGLUExperts, grouped_mm
 from lightning_moe.moe.kernels import loop_experts
-from lightning_moe.moe.kernels.product_layout import backward_by_columns, columns_of
+from lightning_moe.moe.kernels.product_layout import backward_by_columns, columns_of, whole_experts_per_thread
 
 COUNTS = [5, 0, 9, 3]  # an empty expert in the middle; sizes under 64 are not padded
 WIDTH, HIDDEN = 6, 10
@@ -28,6 +28,30 @@ def test_rule_takes_few_rows_of_large_bf16_weights_only() -> None:
     assert not backward_by_columns(64, 256, 1024, _bf16(256, 1024))  # fits in L2: repacking is cheap
     assert not backward_by_columns(64, 512, 2048, torch.empty(512, 2048))  # fp32 runs in MKL: no repacking
     assert backward_by_columns(64, 2048, 512, _bf16(2048, 512))  # fc2's weight, the other way round
+
+
+def test_whole_experts_per_thread_for_bf16_weights_of_one_mib_or_more() -> None:
+    assert whole_experts_per_thread(512, 1024, _bf16(512, 1024))
+    assert not whole_experts_per_thread(256, 1024, _bf16(256, 1024))  # the translator's experts
+    assert not whole_experts_per_thread(512, 1024, torch.empty(512, 1024))
+
+
+@pytest.mark.parametrize(("kind", "width", "expected"), [("ffn", 512, True), ("glu", 512, True), ("ffn", 256, False)])
+def test_loop_experts_ask_for_whole_experts_per_thread_by_weight_size(
+    kind: str, width: int, expected: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[bool] = []
+
+    def run_inline(fn, bounds, matrix_size, scratch=lambda rows: None, any_rows=False) -> None:  # noqa: ANN001
+        seen.append(any_rows)
+        fn(0, len(bounds) - 1, scratch(max(b - a for a, b in zip(bounds, bounds[1:]))))
+
+    monkeypatch.setattr(loop_experts, "run_over_experts", run_inline)
+    make = GroupedGLUExperts if kind == "glu" else GroupedFFNExperts
+    experts = make(2, width, 1024).to(torch.bfloat16)
+    x = torch.randn(600, width, dtype=torch.bfloat16, requires_grad=True)
+    experts(x, torch.tensor([300, 300])).sum().backward()
+    assert seen == [expected, expected]  # forward and backward
 
 
 def test_columns_of_is_a_contiguous_transposed_view_of_the_first_rows() -> None:

@@ -54,6 +54,14 @@ def test_split_only_for_small_groups_with_enough_work() -> None:
     assert not splits_over_threads(_bounds([2] * 8), 6 * 10, 2)  # too little work to hand over
 
 
+def test_any_rows_splits_large_groups_but_keeps_the_other_conditions() -> None:
+    d_h = 512 * 2048
+    assert splits_over_threads(_bounds([512] * 8), d_h, 2, any_rows=True)
+    assert not splits_over_threads(_bounds([512] * 8), d_h, 1, any_rows=True)  # one thread
+    assert not splits_over_threads(_bounds([4096] + [0] * 7), d_h, 2, any_rows=True)  # one busy expert
+    assert not splits_over_threads(_bounds([2] * 8), 6 * 10, 2, any_rows=True)  # too little work
+
+
 # ------------------------------------------------------------------------------------------ the pool
 
 

@@ -3,7 +3,7 @@
 A matrix product over the few rows one expert receives divides badly between intra-op threads, which
 then wait for each other; giving each thread whole experts instead (what a batched GEMM does with its
 batch) runs every product on one core at full rate. Larger groups already use the intra-op threads well
-and stay there. Figures: README ("MoE layer against an equal-FLOP dense FFN",
+and stay there, except where the caller asks otherwise (bf16 experts with large weights, ``product_layout.py``). Figures: README ("MoE layer against an equal-FLOP dense FFN",
 ``python benchmarks/moe_layer.py``).
 
 There are as many workers as the calling thread has intra-op threads (``torch.get_num_threads()``). They
@@ -38,14 +38,15 @@ MIN_SPLIT_WORK = 1 << 24
 """Smallest ``rows x in-width x out-width`` of one weight's products worth handing to threads (tests set 0)."""
 
 
-def splits_over_threads(bounds: Sequence[int], matrix_size: int, num_threads: int) -> bool:
+def splits_over_threads(bounds: Sequence[int], matrix_size: int, num_threads: int, any_rows: bool = False) -> bool:
     """Whether experts with row offsets ``bounds`` (``[0, n_0, n_0+n_1, ..., N]``) and ``matrix_size``
-    (in-width x out-width of one weight) run faster spread over ``num_threads`` threads."""
+    (in-width x out-width of one weight) run faster spread over ``num_threads`` threads; with ``any_rows``
+    whatever their row counts (the caller knows its products gain from it, see ``product_layout.py``)."""
     num_rows = bounds[-1]
     busy = sum(1 for e in range(len(bounds) - 1) if bounds[e + 1] > bounds[e])
     if num_threads < 2 or busy < 2 or num_rows * matrix_size < MIN_SPLIT_WORK:
         return False
-    return num_rows <= MAX_ROWS_PER_EXPERT * busy
+    return any_rows or num_rows <= MAX_ROWS_PER_EXPERT * busy
 
 
 def expert_order(bounds: Sequence[int]) -> list[int]:
@@ -148,6 +149,7 @@ def run_over_experts(
     bounds: Sequence[int],
     matrix_size: int,
     scratch: Callable[[int], S] = lambda rows: None,
+    any_rows: bool = False,
 ) -> None:
     """``fn(lo, hi, scratch(rows))`` over the experts: once for all of them, or expert by expert on worker
     threads (``fn(e, e + 1, ...)``, each expert exactly once, in no fixed order).
@@ -161,9 +163,10 @@ def run_over_experts(
             calling thread: memory that worker threads allocate and free comes from malloc's per-thread
             arenas, which hand blocks of this size back to the OS, and every step pays the page faults
             again (slower than not splitting at all).
+        any_rows: split whatever the experts' row counts (see :func:`splits_over_threads`).
     """
     num_threads = torch.get_num_threads()
-    if getattr(_worker_local, "inside", False) or not splits_over_threads(bounds, matrix_size, num_threads):
+    if getattr(_worker_local, "inside", False) or not splits_over_threads(bounds, matrix_size, num_threads, any_rows):
         fn(0, len(bounds) - 1, scratch(_most_rows(bounds)))
         return
     experts = _SharedExperts(expert_order(bounds))

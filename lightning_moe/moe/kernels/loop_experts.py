@@ -32,7 +32,7 @@ from torch.autograd.function import once_differentiable
 from lightning_moe.moe.activations import ACTIVATION_BACKWARD_OUT, ACTIVATION_OUT
 from lightning_moe.moe.kernels.expert_threads import run_over_experts
 from lightning_moe.moe.kernels.gradient_memory import GradientMemory
-from lightning_moe.moe.kernels.product_layout import backward_by_columns, columns_of
+from lightning_moe.moe.kernels.product_layout import backward_by_columns, columns_of, whole_experts_per_thread
 
 __all__ = [
     "CPU_ROW_SIGNIFICANT_BITS",
@@ -107,7 +107,7 @@ class LoopGroupedMM(torch.autograd.Function):
                 else:
                     torch.addmm(bias[e], x[lo:hi], w[e], out=out[lo:hi])
 
-        run_over_experts(run, bounds, w.shape[1] * w.shape[2])
+        run_over_experts(run, bounds, w.shape[1] * w.shape[2], any_rows=whole_experts_per_thread(*w.shape[1:], w))
         ctx.save_for_backward(x, w)
         ctx.bounds, ctx.memory, ctx.has_bias = bounds, memory, bias is not None
         return out
@@ -153,7 +153,7 @@ class LoopGroupedMM(torch.autograd.Function):
         def scratch(rows: int) -> Tensor | None:
             return x.new_empty(rows, in_width) if any(by_columns) else None
 
-        run_over_experts(run, bounds, in_width * out_width, scratch)
+        run_over_experts(run, bounds, in_width * out_width, scratch, whole_experts_per_thread(in_width, out_width, w))
         return grad_x, grad_w, grad_b, None, None
 
 
@@ -195,7 +195,8 @@ class LoopExpertFFN(torch.autograd.Function):
                 else:
                     torch.addmm(b2[e], activated, w2[e], out=out[lo:hi])
 
-        run_over_experts(run, bounds, w1.shape[1] * hidden_size, _scratch(x, 1, hidden_size))
+        any_rows = whole_experts_per_thread(w1.shape[1], hidden_size, w1)
+        run_over_experts(run, bounds, w1.shape[1] * hidden_size, _scratch(x, 1, hidden_size), any_rows)
         ctx.save_for_backward(x, w1, w2, *pre_activations)
         ctx.bounds, ctx.activation, ctx.memory = bounds, activation, memory
         ctx.has_b1, ctx.has_b2 = b1 is not None, b2 is not None
@@ -270,7 +271,9 @@ class LoopExpertFFN(torch.autograd.Function):
         def scratch(rows: int) -> tuple[Tensor, Tensor | None]:
             return x.new_empty(3, rows, hidden_size), x.new_empty(rows, model_size) if any(by_columns) else None
 
-        run_over_experts(run, bounds, model_size * hidden_size, scratch)
+        run_over_experts(
+            run, bounds, model_size * hidden_size, scratch, whole_experts_per_thread(model_size, hidden_size, w1)
+        )
         return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, None, None, None
 
 
@@ -306,7 +309,8 @@ class LoopExpertGLU(torch.autograd.Function):
                 hidden = act_out(gate, scratch[0, : hi - lo]).mul_(up)  # [n_e, h]
                 torch.mm(hidden, w2[e], out=out[lo:hi])
 
-        run_over_experts(run, bounds, w1.shape[1] * hidden_size, _scratch(x, 1, hidden_size))
+        any_rows = whole_experts_per_thread(w1.shape[1], hidden_size, w1)
+        run_over_experts(run, bounds, w1.shape[1] * hidden_size, _scratch(x, 1, hidden_size), any_rows)
         ctx.save_for_backward(x, w1, w3, w2, *saved)
         ctx.bounds, ctx.activation, ctx.memory = bounds, activation, memory
         return out
@@ -384,7 +388,9 @@ class LoopExpertGLU(torch.autograd.Function):
         def scratch(rows: int) -> tuple[Tensor, Tensor | None]:
             return x.new_empty(4, rows, hidden_size), x.new_empty(rows, model_size) if any(by_columns) else None
 
-        run_over_experts(run, bounds, model_size * hidden_size, scratch)
+        run_over_experts(
+            run, bounds, model_size * hidden_size, scratch, whole_experts_per_thread(model_size, hidden_size, w1)
+        )
         return grad_x, grad_w1, grad_w3, grad_w2, None, None, None
 
 
