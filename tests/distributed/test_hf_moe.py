@@ -135,8 +135,12 @@ def _check(ref: dict[str, Any], results: list[dict[str, Any]], efsdp: int = 1) -
         assert res["grads0"].keys() == ref["grads0"].keys()
         for name, grad in ref["grads0"].items():
             torch.testing.assert_close(res["grads0"][name], grad, rtol=1e-4, atol=1e-6, msg=f"rank {rank}: {name}")
+        # Adam turns a gradient near its eps (1e-8) into a step of about lr * g / (|g| + eps): there a rounding
+        # difference of 1% in a 4e-9 gradient (well inside the gradient check above) moves the parameter by ~3e-5
+        # per step at lr 1e-2, and which elements sit there depends on the CPU's kernels. A wrong gradient moves
+        # parameters by up to lr per step, far above this tolerance.
         for name, param in ref["params"].items():
-            torch.testing.assert_close(res["params"][name], param, rtol=1e-4, atol=1e-5, msg=f"rank {rank}: {name}")
+            torch.testing.assert_close(res["params"][name], param, rtol=1e-4, atol=1e-4, msg=f"rank {rank}: {name}")
 
 
 @pytest.mark.parametrize(
@@ -148,8 +152,12 @@ def test_expert_parallel_other_stages_match_transformers(zero_stage: int, checkp
     ref = _reference("mixtral")
     results = run_ranks(_parallel, WORLD, "mixtral", zero_stage, checkpointing, offload, timeout=90)
     for rank, res in enumerate(results):
+        # Adam turns a gradient near its eps (1e-8) into a step of about lr * g / (|g| + eps): there a rounding
+        # difference of 1% in a 4e-9 gradient (well inside the gradient check above) moves the parameter by ~3e-5
+        # per step at lr 1e-2, and which elements sit there depends on the CPU's kernels. A wrong gradient moves
+        # parameters by up to lr per step, far above this tolerance.
         for name, param in ref["params"].items():
-            torch.testing.assert_close(res["params"][name], param, rtol=1e-4, atol=1e-5, msg=f"rank {rank}: {name}")
+            torch.testing.assert_close(res["params"][name], param, rtol=1e-4, atol=1e-4, msg=f"rank {rank}: {name}")
 
 
 def test_recognises_the_experts_of_each_architecture() -> None:
