@@ -10,6 +10,7 @@ from torch import Tensor
 from lightning_moe.moe.experts import ACTIVATIONS, GroupedFFNExperts, GroupedGLUExperts, grouped_mm
 from lightning_moe.moe.kernels import loop_experts
 from lightning_moe.moe.kernels.product_layout import backward_by_columns, columns_of, whole_experts_per_thread
+from tests.grouped_mm_reference import assert_matches_per_expert_products, grouped_mm_inputs
 
 COUNTS = [5, 0, 9, 3]  # an empty expert in the middle; sizes under 64 are not padded
 WIDTH, HIDDEN = 6, 10
@@ -115,20 +116,10 @@ def test_experts_by_columns_equal_per_expert_reference(
 def test_grouped_mm_by_columns_equals_per_expert_products(
     by_columns: set[int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    torch.manual_seed(0)
-    x = torch.randn(sum(COUNTS), WIDTH, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(len(COUNTS), WIDTH, HIDDEN, dtype=torch.float64, requires_grad=True)
-    bias = torch.randn(len(COUNTS), HIDDEN, dtype=torch.float64, requires_grad=True)
+    x, w, bias = grouped_mm_inputs(COUNTS, WIDTH, HIDDEN)
     calls = _choose(monkeypatch, by_columns)
     out = grouped_mm(x, w, torch.tensor(COUNTS), bias)
-    bounds = [0, *torch.tensor(COUNTS).cumsum(0).tolist()]
-    reference = torch.cat([x[bounds[e] : bounds[e + 1]] @ w[e] + bias[e] for e in range(len(COUNTS))])
-    torch.testing.assert_close(out, reference)
-    grad = torch.randn_like(out)
-    got = torch.autograd.grad(out, [x, w, bias], grad)
-    want = torch.autograd.grad(reference, [x, w, bias], grad)
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b)
+    assert_matches_per_expert_products(out, x, w, bias, COUNTS)
     assert [rows for rows, *_ in calls] == COUNTS
 
 

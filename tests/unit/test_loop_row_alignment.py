@@ -12,6 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from lightning_moe.moe.experts import GroupedFFNExperts, GroupedGLUExperts, grouped_mm
 from lightning_moe.moe.kernels import loop_experts
 from lightning_moe.moe.kernels.loop_experts import pad_groups, rounded_rows
+from tests.grouped_mm_reference import assert_matches_per_expert_products, grouped_mm_inputs
 
 COUNTS = [130, 0, 65, 64, 7]  # padded to 132 and 66; empty, exact and small groups stay
 PADDED = {132, 66, 64, 7}
@@ -90,21 +91,11 @@ def test_products_see_only_aligned_row_counts_and_results_do_not_change(
 
 
 def test_grouped_mm_pads_too() -> None:
-    torch.manual_seed(0)
-    x = torch.randn(sum(COUNTS), WIDTH, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(len(COUNTS), WIDTH, HIDDEN, dtype=torch.float64, requires_grad=True)
-    bias = torch.randn(len(COUNTS), HIDDEN, dtype=torch.float64, requires_grad=True)
+    x, w, bias = grouped_mm_inputs(COUNTS, WIDTH, HIDDEN)
     with _ProductShapes() as recorder:
         out = grouped_mm(x, w, torch.tensor(COUNTS), bias)
     assert {d for shape in recorder.shapes for d in shape if d not in (WIDTH, HIDDEN)} == PADDED
-    bounds = [0, *torch.tensor(COUNTS).cumsum(0).tolist()]
-    reference = torch.cat([x[bounds[e] : bounds[e + 1]] @ w[e] + bias[e] for e in range(len(COUNTS))])
-    torch.testing.assert_close(out, reference)
-    grad = torch.randn_like(out)
-    got = torch.autograd.grad(out, [x, w, bias], grad)
-    want = torch.autograd.grad(reference, [x, w, bias], grad)
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b)
+    assert_matches_per_expert_products(out, x, w, bias, COUNTS)
 
 
 def test_padding_rows_are_zero_and_pad_unpad_gradients_pass_gradcheck() -> None:
