@@ -30,7 +30,7 @@ for path in (REPO, REPO / "benchmarks"):
 from host_memory import retain_freed_host_memory  # noqa: E402  (benchmarks/host_memory.py, beside this file)
 
 from lightning_moe.moe.experts import GroupedFFNExperts, GroupedGLUExperts  # noqa: E402
-from lightning_moe.moe.kernels import loop_experts  # noqa: E402
+from lightning_moe.moe.kernels import product_layout  # noqa: E402
 from lightning_moe.moe.kernels.product_layout import backward_by_columns  # noqa: E402
 
 DEFAULT_SHAPES = [
@@ -66,13 +66,13 @@ def measure(kind: str, num_experts: int, rows: int, d: int, h: int, rounds: int)
     x = torch.randn(num_experts * rows, d, dtype=dtype, requires_grad=True)
     grad = torch.randn(num_experts * rows, d, dtype=dtype)
     out = experts(x, torch.full((num_experts,), rows))
-    rule = loop_experts.backward_by_columns
+    rule = product_layout.backward_by_columns
     ways = {"rows": lambda *args: False, "cols": lambda *args: True}
     times: dict[str, list[float]] = {way: [] for way in ways}
     try:
         for round_index in range(rounds + 1):  # round 0 warms up
             for way, forced in ways.items():
-                loop_experts.backward_by_columns = forced
+                product_layout.backward_by_columns = forced
                 experts.zero_grad(set_to_none=True)
                 x.grad = None
                 start = time.perf_counter()
@@ -80,7 +80,7 @@ def measure(kind: str, num_experts: int, rows: int, d: int, h: int, rounds: int)
                 if round_index:
                     times[way].append(time.perf_counter() - start)
     finally:
-        loop_experts.backward_by_columns = rule
+        product_layout.backward_by_columns = rule
     by_rows, by_columns = statistics.median(times["rows"]), statistics.median(times["cols"])
     picks = "cols" if backward_by_columns(rows, d, h, experts.w1) else "rows"
     return {

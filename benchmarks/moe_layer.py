@@ -20,8 +20,8 @@ experts) and are reported by the strategy's memory benchmark instead.
 
 ``--ceiling`` adds what the machine allows: ``gemm ceil`` = time of the six FFN matrix products at T*k
 rows with one weight / time of the same products over E groups of T*k/E rows with E weights, spread
-over threads by expert and run by rows or by columns exactly when the layer does (the efficiency an MoE layer would reach if
-only its expert GEMMs cost anything), ``+gate ceil`` = the same with the gate's three fp32 products (T x d by
+over threads by expert and run by rows or by columns exactly when the layer does (the efficiency an MoE
+layer would reach if only its expert GEMMs cost anything), ``+gate ceil`` = the same with the gate's three fp32 products (T x d by
 d x E: logits, input and weight gradients) added to the grouped time, since the layer routes in fp32 whatever
 the compute dtype and the dense FFN has no gate, and ``grad fault ms`` = the extra time of writing the experts'
 weight gradients into fresh memory rather than reused memory: what a layer that frees its ``[E, d, h]``
@@ -177,9 +177,9 @@ def ffn_gemms(rows: int, num_experts: int, d: int, h: int, device: str, dtype: t
     out_h, out_d = torch.empty(n, h, device=device, dtype=dtype), torch.empty(n, d, device=device, dtype=dtype)
     grad_w1, grad_w2 = torch.empty_like(w1), torch.empty_like(w2)
     by_columns = backward_by_columns(rows, d, h, w1)
-    # by columns: the rows of each group transposed, [E, width, rows]
-    x_t, a_t, gp_t = (t.view(num_experts, rows, -1).transpose(1, 2).contiguous() for t in (x, a, gp))
-    out_h_t, out_d_t = torch.empty_like(a_t), torch.empty_like(x_t)
+    if by_columns:  # the rows of each group transposed, [E, width, rows]
+        x_t, a_t, gp_t = (t.view(num_experts, rows, -1).transpose(1, 2).contiguous() for t in (x, a, gp))
+        out_h_t, out_d_t = torch.empty_like(a_t), torch.empty_like(x_t)
 
     def products(first: int, last: int, scratch: None) -> None:
         for e in range(first, last):

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from lightning_moe.moe.experts import ACTIVATIONS, GroupedFFNExperts, GroupedGLUExperts, grouped_mm
-from lightning_moe.moe.kernels import loop_experts
+from lightning_moe.moe.kernels import loop_experts, product_layout
 from lightning_moe.moe.kernels.product_layout import backward_by_columns, columns_of, whole_experts_per_thread
 from tests.grouped_mm_reference import assert_matches_per_expert_products, grouped_mm_inputs
 
@@ -71,7 +71,7 @@ def _choose(monkeypatch: pytest.MonkeyPatch, by_columns: set[int]) -> list[tuple
         calls.append((rows, in_width, out_width))
         return rows in by_columns
 
-    monkeypatch.setattr(loop_experts, "backward_by_columns", rule)
+    monkeypatch.setattr(product_layout, "backward_by_columns", rule)
     return calls
 
 

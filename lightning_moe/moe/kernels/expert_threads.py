@@ -3,8 +3,8 @@
 A matrix product over the few rows one expert receives divides badly between intra-op threads, which
 then wait for each other; giving each thread whole experts instead (what a batched GEMM does with its
 batch) runs every product on one core at full rate. Larger groups already use the intra-op threads well
-and stay there, except where the caller asks otherwise (bf16 experts with large weights, ``product_layout.py``). Figures: README ("MoE layer against an equal-FLOP dense FFN",
-``python benchmarks/moe_layer.py``).
+and stay there, except where the caller asks otherwise (bf16 experts with large weights, ``product_layout.py``).
+Figures: README ("MoE layer against an equal-FLOP dense FFN", ``python benchmarks/moe_layer.py``).
 
 There are as many workers as the calling thread has intra-op threads (``torch.get_num_threads()``). They
 take the experts one at a time from a shared list, largest first, so that a worker slowed down by anything

@@ -32,7 +32,7 @@ from torch.autograd.function import once_differentiable
 from lightning_moe.moe.activations import ACTIVATION_BACKWARD_OUT, ACTIVATION_OUT
 from lightning_moe.moe.kernels.expert_threads import run_over_experts
 from lightning_moe.moe.kernels.gradient_memory import GradientMemory
-from lightning_moe.moe.kernels.product_layout import backward_by_columns, columns_of, whole_experts_per_thread
+from lightning_moe.moe.kernels.product_layout import columns_of, experts_by_columns, whole_experts_per_thread
 
 __all__ = [
     "CPU_ROW_SIGNIFICANT_BITS",
@@ -124,7 +124,7 @@ class LoopGroupedMM(torch.autograd.Function):
         grad_w = _weight_grad(ctx.memory, "w", w) if need_w else None  # [E, a, b]
         grad_b = w.new_empty(w.shape[0], w.shape[2]) if need_b else None  # [E, b]
         in_width, out_width = w.shape[1], w.shape[2]
-        by_columns = [backward_by_columns(bounds[e + 1] - bounds[e], in_width, out_width, w) for e in range(w.shape[0])]
+        by_columns = experts_by_columns(bounds, in_width, out_width, w)
 
         def run(first: int, last: int, in_scratch: Tensor | None) -> None:
             for e in range(first, last):
@@ -219,9 +219,7 @@ class LoopExpertFFN(torch.autograd.Function):
         need_hidden_grad = grad_x is not None or grad_w1 is not None or grad_b1 is not None
         first_saved = _first_saved_index(bounds)
         model_size = w1.shape[1]
-        by_columns = [
-            backward_by_columns(bounds[e + 1] - bounds[e], model_size, hidden_size, w1) for e in range(num_experts)
-        ]
+        by_columns = experts_by_columns(bounds, model_size, hidden_size, w1)
 
         def run(first: int, last: int, scratch: tuple[Tensor, Tensor | None]) -> None:
             hidden_scratch, model_scratch = scratch  # [3, rows, h], [rows, d] (None when no expert needs it)
@@ -331,9 +329,7 @@ class LoopExpertGLU(torch.autograd.Function):
         need_hidden_grad = grad_x is not None or grad_w1 is not None or grad_w3 is not None
         first_saved = _first_saved_index(bounds)
         model_size = w1.shape[1]
-        by_columns = [
-            backward_by_columns(bounds[e + 1] - bounds[e], model_size, hidden_size, w1) for e in range(len(bounds) - 1)
-        ]
+        by_columns = experts_by_columns(bounds, model_size, hidden_size, w1)
 
         def run(first: int, last: int, scratch: tuple[Tensor, Tensor | None]) -> None:
             hidden_scratch, model_scratch = scratch  # [4, rows, h], [rows, d] (None when no expert needs it)

@@ -26,6 +26,7 @@ __all__ = [
     "BY_COLUMNS_MIN_WEIGHT_BYTES",
     "WHOLE_EXPERTS_MIN_WEIGHT_BYTES",
     "backward_by_columns",
+    "experts_by_columns",
     "whole_experts_per_thread",
     "columns_of",
 ]
@@ -46,6 +47,11 @@ def backward_by_columns(rows: int, in_width: int, out_width: int, weight: Tensor
     if weight_elements * weight.element_size() < BY_COLUMNS_MIN_WEIGHT_BYTES:
         return False
     return 0 < rows * (in_width + out_width) <= weight_elements
+
+
+def experts_by_columns(bounds: list[int], in_width: int, out_width: int, weight: Tensor) -> list[bool]:
+    """:func:`backward_by_columns` for every expert of the row offsets ``bounds`` (``[0, n_0, n_0+n_1, ..., N]``)."""
+    return [backward_by_columns(hi - lo, in_width, out_width, weight) for lo, hi in zip(bounds, bounds[1:])]
 
 
 WHOLE_EXPERTS_MIN_WEIGHT_BYTES = 2**20
