@@ -13,8 +13,9 @@ time is the run's own compute time, robust to other jobs sharing the machine), f
 4. **Upcycling**: the dense model with the experts' width (``moe=dense moe.k=1``) for half the budget,
    upcycled (``moe.upcycle=true``) and trained for the other half, against the same MoE (``moe=dropless``:
    the upcycled router starts at zero, a capacity would drop most tokens at first) from scratch.
-5. **bf16 against fp32** (issue 15): MoE-8 on the multitask mixture in ``bf16-mixed`` and in ``32-true`` for the
-   same number of steps (``--precision-steps``, no time budget): validation NLL at every validation.
+5. **bf16 against fp32** (issue 15): MoE-8 on the multitask mixture in ``bf16-mixed`` (residual stream in bf16, the
+   default, and in fp32: ``model.residual_in_compute_dtype=false``) and in ``32-true`` for the same number of steps
+   (``--precision-steps``, no time budget): validation NLL at every validation.
 6. **The recipe's settings** (issue 16): ``experiment=multi30k`` shrunk to ``--recipe-steps`` steps with its
    warm-up shrunk in proportion (the same inverse-sqrt shape), and one setting changed at a time: peak learning
    rate x0.5 / x2, warm-up x0.5 / x2, cosine decay instead of inverse-sqrt, label smoothing 0 / 0.2, dropout
@@ -129,6 +130,8 @@ def plan(args: argparse.Namespace) -> list[Run]:
         steps = (f"trainer.max_steps={args.precision_steps}",)  # equal steps, not equal time
         for arm, precision in (("precision-fp32", "32-true"), ("precision-bf16", "bf16-mixed")):
             runs.append(Run(arm, seed, (*moe(8), f"trainer.precision={precision}", *steps), math.inf, both))
+        fp32_residual = ("trainer.precision=bf16-mixed", "model.residual_in_compute_dtype=false")
+        runs.append(Run("precision-bf16-fp32-residual", seed, (*moe(8), *fp32_residual, *steps), math.inf, both))
     runs += recipe_settings_runs(args)
     return runs if args.arms is None else only_arms(runs, args.arms)
 

@@ -20,6 +20,8 @@ TASK_ARMS = ("multitask-dense", "multitask-moe8", "single-dense", "single-moe8")
 FINETUNE_ARMS = ("defr-scratch", "defr-finetuned")
 UPCYCLE_ARMS = ("upcycle-scratch", "upcycle-dense", "upcycle-upcycled", "upcycle-upcycled-mainlr")
 PRECISION_ARMS = ("precision-fp32", "precision-bf16")
+FP32_RESIDUAL_ARM = "precision-bf16-fp32-residual"
+"""bf16 with the residual stream kept in fp32: a third column of study 5 when it has run."""
 PRECISION_TOLERANCE = 0.01
 """Issue 15's goal: bf16 training ends within 1% of fp32's validation NLL after the same steps."""
 SPLITS = ("test_2016_flickr", "test_2017_flickr")
@@ -273,30 +275,50 @@ def precision_section(arms: dict[str, list]) -> list[str]:
     if not complete:
         return lines
     fp32, bf16 = ({r["seed"]: r for r in arms[a]} for a in PRECISION_ARMS)
+    fp32_residual = {r["seed"]: r for r in arms.get(FP32_RESIDUAL_ARM, [])}  # optional third column
     seeds = sorted(set(fp32) & set(bf16))
     lines += [
         "MoE-8, multitask, the same steps in `32-true` and `bf16-mixed` (same seed: same initial weights and"
-        " batches). Validation NLL at each validation, and bf16's difference relative to fp32.",
+        " batches). Validation NLL at each validation, and bf16's difference relative to fp32"
+        + (
+            "; `bf16, fp32 residual` keeps the residual stream in fp32 (`model.residual_in_compute_dtype=false`)."
+            if fp32_residual
+            else "."
+        ),
         "",
-        "| seed | step | fp32 | bf16 | bf16 vs fp32 |",
-        "|---|---|---|---|---|",
+        "| seed | step | fp32 | bf16 | bf16 vs fp32 |" + (" bf16, fp32 residual | vs fp32 |" if fp32_residual else ""),
+        "|---|---|---|---|---|" + ("---|---|" if fp32_residual else ""),
     ]
-    end_gaps = []
+    end_gaps: dict[str, list[float]] = {PRECISION_ARMS[1]: [], FP32_RESIDUAL_ARM: []}
     for seed in seeds:
-        steps = sorted({h["step"] for h in fp32[seed]["history"]} & {h["step"] for h in bf16[seed]["history"]})
+        others = {
+            PRECISION_ARMS[1]: bf16[seed],
+            **({FP32_RESIDUAL_ARM: fp32_residual[seed]} if seed in fp32_residual else {}),
+        }
+        steps = sorted(set.intersection(*({h["step"] for h in r["history"]} for r in (fp32[seed], *others.values()))))
         for step in steps:
-            a, b = nll_at(fp32[seed], step), nll_at(bf16[seed], step)
-            lines.append(f"| {seed} | {step} | {a:.4f} | {b:.4f} | {100 * (b - a) / a:+.2f}% |")
-        if steps:
-            end_gaps.append(
-                (nll_at(bf16[seed], steps[-1]) - nll_at(fp32[seed], steps[-1])) / nll_at(fp32[seed], steps[-1])
+            base = nll_at(fp32[seed], step)
+            cells = "".join(
+                f" {nll_at(r, step):.4f} | {100 * (nll_at(r, step) - base) / base:+.2f}% |" for r in others.values()
             )
+            lines.append(f"| {seed} | {step} | {base:.4f} |{cells}")
+        if steps:
+            base = nll_at(fp32[seed], steps[-1])
+            for arm, run in others.items():
+                end_gaps[arm].append((nll_at(run, steps[-1]) - base) / base)
     ends = [fp32[s]["val_nll"] for s in seeds]
     noise = (max(ends) - min(ends)) / min(ends) if len(ends) > 1 else None
-    within = all(abs(g) <= PRECISION_TOLERANCE for g in end_gaps)
+    gaps = end_gaps[PRECISION_ARMS[1]]
+    within = all(abs(g) <= PRECISION_TOLERANCE for g in gaps)
+    residual_gaps = end_gaps[FP32_RESIDUAL_ARM]
     lines += [
         "",
-        f"At the last step: bf16 {', '.join(f'{100 * g:+.2f}%' for g in end_gaps)} against fp32"
+        f"At the last step: bf16 {', '.join(f'{100 * g:+.2f}%' for g in gaps)} against fp32"
+        + (
+            f" (with the fp32 residual stream {', '.join(f'{100 * g:+.2f}%' for g in residual_gaps)})"
+            if residual_gaps
+            else ""
+        )
         + (f"; the fp32 runs of different seeds end {100 * noise:.2f}% apart" if noise is not None else "")
         + f". Goal (within {100 * PRECISION_TOLERANCE:.0f}%): {'**met**' if within else '**not met**'}.",
         "",

@@ -442,7 +442,8 @@ class MoETransformer(nn.Module):
     # ------------------------------------------------------------------------------------- embedding
 
     def _embed(self, tokens: Tensor, table: nn.Embedding, positions_table: nn.Embedding | None, start: int) -> Tensor:
-        """Scaled token embeddings plus positions ``start ...``, then dropout: ``[B, T] -> [B, T, D]``."""
+        """Scaled token embeddings plus positions ``start ...`` in the residual stream's dtype (see
+        ``TransformerConfig.residual_in_compute_dtype``), then dropout: ``[B, T] -> [B, T, D]``."""
         length = tokens.shape[1]
         if start + length > self.config.max_positions:
             raise ValueError(
@@ -455,6 +456,9 @@ class MoETransformer(nn.Module):
             x = x + positions_table(positions)
         else:
             x = x + sinusoidal_positions(positions, self.config.d_model).to(x.dtype)
+        device_type = x.device.type
+        if self.config.residual_in_compute_dtype and torch.is_autocast_enabled(device_type):
+            x = x.to(torch.get_autocast_dtype(device_type))  # the residual stream's dtype from here on
         return self.embed_dropout(x)
 
     def output_logits(self, hidden: Tensor, logits_block: LogitsBlock | None = None) -> Tensor:

@@ -116,6 +116,29 @@ def test_train_throughput_runs_on_cpu(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_residual_dtype_times_both_streams_and_reports_their_ratio(tmp_path: Path) -> None:
+    out = tmp_path / "residual.json"
+    options = "--threads 1 --warmup 1 --steps 1 --rounds 2 --json".split()
+    assert "fp32 stream / bf16 stream" in _run("residual_dtype.py", *TINY_THROUGHPUT, *options, str(out)).stdout
+    result = json.loads(out.read_text())
+    assert result["bf16 stream step_ms_median"] > 0 and result["fp32 stream step_ms_median"] > 0
+    assert result["fp32_over_bf16_stream_median"] > 0
+
+
+def test_train_throughput_takes_the_best_peak_measured_before_and_after_the_steps(monkeypatch) -> None:
+    # An idle CPU runs its first products slowly: a peak measured only at start-up would inflate the MFU.
+    rates = iter([0.1, 0.2, 1.0, 2.0])  # fp32 then bf16, before the steps; fp32 then bf16, after them
+    monkeypatch.setattr(train_throughput, "measure_matmul_tflops", lambda dtype, *args, **kwargs: next(rates))
+    threads = torch.get_num_threads()
+    try:
+        result = train_throughput.main([*TINY_THROUGHPUT, *"--steps 1 --warmup 0 --precision bf16-mixed".split()])
+    finally:
+        torch.set_num_threads(threads)
+    assert (result["measured_fp32_tflops"], result["measured_bf16_tflops"], result["peak_tflops"]) == (1.0, 2.0, 2.0)
+    assert result["mfu"] == pytest.approx(result["model_tflops_per_s"] / 2.0)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("one_process", [False, True], ids=["process-per-variant", "one-process"])
 def test_train_throughput_side_by_side_interleaves_three_variants(tmp_path: Path, one_process: bool) -> None:
     out = tmp_path / "side.json"

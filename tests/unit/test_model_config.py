@@ -55,6 +55,7 @@ def test_get_preset_rejects_unknown_names_and_keys():
         ({"moe_every": 2, "moe_offset": 2}, "moe_offset"),
         ({"max_positions": 1}, "max_positions"),
         ({"tie_embeddings": "yes"}, "tie_embeddings"),
+        ({"residual_in_compute_dtype": 1}, "residual_in_compute_dtype"),
         ({"moe": {"num_experts": 2, "k": 3}}, "moe.k"),
         ({"moe": {"num_experts": -1}}, "moe.num_experts"),
         ({"moe": {"expert": "mlp"}}, "moe.expert"),

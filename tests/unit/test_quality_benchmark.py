@@ -28,7 +28,7 @@ def test_plan_orders_runs_after_their_sources_and_gives_equal_budgets():
     quality = _load("quality")
     runs = [r for r in quality.plan(quality.parse_args(["--seeds", "0", "1"])) if not r.arm.startswith("recipe-")]
     names = [r.name for r in runs]
-    assert len(names) == len(set(names)) == 2 * 14
+    assert len(names) == len(set(names)) == 2 * 15
     for r in runs:
         if r.init_from:
             assert names.index(r.init_from) < names.index(r.name)
@@ -48,6 +48,8 @@ def test_plan_orders_runs_after_their_sources_and_gives_equal_budgets():
     assert fp32.budget_s == bf16.budget_s == float("inf") and "trainer.max_steps=600" in fp32.overrides
     assert {o for o in fp32.overrides if "precision" not in o} == {o for o in bf16.overrides if "precision" not in o}
     assert "trainer.precision=32-true" in fp32.overrides and "trainer.precision=bf16-mixed" in bf16.overrides
+    fp32_residual = by_name["precision-bf16-fp32-residual-seed0"]
+    assert set(fp32_residual.overrides) - set(bf16.overrides) == {"model.residual_in_compute_dtype=false"}
 
 
 def test_recipe_settings_change_one_setting_of_the_shrunk_recipe_and_are_scored_on_val():
@@ -151,10 +153,12 @@ def test_report_judges_the_claims_from_the_numbers(tmp_path: Path, moe_wins: boo
         _run_file(tmp_path, "single-moe8", seed, 2.6, _en_de(24.0 if moe_wins else 26.0))
         _run_file(tmp_path, "precision-fp32", seed, 3.0 + 0.1 * seed, {})
         _run_file(tmp_path, "precision-bf16", seed, (3.0 + 0.1 * seed) * (1.005 if moe_wins else 1.03), {})
+        _run_file(tmp_path, "precision-bf16-fp32-residual", seed, (3.0 + 0.1 * seed) * 0.998, {})
     text = report_module.write_report(tmp_path, {"model": "tiny"}).read_text()
     # bf16 0.5% (met) or 3% (not met) above fp32 at the last step; fp32 seeds 3.33% apart
     assert f"Goal (within 1%): **{'met' if moe_wins else 'not met'}**" in text
     assert ("+0.50%, +0.50%" if moe_wins else "+3.00%, +3.00%") in text and "end 3.33% apart" in text
+    assert "(with the fp32 residual stream -0.20%, -0.20%)" in text and "| bf16, fp32 residual |" in text
     verdict = "**holds**" if moe_wins else "**does not hold**"
     assert f"Claim: {verdict} on the mean" in text
     assert f"'the MoE wins in multitask training': {verdict}" in text
