@@ -18,6 +18,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from lightning_moe.config.resume import VALUE_BEFORE_KEY_EXISTED
 from lightning_moe.config.run import GenerationConfig, OptimConfig
 from lightning_moe.metrics import corpus_scores
 from lightning_moe.models import MoEConfig, MoETransformer, TransformerConfig, generate, sequence_cross_entropy
@@ -27,10 +28,15 @@ __all__ = ["MultitaskTranslationModule", "transformer_config_from_dict"]
 
 
 def transformer_config_from_dict(values: dict | TransformerConfig) -> TransformerConfig:
-    """A :class:`TransformerConfig` from its ``asdict`` form (checkpoints keep plain types only)."""
+    """A :class:`TransformerConfig` from its ``asdict`` form (checkpoints keep plain types only); a key the
+    checkpoint predates takes the value its run trained with (``VALUE_BEFORE_KEY_EXISTED``)."""
     if isinstance(values, TransformerConfig):
         return values
     values = dict(values)
+    for key, before in VALUE_BEFORE_KEY_EXISTED.items():  # a checkpoint written before the key existed
+        group, _, name = key.partition(".")
+        if group == "model" and name not in values:
+            values[name] = before
     moe = values.pop("moe", {}) or {}
     known = {f.name for f in fields(TransformerConfig)}
     unknown = set(values) - known

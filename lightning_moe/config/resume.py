@@ -14,7 +14,14 @@ from typing import Any
 
 from lightning_moe.config.errors import ConfigError
 
-__all__ = ["MAY_CHANGE_ON_RESUME", "RUN_CONFIG_KEY", "check_same_run", "config_differences", "run_config"]
+__all__ = [
+    "MAY_CHANGE_ON_RESUME",
+    "RUN_CONFIG_KEY",
+    "VALUE_BEFORE_KEY_EXISTED",
+    "check_same_run",
+    "config_differences",
+    "run_config",
+]
 
 #: Checkpoint key holding the run's resolved configuration.
 RUN_CONFIG_KEY = "run_config"
@@ -53,6 +60,14 @@ MAY_CHANGE_ON_RESUME: tuple[str, ...] = (
 )
 
 
+#: Keys added to the configuration after checkpoints were written without them, each with the value that
+#: reproduces how those runs trained: a stored configuration without the key compares as having this value, so an
+#: older run resumes when the key is set to it (and is refused, naming the key, when it is not).
+VALUE_BEFORE_KEY_EXISTED: dict[str, Any] = {
+    "model.residual_in_compute_dtype": False,  # 2026-12-05: the residual stream was fp32 under autocast
+}
+
+
 def run_config(cfg: Any) -> dict[str, Any]:
     """The resolved configuration ``cfg`` (a ``TrainConfig``) as plain nested dicts, for a checkpoint."""
     from lightning_moe.checkpoint.state import to_plain
@@ -75,7 +90,7 @@ def _may_change(key: str) -> bool:
 
 def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
     """``"key: saved -> current"`` for every differing key outside :data:`MAY_CHANGE_ON_RESUME`, sorted."""
-    old, new = _flatten(saved), _flatten(current)
+    old, new = {**VALUE_BEFORE_KEY_EXISTED, **_flatten(saved)}, _flatten(current)
     missing = object()
     out = []
     for key in sorted(set(old) | set(new)):

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 
 from lightning_moe.config import ConfigError, TrainConfig
-from lightning_moe.config.resume import MAY_CHANGE_ON_RESUME, check_same_run, config_differences, run_config
+from lightning_moe.config.resume import (
+    MAY_CHANGE_ON_RESUME,
+    VALUE_BEFORE_KEY_EXISTED,
+    check_same_run,
+    config_differences,
+    run_config,
+)
 
 
 def _cfg(**changes: dict) -> dict:
@@ -79,6 +85,27 @@ def test_a_checkpoint_without_a_stored_config_is_accepted() -> None:
     check_same_run(None, _cfg(), "old.ckpt")
 
 
+def test_a_checkpoint_from_before_a_key_existed_resumes_with_the_value_of_that_time() -> None:
+    # Written before model.residual_in_compute_dtype existed: its runs kept the residual stream in fp32.
+    saved = _cfg()
+    del saved["model"]["residual_in_compute_dtype"]
+    assert config_differences(saved, _cfg(model={"residual_in_compute_dtype": False})) == []
+    with pytest.raises(ConfigError, match=r"model\.residual_in_compute_dtype: False -> True"):
+        check_same_run(saved, _cfg(), "runs/x/checkpoints/step-000004.ckpt")
+
+
+def test_a_model_config_stored_before_a_key_existed_gets_the_value_of_that_time() -> None:
+    from dataclasses import asdict
+
+    from lightning_moe.models import get_preset
+    from lightning_moe.module import transformer_config_from_dict
+
+    stored = asdict(get_preset("tiny", vocab_size=64))
+    assert transformer_config_from_dict(stored).residual_in_compute_dtype is True
+    del stored["residual_in_compute_dtype"]  # hyper-parameters saved before 2026-12-05
+    assert transformer_config_from_dict(stored).residual_in_compute_dtype is False
+
+
 def test_the_allow_list_names_real_keys() -> None:
     flat_keys = set()
 
@@ -90,5 +117,5 @@ def test_the_allow_list_names_real_keys() -> None:
                 walk(v, key)
 
     walk(run_config(TrainConfig()))
-    unknown = [k for k in MAY_CHANGE_ON_RESUME if k not in flat_keys]
+    unknown = [k for k in (*MAY_CHANGE_ON_RESUME, *VALUE_BEFORE_KEY_EXISTED) if k not in flat_keys]
     assert not unknown, unknown
