@@ -291,21 +291,24 @@ def precision_section(arms: dict[str, list]) -> list[str]:
     ]
     end_gaps: dict[str, list[float]] = {PRECISION_ARMS[1]: [], FP32_RESIDUAL_ARM: []}
     for seed in seeds:
-        others = {
-            PRECISION_ARMS[1]: bf16[seed],
-            **({FP32_RESIDUAL_ARM: fp32_residual[seed]} if seed in fp32_residual else {}),
-        }
-        steps = sorted(set.intersection(*({h["step"] for h in r["history"]} for r in (fp32[seed], *others.values()))))
+        # the columns after fp32's; a seed the third arm has not reached yet shows dashes there
+        others = {PRECISION_ARMS[1]: bf16[seed]}
+        if fp32_residual:
+            others[FP32_RESIDUAL_ARM] = fp32_residual.get(seed)
+        present = [r for r in (fp32[seed], *others.values()) if r is not None]
+        steps = sorted(set.intersection(*({h["step"] for h in r["history"]} for r in present)))
         for step in steps:
             base = nll_at(fp32[seed], step)
             cells = "".join(
-                f" {nll_at(r, step):.4f} | {100 * (nll_at(r, step) - base) / base:+.2f}% |" for r in others.values()
+                " - | - |" if r is None else f" {nll_at(r, step):.4f} | {100 * (nll_at(r, step) - base) / base:+.2f}% |"
+                for r in others.values()
             )
             lines.append(f"| {seed} | {step} | {base:.4f} |{cells}")
         if steps:
             base = nll_at(fp32[seed], steps[-1])
             for arm, run in others.items():
-                end_gaps[arm].append((nll_at(run, steps[-1]) - base) / base)
+                if run is not None:
+                    end_gaps[arm].append((nll_at(run, steps[-1]) - base) / base)
     ends = [fp32[s]["val_nll"] for s in seeds]
     noise = (max(ends) - min(ends)) / min(ends) if len(ends) > 1 else None
     gaps = end_gaps[PRECISION_ARMS[1]]

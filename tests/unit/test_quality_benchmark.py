@@ -265,3 +265,15 @@ def test_one_run_trains_to_its_budget_scores_and_resumes_its_clock(tmp_path: Pat
     assert third["test"] == second["test"] and third["moe_evaluation"] == "dropless"
     assert third["val_nll"] == pytest.approx(second["history"][-1]["val_nll"], abs=1e-4)
     assert third["earlier_scores"]["val_nll"] == 99.0 and third["earlier_scores"]["test"][0]["bleu"] == -1.0
+
+
+def test_precision_report_shows_dashes_for_a_seed_the_fp32_residual_arm_has_not_reached(tmp_path: Path):
+    report_module = _load("quality_report")
+    for seed in (0, 1):
+        _run_file(tmp_path, "precision-fp32", seed, 3.0, {})
+        _run_file(tmp_path, "precision-bf16", seed, 3.03, {})
+    _run_file(tmp_path, "precision-bf16-fp32-residual", 0, 2.97, {})
+    text = report_module.write_report(tmp_path, {"arms": ["precision-fp32"]}).read_text()
+    assert "| 1 | 100 | 3.0000 | 3.0300 | +1.00% | - | - |" in text
+    assert "| 0 | 100 | 3.0000 | 3.0300 | +1.00% | 2.9700 | -1.00% |" in text
+    assert "bf16 +1.00%, +1.00% against fp32 (with the fp32 residual stream -1.00%)" in text
