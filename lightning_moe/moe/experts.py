@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_moe.moe.activations import ACTIVATION_BACKWARD, ACTIVATIONS
-from lightning_moe.moe.kernels.gradient_memory import GradientMemory
+from lightning_moe.moe.kernels.gradient_memory import GradientMemory, cast_in_kept_memory
 from lightning_moe.moe.kernels.loop_experts import loop_expert_ffn, loop_expert_glu, loop_grouped_mm
 
 __all__ = [
@@ -116,6 +116,13 @@ def _cast_for_loop(dtype: torch.dtype, *tensors: Tensor | None) -> tuple[Tensor 
     dtype of what they are given. Without autocast every tensor already has ``dtype`` (nothing is copied).
     """
     return tuple(None if t is None else t.to(dtype) for t in tensors)  # .to() returns t itself when it has dtype
+
+
+def _cast_weights_for_loop(dtype: torch.dtype, memory: GradientMemory, **weights: Tensor) -> tuple[Tensor, ...]:
+    """The experts' ``[E, ...]`` weights cast like :func:`_cast_for_loop` does, each cast and its gradient in
+    ``memory``'s blocks kept from step to step (:func:`cast_in_kept_memory`, keyed by the weight's name):
+    blocks of the experts' size are mapped afresh by malloc, and their page faults cost more than the casts."""
+    return tuple(cast_in_kept_memory(w, dtype, memory, name) for name, w in weights.items())
 
 
 def _aligned_rows(t: Tensor, alignment: int) -> bool:
@@ -352,7 +359,8 @@ class GroupedFFNExperts(_GroupedExperts):
             return _unpad_rows(_native_linear(h, cast(w2), layout, cast(b2)), layout)  # [N, d]
         dtype = compute_dtype(x, (w1, w2))
         if dtype is not None and self.activation in ACTIVATION_BACKWARD:
-            x, w1, b1, w2, b2 = _cast_for_loop(dtype, x, w1, b1, w2, b2)
+            x, b1, b2 = _cast_for_loop(dtype, x, b1, b2)
+            w1, w2 = _cast_weights_for_loop(dtype, self.gradient_memory, w1=w1, w2=w2)
             return loop_expert_ffn(x, w1, b1, w2, b2, tokens_per_expert, self.activation, self.gradient_memory)
         h = grouped_mm(x, w1, tokens_per_expert, b1)  # [N, h]
         h = ACTIVATIONS[self.activation](h)
@@ -393,7 +401,8 @@ class GroupedGLUExperts(_GroupedExperts):
             return _unpad_rows(_native_linear(hidden, w2.to(dtype), layout, None), layout)  # [N, d]
         dtype = compute_dtype(x, (w1, w3, w2))
         if dtype is not None and self.activation in ACTIVATION_BACKWARD:
-            x, w1, w3, w2 = _cast_for_loop(dtype, x, w1, w3, w2)
+            (x,) = _cast_for_loop(dtype, x)
+            w1, w3, w2 = _cast_weights_for_loop(dtype, self.gradient_memory, w1=w1, w3=w3, w2=w2)
             return loop_expert_glu(x, w1, w3, w2, tokens_per_expert, self.activation, self.gradient_memory)
         gate = grouped_mm(x, w1, tokens_per_expert)  # [N, h]
         up = grouped_mm(x, w3, tokens_per_expert)  # [N, h]

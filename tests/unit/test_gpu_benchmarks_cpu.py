@@ -125,6 +125,28 @@ def test_residual_dtype_times_both_streams_and_reports_their_ratio(tmp_path: Pat
     assert result["fp32_over_bf16_stream_median"] > 0
 
 
+def test_expert_weight_casts_times_fresh_and_kept_casts_on_the_same_layer(tmp_path: Path) -> None:
+    out = tmp_path / "casts.json"
+    options = "--threads 1 --warmup 1 --rounds 2 --tokens 64 --shapes 16:32:4:2 --json".split()
+    assert "fresh/kept" in _run("expert_weight_casts.py", *options, str(out)).stdout
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["shape"] == "16:32:4:2"
+    assert row["fresh casts step_ms_median"] > 0 and row["kept casts step_ms_median"] > 0
+    assert row["fresh_over_kept_median"] > 0
+
+
+def test_fresh_cast_memory_hands_out_new_blocks_for_casts_only() -> None:
+    # The benchmark's reference: a plain .to() cast, while the kernel's own gradients stay in kept memory.
+    import expert_weight_casts
+
+    memory = expert_weight_casts.FreshCastMemory()
+    like = torch.empty(4, 3)
+    first = memory.empty("w1", like).data_ptr()
+    assert memory.empty("w1", like).data_ptr() == first  # the kernel's gradients: kept
+    assert memory.empty("w1.cast", like, torch.bfloat16).dtype == torch.bfloat16
+    assert memory.nbytes() == like.numel() * 4  # nothing kept for the casts
+
+
 def test_train_throughput_takes_the_best_peak_measured_before_and_after_the_steps(monkeypatch) -> None:
     # An idle CPU runs its first products slowly: a peak measured only at start-up would inflate the MFU.
     rates = iter([0.1, 0.2, 1.0, 2.0])  # fp32 then bf16, before the steps; fp32 then bf16, after them

@@ -111,3 +111,54 @@ def test_zero_stage_decides_whether_experts_keep_gradient_memory(stage: int, kep
     for layer in model:
         assert layer.experts.gradient_memory.enabled is kept
         assert (layer.experts.gradient_memory.nbytes() > 0) is kept
+
+
+@pytest.mark.parametrize("experts_class", [GroupedFFNExperts, GroupedGLUExperts])
+def test_autocast_weight_casts_and_their_gradients_reuse_kept_memory(experts_class: type) -> None:
+    """Under bf16 autocast the fp32 weights' casts and the fp32 gradients they send back come from kept memory:
+    the second step's ``.grad`` sits where the first one's was, with the gradients a plain ``.to()`` gives."""
+    torch.manual_seed(0)
+    experts = experts_class(4, 6, 10)
+    twin = copy.deepcopy(experts)
+    twin.gradient_memory.enabled = False  # every block fresh: a plain .to() cast and fresh gradients
+    x = torch.randn(10, 6)
+
+    def autocast_backward(module: nn.Module, scale: float) -> None:
+        module.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = module(x, COUNTS)
+        (out.float() * scale).sum().backward()
+
+    autocast_backward(experts, 1.0)
+    first = {n: p.grad.data_ptr() for n, p in experts.named_parameters() if n.startswith("w")}
+    autocast_backward(experts, 2.0)
+    autocast_backward(twin, 2.0)
+    for name, p in experts.named_parameters():
+        assert p.grad.dtype == torch.float32
+        assert torch.equal(p.grad, dict(twin.named_parameters())[name].grad)
+        if name.startswith("w"):
+            assert p.grad.data_ptr() == first[name]
+    kept = experts.gradient_memory._storages
+    assert {"w1.cast", "w1.grad", "w2.cast", "w2.grad"} <= set(kept)
+    assert kept["w1.cast"][0].nbytes() == experts.w1.numel() * 2  # the bf16 copy
+    assert kept["w1.grad"][0].nbytes() == experts.w1.numel() * 4  # the fp32 gradient
+
+
+def test_kept_cast_follows_its_weight_and_leaves_matching_dtypes_alone() -> None:
+    from lightning_moe.moe.kernels.gradient_memory import cast_in_kept_memory
+
+    memory = GradientMemory()
+    w = torch.randn(3, 4, 5, requires_grad=True)
+    assert cast_in_kept_memory(w, torch.float32, memory, "w") is w
+    first = cast_in_kept_memory(w, torch.bfloat16, memory, "w")
+    assert torch.equal(first, w.detach().to(torch.bfloat16))
+    held = first  # still referenced (e.g. saved for a backward): the next cast must not write into it
+    with torch.no_grad():
+        w.mul_(2.0)
+    second = cast_in_kept_memory(w, torch.bfloat16, memory, "w")
+    assert second.data_ptr() != held.data_ptr()
+    assert torch.equal(held, (w.detach() / 2.0).to(torch.bfloat16))
+    assert torch.equal(second, w.detach().to(torch.bfloat16))
+    grad = torch.randn(3, 4, 5, dtype=torch.bfloat16)
+    second.backward(grad)
+    assert w.grad.dtype == torch.float32 and torch.equal(w.grad, grad.float())
