@@ -18,6 +18,7 @@ sys.path.insert(0, str(BENCHMARKS))
 
 import model_scale  # noqa: E402
 import running_order  # noqa: E402
+import step_products  # noqa: E402
 import train_throughput  # noqa: E402
 
 from lightning_moe.models import MoETransformer, get_preset  # noqa: E402
@@ -145,6 +146,44 @@ def test_fresh_cast_memory_hands_out_new_blocks_for_casts_only() -> None:
     assert memory.empty("w1", like).data_ptr() == first  # the kernel's gradients: kept
     assert memory.empty("w1.cast", like, torch.bfloat16).dtype == torch.bfloat16
     assert memory.nbytes() == like.numel() * 4  # nothing kept for the casts
+
+
+def test_step_products_records_each_product_once_with_its_flops_and_layout() -> None:
+    a, b, bias = torch.randn(8, 5), torch.randn(6, 5), torch.randn(6)
+    batch_a, batch_b = torch.randn(3, 4, 5), torch.randn(3, 5, 2)
+    out = torch.empty(8, 6)
+    recorder = step_products.ProductRecorder()
+    with recorder:
+        torch.mm(a, b.t())  # [8, 5] @ [5, 6] with a transposed second operand
+        torch.addmm(bias, a, b.t())
+        torch.bmm(batch_a, batch_b)
+        torch.mm(a, b.t(), out=out)
+        (a + 1.0).sum()  # not a product: not recorded
+    described = {step_products._describe(key): key for key in recorder.calls}
+    assert set(described) == {"mm 8x5 @ 5x6(T)", "addmm 8x5 @ 5x6(T)", "bmm 3x4x5 @ 3x5x2"}
+    assert sum(recorder.calls.values()) == 4  # the out= form is recorded apart from the plain mm
+    flops = {name: step_products.product_flops(key[0], list(key[1])) for name, key in described.items()}
+    assert flops == {
+        "mm 8x5 @ 5x6(T)": 2 * 8 * 5 * 6,
+        "addmm 8x5 @ 5x6(T)": 2 * 8 * 5 * 6,
+        "bmm 3x4x5 @ 3x5x2": 2 * 3 * 4 * 5 * 2,
+    }
+    out_key = next(key for key in recorder.calls if key[2] is not None)
+    assert step_products.replay_seconds(out_key, repeats=2) > 0
+
+
+@pytest.mark.slow
+def test_step_products_reports_the_products_share_and_both_ceilings(tmp_path: Path) -> None:
+    out = tmp_path / "products.json"
+    options = "--threads 1 --warmup 1 --steps 1 --recorded-steps 1 --repeats 2 --json".split()
+    assert (
+        "MFU ceiling" in _run("step_products.py", *TINY_THROUGHPUT[2:], *options, str(out)).stdout
+    )  # CPU only: no --device
+    result = json.loads(out.read_text())
+    assert 0.5 < result["coverage"] < 1.5  # the recorded products are the model's and attention's FLOPs
+    assert 0 < result["products_share_of_step"] < 1
+    assert result["mfu_ceiling_in_step_rates"] > result["mfu"]  # the step also does other work
+    assert result["products_in_step_ms"] == pytest.approx(sum(r["in_step_s"] for r in result["rows"]) * 1e3)
 
 
 def test_train_throughput_takes_the_best_peak_measured_before_and_after_the_steps(monkeypatch) -> None:
