@@ -142,9 +142,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     recorder = ProductRecorder()
     with recorder:
         trainer.time_steps(args.recorded_steps)
-    peak = max(measure_matmul_tflops(torch.bfloat16), measure_matmul_tflops(torch.bfloat16))
-    if args.precision == "32-true":
-        peak = max(measure_matmul_tflops(torch.float32), measure_matmul_tflops(torch.float32))
+    # The peak of the dtype the step's products run in, measured twice (an idle CPU's first products are slow)
+    peak_dtype = torch.float32 if args.precision == "32-true" else torch.bfloat16
+    peak = max(measure_matmul_tflops(peak_dtype) for _ in range(2))
 
     per_step = 1.0 / args.recorded_steps
     rows = []
