@@ -72,7 +72,7 @@ def time_shape(d: int, h: int, experts: int, k: int, tokens: int, warmup: int, r
         for name in list(layers) if round_index % 2 == 0 else list(layers)[::-1]:
             _step(layers[name], x, grad)
             step_s[name].append(_step(layers[name], x, grad))
-    ratios = [f / k_ for f, k_ in zip(step_s["fresh casts"], step_s["kept casts"])]
+    ratios = [fresh_s / kept_s for fresh_s, kept_s in zip(step_s["fresh casts"], step_s["kept casts"])]
     return {
         "shape": f"{d}:{h}:{experts}:{k}",
         **{f"{name} step_ms_median": statistics.median(s) * 1e3 for name, s in step_s.items()},

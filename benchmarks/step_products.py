@@ -59,8 +59,7 @@ TensorSpec = tuple[tuple[int, ...], tuple[int, ...], torch.dtype]
 def product_flops(op: torch._ops.OpOverload, specs: list[TensorSpec]) -> float:
     """``2 m k n`` (times the batch for ``bmm``) of one product from its operands' shapes."""
     name = op.overloadpacket.__name__
-    a, b = (specs[1], specs[2]) if name == "addmm" else (specs[0], specs[1])
-    (a_shape, b_shape) = a[0], b[0]
+    (a_shape, _, _), (b_shape, _, _) = (specs[1], specs[2]) if name == "addmm" else (specs[0], specs[1])
     if name == "bmm":
         return 2.0 * a_shape[0] * a_shape[1] * a_shape[2] * b_shape[2]
     return 2.0 * a_shape[0] * a_shape[1] * b_shape[1]
