@@ -84,9 +84,15 @@ def attend(
         return F.scaled_dot_product_attention(q, k, v, attn_mask=keep_mask, dropout_p=dropout_p, is_causal=is_causal)
     if is_causal:
         keep_mask = causal_keep_mask(num_queries, num_keys, q.device)  # [Tq, Tk]
-    scores = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-2, -1))  # [B, H, Tq, Tk]
-    if keep_mask is not None:
-        scores = scores.masked_fill(~keep_mask, float("-inf"))
+    scores = torch.matmul(q, k.transpose(-2, -1))  # [B, H, Tq, Tk], unscaled
+    scale = q.shape[-1] ** -0.5
+    if keep_mask is None:
+        scores = scores * scale  # out of place: in place on the product's output takes autograd a slower way
+    else:
+        # The mask as 0 / -inf added with the scale in one pass: a masked_fill with a mask broadcast over the
+        # heads is 3-6x slower than this add on CPU.
+        mask_bias = torch.zeros(keep_mask.shape, dtype=scores.dtype, device=scores.device)
+        scores = torch.add(mask_bias.masked_fill_(~keep_mask, float("-inf")), scores, alpha=scale)
     # torch's CPU softmax accumulates reduced-precision (bf16) inputs in fp32 and rounds once on output: the
     # same result as an fp32 softmax cast back, without the fp32 [B, H, Tq, Tk] copy and the cast.
     weights = torch.softmax(scores, dim=-1).to(v.dtype)  # [B, H, Tq, Tk]

@@ -10,6 +10,7 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from lightning_moe.config import precision as precision_rule
 from lightning_moe.config.precision import AUTO_PRECISION, resolve_precision
@@ -139,17 +140,32 @@ def test_cross_entropy_gradient_is_spent_by_its_backward() -> None:
 # ---------------------------------------------------------------------------------------- attention
 
 
+def _attention_and_grads(fn, q: Tensor, k: Tensor, v: Tensor, **kwargs) -> list[Tensor]:
+    inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+    out = fn(*inputs, **kwargs)
+    out.backward(torch.linspace(-1.0, 1.0, out.numel(), dtype=out.dtype).view(out.shape))
+    return [out.detach()] + [t.grad for t in inputs]
+
+
 def test_short_sequence_attention_matches_sdpa_in_float64() -> None:
     b, h, tq, tk, hd = 3, 2, 5, 7, 8
     q, k, v = (torch.randn(b, h, n, hd, dtype=torch.float64) for n in (tq, tk, tk))
     padding = torch.zeros(b, tk, dtype=torch.bool)
     padding[1, 4:] = True
-    keep = key_padding_keep_mask(padding)
-    torch.testing.assert_close(attend(q, k, v, keep), F.scaled_dot_product_attention(q, k, v, attn_mask=keep))
-    torch.testing.assert_close(attend(q, k, v, is_causal=True), F.scaled_dot_product_attention(q, k, v, is_causal=True))
     k2, v2 = torch.randn(b, h, tq, hd, dtype=torch.float64), torch.randn(b, h, tq, hd, dtype=torch.float64)
     causal = causal_keep_mask(tq, tq, q.device, padding_mask=padding[:, :tq])
-    torch.testing.assert_close(attend(q, k2, v2, causal), F.scaled_dot_product_attention(q, k2, v2, attn_mask=causal))
+    sdpa = F.scaled_dot_product_attention
+    for (kk, vv), kwargs, sdpa_kwargs in (
+        ((k, v), {"keep_mask": key_padding_keep_mask(padding)}, {"attn_mask": key_padding_keep_mask(padding)}),
+        ((k, v), {"is_causal": True}, {"is_causal": True}),
+        ((k2, v2), {"keep_mask": causal}, {"attn_mask": causal}),
+        ((k, v), {}, {}),
+    ):
+        # outputs and the gradients of q, k and v
+        for ours, reference in zip(
+            _attention_and_grads(attend, q, kk, vv, **kwargs), _attention_and_grads(sdpa, q, kk, vv, **sdpa_kwargs)
+        ):
+            torch.testing.assert_close(ours, reference)
 
 
 def test_short_sequence_attention_in_bf16_is_within_bf16_tolerance() -> None:

@@ -136,6 +136,33 @@ def test_expert_weight_casts_times_fresh_and_kept_casts_on_the_same_layer(tmp_pa
     assert row["fresh_over_kept_median"] > 0
 
 
+def test_attention_mask_times_both_versions_for_each_mask(tmp_path: Path) -> None:
+    out = tmp_path / "attention.json"
+    options = "--threads 1 --rounds 2 --batch-size 2 --length 8 --heads 2 --head-dim 4 --json".split()
+    assert "before/now" in _run("attention_mask.py", *options, str(out)).stdout
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["kind"] for row in rows] == ["padding", "causal", "none"]
+    assert all(row["before step_ms_median"] > 0 and row["now step_ms_median"] > 0 for row in rows)
+
+
+@pytest.mark.parametrize("kind", ["padding", "causal", "none"])
+def test_attention_mask_reference_computes_what_attend_computes(kind: str) -> None:
+    # The benchmark's "before" is the former short path of attend: same outputs and gradients in float64.
+    import attention_mask
+
+    q, k, v, mask = attention_mask._inputs(kind, 3, 8, 2, 4, torch.float64)
+    grad = torch.randn(3, 2, 8, 4, dtype=torch.float64)
+    results = []
+    for fn in (attention_mask.attend_masked_fill, attention_mask.attend):
+        for t in (q, k, v):
+            t.grad = None
+        out = fn(q, k, v, mask)
+        out.backward(grad)
+        results.append([out.detach()] + [t.grad.clone() for t in (q, k, v)])
+    for before, now in zip(*results):
+        torch.testing.assert_close(before, now)
+
+
 def test_fresh_cast_memory_hands_out_new_blocks_for_casts_only() -> None:
     # The benchmark's reference: a plain .to() cast, while the kernel's own gradients stay in kept memory.
     import expert_weight_casts
