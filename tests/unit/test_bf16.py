@@ -84,7 +84,7 @@ def test_chunked_cross_entropy_matches_float64(
 ) -> None:
     """Loss and gradient against float64 ``F.cross_entropy``, through the smoothed loss alone or with the plain
     nll too, with the gradient in its own memory or in the logits' (behind a linear layer, as in the model)."""
-    monkeypatch.setattr(ce_mod, "CHUNK_ELEMENTS", 3 * 37)  # chunks of 3 rows: 15 rows = 5 chunks
+    monkeypatch.setattr(ce_mod, "CHUNK_ELEMENTS_PER_THREAD", 37)  # a row per thread: 15 rows make several chunks
     hidden = (torch.randn(3, 5, 37) * 4).to(dtype).requires_grad_()
     projected = hidden * 1.0  # a non-leaf, like a projection's output
     targets = torch.randint(0, 37, (3, 5))
@@ -113,6 +113,19 @@ def test_chunked_cross_entropy_matches_float64(
         logits.grad.double(), l64.grad, rtol=grad_tol, atol=grad_tol * float(l64.grad.abs().max())
     )
     assert float(logits.grad[0, 3:].abs().max()) == 0.0  # padding positions get no gradient
+
+
+def test_loss_chunks_grow_with_the_intra_op_threads() -> None:
+    # Each operation on a chunk is split over the threads: each core keeps 1 MiB of fp32 logits in cache.
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ce_mod._chunk_rows(8000)
+        torch.set_num_threads(2)
+        two = ce_mod._chunk_rows(8000)
+    finally:
+        torch.set_num_threads(threads)
+    assert (one, two) == (32, 65)
 
 
 def test_cross_entropy_gradient_is_spent_by_its_backward() -> None:

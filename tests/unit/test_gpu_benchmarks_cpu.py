@@ -163,6 +163,15 @@ def test_attention_mask_reference_computes_what_attend_computes(kind: str) -> No
         torch.testing.assert_close(before, now)
 
 
+def test_loss_chunks_times_each_size_against_the_shipped_one(tmp_path: Path) -> None:
+    out = tmp_path / "loss.json"
+    options = "--threads 1 --rounds 2 --tokens 12 --vocab 50 --sizes 50 100 --json".split()
+    assert "vs shipped" in _run("loss_chunks.py", *options, str(out)).stdout
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["rows"] for row in rows][:2] == [1, 2]  # one thread: the per-thread size is the chunk
+    assert all(row["ms_median"] > 0 and row["shipped_over_this_median"] > 0 for row in rows)
+
+
 def test_fresh_cast_memory_hands_out_new_blocks_for_casts_only() -> None:
     # The benchmark's reference: a plain .to() cast, while the kernel's own gradients stay in kept memory.
     import expert_weight_casts

@@ -1,0 +1,110 @@
+"""The chunked cross entropy's chunk size: forward and backward of the training loss at several sizes, alternating.
+
+``lightning_moe.models.cross_entropy`` walks the ``[N, V]`` logits in chunks of rows, converting each to fp32 and
+doing all of its work while the chunk is in cache. Every operation on a chunk is split over the intra-op threads,
+so the size that stays in cache grows with the threads; the module sets it per thread
+(``CHUNK_ELEMENTS_PER_THREAD``). This sweep sets that constant to each ``--sizes`` value in turn (the chunk is then
+that many elements times the thread count) and times the loss as training runs it (bf16 logits, label smoothing,
+the gradient in the logits' own memory), each size once per round, the order reversing every round; printed per
+size: median and best time and the median of the rounds' ratios against the module's own setting (above 1: faster
+than it).
+
+    python benchmarks/loss_chunks.py --threads 2 --rounds 20
+    python benchmarks/loss_chunks.py --threads 1 --rounds 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lightning_moe.models import cross_entropy
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from host_memory import retain_freed_host_memory  # noqa: E402  (beside this file)
+from train_throughput import write_record  # noqa: E402
+
+SHIPPED = cross_entropy.CHUNK_ELEMENTS_PER_THREAD
+
+
+def _loss_step(logits: torch.Tensor, targets: torch.Tensor, smoothing: float, per_thread: int) -> float:
+    """Seconds for forward and backward of the loss with ``per_thread`` logits per chunk and thread."""
+    cross_entropy.CHUNK_ELEMENTS_PER_THREAD = per_thread
+    try:
+        fresh = logits.clone().requires_grad_()  # its memory becomes the gradient's (overwrite_logits)
+        start = time.perf_counter()
+        _, smoothed = cross_entropy.token_cross_entropy(fresh, targets, smoothing, overwrite_logits=True)
+        smoothed.sum().backward()
+        return time.perf_counter() - start
+    finally:
+        cross_entropy.CHUNK_ELEMENTS_PER_THREAD = SHIPPED
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=4096, help="rows of logits (target tokens of a batch)")
+    parser.add_argument("--vocab", type=int, default=8000)
+    parser.add_argument("--label-smoothing", type=float, default=0.1)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1 << 16, 1 << 17, 1 << 18, 1 << 19, 1 << 20])
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--json", type=Path, help="write the result record to this file")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    retain_freed_host_memory()  # the same fresh [N, V] block every step, as in training: no page faults in it
+    sizes = list(dict.fromkeys([*args.sizes, SHIPPED]))
+    torch.manual_seed(0)
+    logits = torch.randn(args.tokens, args.vocab, dtype=torch.bfloat16)
+    targets = torch.randint(0, args.vocab, (args.tokens,))
+    for size in sizes:
+        _loss_step(logits, targets, args.label_smoothing, size)
+    step_s: dict[int, list[float]] = {size: [] for size in sizes}
+    for round_index in range(args.rounds):
+        for size in sizes if round_index % 2 == 0 else sizes[::-1]:
+            step_s[size].append(_loss_step(logits, targets, args.label_smoothing, size))
+    print(
+        f"# torch {torch.__version__}, {torch.get_num_threads()} threads, logits {args.tokens}x{args.vocab} bf16, "
+        f"forward + backward, median of {args.rounds} rounds; shipped: {SHIPPED} per thread"
+    )
+    print(f"{'per thread':>10} {'rows':>5} {'median ms':>10} {'best ms':>8} {'vs shipped':>10}")
+    rows = []
+    for size in sizes:
+        ratio = statistics.median(shipped / s for shipped, s in zip(step_s[SHIPPED], step_s[size]))
+        row = {
+            "per_thread": size,
+            "rows": cross_entropy_rows(size, args.vocab),
+            "ms_median": statistics.median(step_s[size]) * 1e3,
+            "ms_best": min(step_s[size]) * 1e3,
+            "shipped_over_this_median": ratio,
+        }
+        rows.append(row)
+        print(f"{size:>10} {row['rows']:>5} {row['ms_median']:10.2f} {row['ms_best']:8.2f} {ratio:9.3f}x")
+    result = {
+        "benchmark": "loss_chunks",
+        "config": {k: v for k, v in vars(args).items() if k != "json"},
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "rows": rows,
+    }
+    write_record(args.json, result)
+    return result
+
+
+def cross_entropy_rows(per_thread: int, vocab: int) -> int:
+    """Rows per chunk with ``per_thread`` logits per chunk and thread (as the module computes them)."""
+    cross_entropy.CHUNK_ELEMENTS_PER_THREAD = per_thread
+    try:
+        return cross_entropy._chunk_rows(vocab)
+    finally:
+        cross_entropy.CHUNK_ELEMENTS_PER_THREAD = SHIPPED
+
+
+if __name__ == "__main__":
+    main()
