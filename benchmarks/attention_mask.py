@@ -7,13 +7,13 @@ the mask's own (small) shape and adds it to the unscaled scores with the scale i
 scores, alpha=scale)``). The reference here is the former code, kept as :func:`attend_masked_fill`.
 
 Both run forward and backward on the same queries, keys and values, laid out as the attention module hands them
-on (``[B, T, H, hd]`` memory seen as ``[B, H, T, hd]``), in bf16 (or ``--dtype fp32``), for the translator's three
-masks: padding (``[B, 1, 1, S]``: the encoder's self-attention and the cross-attention), causal and padding
-(``[B, 1, T, T]``: the decoder's self-attention) and none (where the scale alone is applied in place). Every round times one step of each right after an
-untimed one of its own, the order alternating; printed per kind: median and best step and the median of the
-rounds' ratios before / now (above 1: now is faster).
+on (``[B, T, H, hd]`` memory seen as ``[B, H, T, hd]``), in bf16 (or ``--dtype fp32``), with each of three masks:
+padding (``[B, 1, 1, S]``: the encoder's self-attention and the cross-attention), causal and padding
+(``[B, 1, T, T]``: the decoder's self-attention) and none (the scale alone). Every round times one step of each
+right after an untimed one of its own, the order alternating; printed per mask: median and best step and the median
+of the rounds' ratios before / now (above 1: now is faster).
 
-    python benchmarks/attention_mask.py --threads 2 --rounds 30
+    python benchmarks/attention_mask.py --threads 2 --rounds 60
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from torch import Tensor
 from lightning_moe.models.attention import attend, causal_keep_mask, key_padding_keep_mask
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_throughput import write_record  # noqa: E402  (benchmarks/train_throughput.py, beside this file)
+from train_throughput import record_header, step_summary, write_record  # noqa: E402  (beside this file)
 
 KINDS = ("padding", "causal", "none")
 
@@ -86,8 +86,7 @@ def time_kind(kind: str, batch: int, length: int, heads: int, head_dim: int, dty
     ratios = [before / now for before, now in zip(step_s["before"], step_s["now"])]
     return {
         "kind": kind,
-        **{f"{name} step_ms_median": statistics.median(s) * 1e3 for name, s in step_s.items()},
-        **{f"{name} step_ms_best": min(s) * 1e3 for name, s in step_s.items()},
+        **step_summary(step_s),
         "before_over_now_median": statistics.median(ratios),
     }
 
@@ -121,10 +120,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"{row['before step_ms_best']:12.2f} {row['now step_ms_best']:9.2f} {row['before_over_now_median']:9.3f}x"
         )
     result = {
-        "benchmark": "attention_mask",
-        "config": {k: v for k, v in vars(args).items() if k != "json"},
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
+        **record_header("attention_mask", args),
         "rows": rows,
     }
     write_record(args.json, result)

@@ -31,7 +31,7 @@ from lightning_moe.moe import MoE
 from lightning_moe.moe.kernels.gradient_memory import GradientMemory
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_throughput import write_record  # noqa: E402  (benchmarks/train_throughput.py, beside this file)
+from train_throughput import record_header, step_summary, write_record  # noqa: E402  (beside this file)
 
 SHAPES = ("512:2048:8:1", "512:2048:8:2", "512:2048:64:2", "256:1024:8:2")
 """``d:h:E:k`` timed by default: the layer benchmark's experts at E=8 and 64, and the translator's (small)."""
@@ -75,8 +75,7 @@ def time_shape(d: int, h: int, experts: int, k: int, tokens: int, warmup: int, r
     ratios = [fresh_s / kept_s for fresh_s, kept_s in zip(step_s["fresh casts"], step_s["kept casts"])]
     return {
         "shape": f"{d}:{h}:{experts}:{k}",
-        **{f"{name} step_ms_median": statistics.median(s) * 1e3 for name, s in step_s.items()},
-        **{f"{name} step_ms_best": min(s) * 1e3 for name, s in step_s.items()},
+        **step_summary(step_s),
         "fresh_over_kept_median": statistics.median(ratios),
     }
 
@@ -108,10 +107,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"{row['fresh_over_kept_median']:9.3f}x"
         )
     result = {
-        "benchmark": "expert_weight_casts",
-        "config": {k: v for k, v in vars(args).items() if k != "json"},
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
+        **record_header("expert_weight_casts", args),
         "rows": rows,
     }
     write_record(args.json, result)

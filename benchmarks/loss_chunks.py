@@ -28,7 +28,7 @@ from lightning_moe.models import cross_entropy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from host_memory import retain_freed_host_memory  # noqa: E402  (beside this file)
-from train_throughput import write_record  # noqa: E402
+from train_throughput import record_header, write_record  # noqa: E402
 
 SHIPPED = cross_entropy.CHUNK_ELEMENTS_PER_THREAD
 
@@ -87,10 +87,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rows.append(row)
         print(f"{size:>10} {row['rows']:>5} {row['ms_median']:10.2f} {row['ms_best']:8.2f} {ratio:9.3f}x")
     result = {
-        "benchmark": "loss_chunks",
-        "config": {k: v for k, v in vars(args).items() if k != "json"},
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
+        **record_header("loss_chunks", args),
         "rows": rows,
     }
     write_record(args.json, result)

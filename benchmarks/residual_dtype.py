@@ -23,7 +23,13 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_throughput import Trainer, add_model_arguments, write_record  # noqa: E402  (benchmarks/train_throughput.py, beside this file)
+from train_throughput import (  # noqa: E402  (beside this file)
+    Trainer,
+    add_model_arguments,
+    record_header,
+    step_summary,
+    write_record,
+)
 
 STREAMS = {"bf16 stream": False, "fp32 stream": True}
 """The two variants: name -> ``--fp32-residual``."""
@@ -57,12 +63,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             step_s[name].append(elapsed / args.steps)
     ratios = [fp32 / bf16 for bf16, fp32 in zip(step_s["bf16 stream"], step_s["fp32 stream"])]
     result: dict[str, Any] = {
-        "benchmark": "residual_dtype",
-        "config": {k: v for k, v in vars(args).items() if k != "json"},
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        **{f"{name} step_ms_median": statistics.median(s) * 1e3 for name, s in step_s.items()},
-        **{f"{name} step_ms_best": min(s) * 1e3 for name, s in step_s.items()},
+        **record_header("residual_dtype", args),
+        **step_summary(step_s),
         "fp32_over_bf16_stream_median": statistics.median(ratios),
     }
     print(

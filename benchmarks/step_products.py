@@ -40,7 +40,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from host_memory import retain_freed_host_memory  # noqa: E402  (benchmarks/, beside this file)
-from train_throughput import Trainer, add_model_arguments, measure_matmul_tflops, write_record  # noqa: E402
+from train_throughput import Trainer, add_model_arguments, measure_matmul_tflops, record_header, write_record  # noqa: E402
 
 PRODUCTS = {
     torch.ops.aten.mm.default,
@@ -167,10 +167,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     alone_s = sum(r["alone_s"] for r in rows)
     product_flops_total = sum(r["flops"] for r in rows)
     result: dict[str, Any] = {
-        "benchmark": "step_products",
-        "config": {k: v for k, v in vars(args).items() if k != "json"},
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
+        **record_header("step_products", args),
         "step_ms": step_s * 1e3,
         "peak_tflops": peak,
         "model_tflops_per_step": model_flops / 1e12,

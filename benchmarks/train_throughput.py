@@ -667,6 +667,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return result
 
 
+def record_header(benchmark: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The fields a CPU benchmark's result record starts with: its name, its options (less ``--json``), the torch
+    version and the intra-op thread count."""
+    return {
+        "benchmark": benchmark,
+        "config": {k: v for k, v in vars(args).items() if k != "json"},
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def step_summary(step_s: dict[str, list[float]]) -> dict[str, float]:
+    """``"<name> step_ms_median"`` and ``"<name> step_ms_best"`` of each contender's timed steps (seconds)."""
+    summary = {f"{name} step_ms_median": statistics.median(s) * 1e3 for name, s in step_s.items()}
+    return summary | {f"{name} step_ms_best": min(s) * 1e3 for name, s in step_s.items()}
+
+
 def write_record(path: Path | None, record: dict[str, Any]) -> None:
     """Write a benchmark's result record as JSON to ``path`` (folders made as needed); nothing when None."""
     if path is not None:
