@@ -19,6 +19,7 @@ of the rounds' ratios before / now (above 1: now is faster).
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
@@ -32,7 +33,8 @@ from torch import Tensor
 from lightning_moe.models.attention import attend, causal_keep_mask, key_padding_keep_mask
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_throughput import record_header, step_summary, write_record  # noqa: E402  (beside this file)
+from running_order import time_in_rounds  # noqa: E402  (beside this file)
+from train_throughput import record_header, step_summary, write_record  # noqa: E402
 
 KINDS = ("padding", "causal", "none")
 
@@ -76,13 +78,10 @@ def time_kind(kind: str, batch: int, length: int, heads: int, head_dim: int, dty
     q, k, v, mask = _inputs(kind, batch, length, heads, head_dim, dtype)
     grad = torch.randn(batch, heads, length, head_dim, dtype=dtype)
     versions = {"before": attend_masked_fill, "now": attend}
-    for fn in versions.values():
-        _step(fn, q, k, v, mask, grad)
-    step_s: dict[str, list[float]] = {name: [] for name in versions}
-    for round_index in range(rounds):
-        for name in list(versions) if round_index % 2 == 0 else list(versions)[::-1]:
-            _step(versions[name], q, k, v, mask, grad)
-            step_s[name].append(_step(versions[name], q, k, v, mask, grad))
+    steps = {name: functools.partial(_step, fn, q, k, v, mask, grad) for name, fn in versions.items()}
+    for step in steps.values():
+        step()
+    step_s = time_in_rounds(steps, rounds)
     ratios = [before / now for before, now in zip(step_s["before"], step_s["now"])]
     return {
         "kind": kind,

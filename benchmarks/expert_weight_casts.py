@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import statistics
 import sys
 import time
@@ -31,7 +32,8 @@ from lightning_moe.moe import MoE
 from lightning_moe.moe.kernels.gradient_memory import GradientMemory
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_throughput import record_header, step_summary, write_record  # noqa: E402  (beside this file)
+from running_order import time_in_rounds  # noqa: E402  (beside this file)
+from train_throughput import record_header, step_summary, write_record  # noqa: E402
 
 SHAPES = ("512:2048:8:1", "512:2048:8:2", "512:2048:64:2", "256:1024:8:2")
 """``d:h:E:k`` timed by default: the layer benchmark's experts at E=8 and 64, and the translator's (small)."""
@@ -67,11 +69,7 @@ def time_shape(d: int, h: int, experts: int, k: int, tokens: int, warmup: int, r
     for _ in range(warmup):
         for layer in layers.values():
             _step(layer, x, grad)
-    step_s: dict[str, list[float]] = {name: [] for name in layers}
-    for round_index in range(rounds):
-        for name in list(layers) if round_index % 2 == 0 else list(layers)[::-1]:
-            _step(layers[name], x, grad)
-            step_s[name].append(_step(layers[name], x, grad))
+    step_s = time_in_rounds({name: functools.partial(_step, layer, x, grad) for name, layer in layers.items()}, rounds)
     ratios = [fresh_s / kept_s for fresh_s, kept_s in zip(step_s["fresh casts"], step_s["kept casts"])]
     return {
         "shape": f"{d}:{h}:{experts}:{k}",

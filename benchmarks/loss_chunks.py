@@ -5,7 +5,7 @@ doing all of its work while the chunk is in cache. Every operation on a chunk is
 so the size that stays in cache grows with the threads; the module sets it per thread
 (``CHUNK_ELEMENTS_PER_THREAD``). This sweep sets that constant to each ``--sizes`` value in turn (the chunk is then
 that many elements times the thread count) and times the loss as training runs it (bf16 logits, label smoothing,
-the gradient in the logits' own memory), each size once per round, the order reversing every round; printed per
+the gradient in the logits' own memory), each size once per round in a balanced order (``running_order.py``); printed per
 size: median and best time and the median of the rounds' ratios against the module's own setting (above 1: faster
 than it).
 
@@ -16,6 +16,7 @@ than it).
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
@@ -28,6 +29,7 @@ from lightning_moe.models import cross_entropy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from host_memory import retain_freed_host_memory  # noqa: E402  (beside this file)
+from running_order import time_in_rounds  # noqa: E402
 from train_throughput import record_header, write_record  # noqa: E402
 
 SHIPPED = cross_entropy.CHUNK_ELEMENTS_PER_THREAD
@@ -65,10 +67,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     targets = torch.randint(0, args.vocab, (args.tokens,))
     for size in sizes:
         _loss_step(logits, targets, args.label_smoothing, size)
-    step_s: dict[int, list[float]] = {size: [] for size in sizes}
-    for round_index in range(args.rounds):
-        for size in sizes if round_index % 2 == 0 else sizes[::-1]:
-            step_s[size].append(_loss_step(logits, targets, args.label_smoothing, size))
+    steps = {size: functools.partial(_loss_step, logits, targets, args.label_smoothing, size) for size in sizes}
+    step_s = time_in_rounds(steps, args.rounds, untimed=0)
     print(
         f"# torch {torch.__version__}, {torch.get_num_threads()} threads, logits {args.tokens}x{args.vocab} bf16, "
         f"forward + backward, median of {args.rounds} rounds; shipped: {SHIPPED} per thread"

@@ -9,8 +9,12 @@ step would include it.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable, Mapping
+from typing import TypeVar
 
-__all__ = ["running_order", "add_round_warmup_argument"]
+__all__ = ["running_order", "add_round_warmup_argument", "time_in_rounds"]
+
+K = TypeVar("K")
 
 
 def add_round_warmup_argument(parser: argparse.ArgumentParser) -> None:
@@ -43,3 +47,16 @@ def running_order(names: list[str], turn: int) -> list[str]:
             high -= 1
     order = [names[(b + turn) % n] for b in base]
     return order[::-1] if n % 2 and (turn // n) % 2 else order
+
+
+def time_in_rounds(steps: Mapping[K, Callable[[], float]], rounds: int, untimed: int = 1) -> dict[K, list[float]]:
+    """Each contender's timed steps over ``rounds`` rounds in :func:`running_order`: in every round each contender
+    runs ``untimed`` steps and then one timed step; a step returns its own duration (seconds)."""
+    names = list(steps)
+    step_s: dict[K, list[float]] = {name: [] for name in names}
+    for turn in range(rounds):
+        for name in running_order(names, turn):
+            for _ in range(untimed):
+                steps[name]()
+            step_s[name].append(steps[name]())
+    return step_s

@@ -4,6 +4,7 @@ tiny shapes, and their bookkeeping (active parameters, the scale summary, the ru
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -319,6 +320,18 @@ def test_side_by_side_order_puts_every_contender_after_every_other_equally_often
         (a, b): expected for a in names for b in names if a != b
     }
     assert sorted(order[0] for order in orders[:count]) == names  # and each runs first once
+
+
+def test_time_in_rounds_times_one_step_per_contender_per_round_after_its_untimed_ones() -> None:
+    calls: list[str] = []
+
+    def step(name: str) -> float:
+        calls.append(name)
+        return float(len(calls))  # the call's position stands for its duration
+
+    times = running_order.time_in_rounds({name: functools.partial(step, name) for name in ("a", "b")}, 2, untimed=1)
+    assert calls == ["a", "a", "b", "b", "b", "b", "a", "a"]  # the order turns each round
+    assert times == {"a": [2.0, 8.0], "b": [4.0, 6.0]}  # only the step after the untimed one counts
 
 
 @pytest.mark.slow
