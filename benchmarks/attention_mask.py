@@ -34,7 +34,7 @@ from lightning_moe.models.attention import attend, causal_keep_mask, key_padding
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from running_order import time_in_rounds  # noqa: E402  (beside this file)
-from train_throughput import record_header, step_summary, write_record  # noqa: E402
+from train_throughput import step_summary, write_table_record  # noqa: E402
 
 KINDS = ("padding", "causal", "none")
 
@@ -118,12 +118,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"{kind:>8} {row['before step_ms_median']:10.2f} {row['now step_ms_median']:8.2f} "
             f"{row['before step_ms_best']:12.2f} {row['now step_ms_best']:9.2f} {row['before_over_now_median']:9.3f}x"
         )
-    result = {
-        **record_header("attention_mask", args),
-        "rows": rows,
-    }
-    write_record(args.json, result)
-    return result
+    return write_table_record("attention_mask", args, rows)
 
 
 if __name__ == "__main__":

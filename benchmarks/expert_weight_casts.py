@@ -33,7 +33,7 @@ from lightning_moe.moe.kernels.gradient_memory import GradientMemory
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from running_order import time_in_rounds  # noqa: E402  (beside this file)
-from train_throughput import record_header, step_summary, write_record  # noqa: E402
+from train_throughput import step_summary, write_table_record  # noqa: E402
 
 SHAPES = ("512:2048:8:1", "512:2048:8:2", "512:2048:64:2", "256:1024:8:2")
 """``d:h:E:k`` timed by default: the layer benchmark's experts at E=8 and 64, and the translator's (small)."""
@@ -104,12 +104,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"{row['fresh casts step_ms_best']:10.1f} {row['kept casts step_ms_best']:10.1f} "
             f"{row['fresh_over_kept_median']:9.3f}x"
         )
-    result = {
-        **record_header("expert_weight_casts", args),
-        "rows": rows,
-    }
-    write_record(args.json, result)
-    return result
+    return write_table_record("expert_weight_casts", args, rows)
 
 
 if __name__ == "__main__":

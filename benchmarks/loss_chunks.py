@@ -30,7 +30,7 @@ from lightning_moe.models import cross_entropy
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from host_memory import retain_freed_host_memory  # noqa: E402  (beside this file)
 from running_order import time_in_rounds  # noqa: E402
-from train_throughput import record_header, write_record  # noqa: E402
+from train_throughput import write_table_record  # noqa: E402
 
 SHIPPED = cross_entropy.CHUNK_ELEMENTS_PER_THREAD
 
@@ -86,12 +86,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         }
         rows.append(row)
         print(f"{size:>10} {row['rows']:>5} {row['ms_median']:10.2f} {row['ms_best']:8.2f} {ratio:9.3f}x")
-    result = {
-        **record_header("loss_chunks", args),
-        "rows": rows,
-    }
-    write_record(args.json, result)
-    return result
+    return write_table_record("loss_chunks", args, rows)
 
 
 def cross_entropy_rows(per_thread: int, vocab: int) -> int:

@@ -678,6 +678,14 @@ def record_header(benchmark: str, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def write_table_record(benchmark: str, args: argparse.Namespace, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The record of a benchmark that prints a table (:func:`record_header` and its ``rows``), written to
+    ``args.json`` when given; returned."""
+    record = {**record_header(benchmark, args), "rows": rows}
+    write_record(args.json, record)
+    return record
+
+
 def step_summary(step_s: dict[str, list[float]]) -> dict[str, float]:
     """``"<name> step_ms_median"`` and ``"<name> step_ms_best"`` of each contender's timed steps (seconds)."""
     summary = {f"{name} step_ms_median": statistics.median(s) * 1e3 for name, s in step_s.items()}
