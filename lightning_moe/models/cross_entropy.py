@@ -26,7 +26,7 @@ __all__ = ["TokenCrossEntropy", "token_cross_entropy", "CHUNK_ELEMENTS_PER_THREA
 CHUNK_ELEMENTS_PER_THREAD = 1 << 18
 """Logits per chunk (rows x V) for each intra-op thread: every operation on a chunk is split over the threads, so
 each core works on 1 MiB of fp32, which stays in its L2 cache (README, issue 15: a fixed 1 MiB chunk left two
-threads 13-16% slower on the loss)."""
+threads 12% slower on the loss)."""
 
 
 def _chunk_rows(vocab: int) -> int:
