@@ -16,10 +16,12 @@ than it).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,17 +37,30 @@ from train_throughput import write_table_record  # noqa: E402
 SHIPPED = cross_entropy.CHUNK_ELEMENTS_PER_THREAD
 
 
-def _loss_step(logits: torch.Tensor, targets: torch.Tensor, smoothing: float, per_thread: int) -> float:
-    """Seconds for forward and backward of the loss with ``per_thread`` logits per chunk and thread."""
+@contextlib.contextmanager
+def _chunk_size(per_thread: int) -> Iterator[None]:
+    """The module's ``CHUNK_ELEMENTS_PER_THREAD`` set to ``per_thread`` inside the block, the shipped value after."""
     cross_entropy.CHUNK_ELEMENTS_PER_THREAD = per_thread
     try:
+        yield
+    finally:
+        cross_entropy.CHUNK_ELEMENTS_PER_THREAD = SHIPPED
+
+
+def _loss_step(logits: torch.Tensor, targets: torch.Tensor, smoothing: float, per_thread: int) -> float:
+    """Seconds for forward and backward of the loss with ``per_thread`` logits per chunk and thread."""
+    with _chunk_size(per_thread):
         fresh = logits.clone().requires_grad_()  # its memory becomes the gradient's (overwrite_logits)
         start = time.perf_counter()
         _, smoothed = cross_entropy.token_cross_entropy(fresh, targets, smoothing, overwrite_logits=True)
         smoothed.sum().backward()
         return time.perf_counter() - start
-    finally:
-        cross_entropy.CHUNK_ELEMENTS_PER_THREAD = SHIPPED
+
+
+def _rows_per_chunk(per_thread: int, vocab: int) -> int:
+    """Rows per chunk with ``per_thread`` logits per chunk and thread (as the module computes them)."""
+    with _chunk_size(per_thread):
+        return cross_entropy._chunk_rows(vocab)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -79,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ratio = statistics.median(shipped / s for shipped, s in zip(step_s[SHIPPED], step_s[size]))
         row = {
             "per_thread": size,
-            "rows": cross_entropy_rows(size, args.vocab),
+            "rows": _rows_per_chunk(size, args.vocab),
             "ms_median": statistics.median(step_s[size]) * 1e3,
             "ms_best": min(step_s[size]) * 1e3,
             "shipped_over_this_median": ratio,
@@ -87,15 +102,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rows.append(row)
         print(f"{size:>10} {row['rows']:>5} {row['ms_median']:10.2f} {row['ms_best']:8.2f} {ratio:9.3f}x")
     return write_table_record("loss_chunks", args, rows)
-
-
-def cross_entropy_rows(per_thread: int, vocab: int) -> int:
-    """Rows per chunk with ``per_thread`` logits per chunk and thread (as the module computes them)."""
-    cross_entropy.CHUNK_ELEMENTS_PER_THREAD = per_thread
-    try:
-        return cross_entropy._chunk_rows(vocab)
-    finally:
-        cross_entropy.CHUNK_ELEMENTS_PER_THREAD = SHIPPED
 
 
 if __name__ == "__main__":
